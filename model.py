@@ -105,6 +105,10 @@ class ModelConfig:
         model_type = cfg.get("model_type")
         if model_type is None:
             raise ValueError("config.json has no model_type; expected one of " + ", ".join(SUPPORTED_MODEL_TYPES))
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            arch = ", ".join(cfg.get("architectures") or [])
+            raise ValueError(f"unsupported model_type {model_type!r}{f' ({arch})' if arch else ''}; this project "
+                             f"runs {', '.join(SUPPORTED_MODEL_TYPES)} checkpoints")
         if cfg.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {cfg['hidden_act']!r} is not supported (only silu / SwiGLU)")
         if cfg.get("use_sliding_window", False):

