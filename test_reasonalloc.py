@@ -288,3 +288,173 @@ def test_default_model_tokenizer_and_template(default_model):
     chat = tok.render_chat("hi")
     assert chat.startswith("<|im_start|>system\n") and chat.endswith("<|im_start|>assistant\n")
     assert tok.encode("<|im_end|>") == [2]  # special tokens in the text are parsed as such
+
+
+# ----------------------------------------------------------------------------------------------
+# evict.py: token-eviction policies
+
+import copy  # noqa: E402
+
+import evict as E  # noqa: E402
+
+
+def orthonormal(n, D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))[0][:n].float()  # (n, D)
+
+
+def test_rkv_redundancy_penalises_duplicates_and_spares_the_newest():
+    """12 keys: orthonormal, except rows 2, 5, 8 are one and the same key. By hand (SPEC §2):
+    row 2's newest similar token is 8, row 5's is 8, row 8's is 5; zeroing those leaves column 2 with
+    two ones (rows 5, 8), column 5 with one (row 2), column 8 with none. Column means: 2/12, 1/12, 0,
+    all others 0 (the quirk zeroes column 0 in the other rows, already 0)."""
+    k = orthonormal(12, 16)
+    k[5] = k[2]
+    k[8] = k[2]
+    R = E.redundancy(k)
+    m = torch.zeros(12)
+    m[2], m[5] = 2 / 12, 1 / 12
+    torch.testing.assert_close(R, torch.softmax(m, 0))
+    assert R[2] > R[5] > R[8] == R[0]
+    # In the full R-KV score (uniform attention cancels out), the newest copy outranks the older ones.
+    s = E.rkv_score(torch.zeros(1, 2, 16), k, k, torch.arange(12), window=2)
+    assert s[8] > s[5] > s[2]
+
+
+def test_rkv_column0_quirk_matches_published_code():
+    """Row 4 has cosine 0.4 with row 0 (below the 0.5 threshold) and no near-duplicate: R-KV's code
+    zeroes its column-0 entry anyway; with the quirk off it stays."""
+    k = orthonormal(6, 8)
+    k[4] = 0.4 * k[0] + math.sqrt(1 - 0.16) * k[4]
+    with_quirk, without = E.redundancy(k), E.redundancy(k, zero_col0_quirk=False)
+    m = torch.zeros(6)
+    m[4] = 0.4 / 6  # row 0 has no similar token: the quirk zeroes (0, 0), already 0; column 4 keeps (0, 4)
+    torch.testing.assert_close(with_quirk, torch.softmax(m, 0), atol=1e-6, rtol=1e-5)
+    m[0] = 0.4 / 6  # without the quirk column 0 keeps row 4's entry too
+    torch.testing.assert_close(without, torch.softmax(m, 0), atol=1e-6, rtol=1e-5)
+
+
+def rkv_by_loops(q_win, k, window, lam=0.1, kernel=7, thr=0.5):
+    """SPEC §2 written out literally with Python loops, in float64 (an independent rendering)."""
+    G, w, D = q_win.shape
+    T = k.shape[0]
+    n = T - window
+    q, k = q_win.double(), k.double()
+    imp = [0.0] * n
+    for i in range(w):
+        logit = [max(float(q[g, i] @ k[j]) / math.sqrt(D) for g in range(G)) for j in range(n)]
+        mx = max(logit)
+        z = sum(math.exp(x - mx) for x in logit)
+        for j in range(n):
+            imp[j] += math.exp(logit[j] - mx) / z / w
+    pooled = [max(imp[max(0, j - kernel // 2):j + kernel // 2 + 1]) for j in range(n)]
+    norm = [k[i] / (k[i].norm() + 1e-8) for i in range(T)]
+    C = [[0.0 if i == j else float(norm[i] @ norm[j]) for j in range(T)] for i in range(T)]
+    for i in range(T):
+        similar = [j for j in range(T) if C[i][j] > thr]
+        C[i][max(similar) if similar else 0] = 0.0  # the newest similar; column 0 if none (R-KV's quirk)
+    col = [sum(C[i][j] for i in range(T)) / T for j in range(T)]
+    z = sum(math.exp(c) for c in col)
+    R = [math.exp(c) / z for c in col]
+    return torch.tensor([lam * pooled[j] - (1 - lam) * R[j] for j in range(n)], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rkv_matches_loop_rendering_with_planted_duplicates(seed):
+    g = torch.Generator().manual_seed(seed)
+    G, w, D, T = 3, 4, 16, 40
+    k = torch.randn(T, D, generator=g)
+    for src, dst in ((3, 10), (3, 25), (7, 30), (12, 13)):  # near-duplicates
+        k[dst] = k[src] + 0.05 * torch.randn(D, generator=g)
+    q = 2 * torch.randn(G, w, D, generator=g)
+    got = E.rkv_score(q.double(), k.double(), k.double(), torch.arange(T), window=w)
+    torch.testing.assert_close(got, rkv_by_loops(q, k, w), atol=1e-10, rtol=1e-8)
+
+
+def test_streaming_keeps_sinks_and_newest():
+    k = torch.randn(20, 8)
+    s = E.streaming_score(torch.randn(1, 4, 8), k, k, torch.arange(20), window=4, sink=4)
+    assert E.keep_indices(s, budget=10, window=4).tolist() == [0, 1, 2, 3, 14, 15, 16, 17, 18, 19]
+
+
+@pytest.mark.parametrize("policy", ["streaming", "snapkv", "rkv", "knorm", "random"])
+def test_window_is_never_evicted(policy):
+    torch.manual_seed(0)
+    T, w = 50, 8
+    k = torch.randn(T, 16)
+    k[-w:] *= 10  # make the window look worst under every score (large norms, and so on)
+    s = E.POLICIES[policy](torch.randn(2, w, 16), k, torch.randn(T, 16), torch.arange(T), window=w)
+    assert s.shape == (T - w,)
+    rows = E.keep_indices(s, budget=12, window=w)
+    assert len(rows) == 12 and rows[-w:].tolist() == list(range(T - w, T))
+    assert torch.all(rows[1:] > rows[:-1])
+
+
+def test_gqa_reduce_max_and_mean():
+    """One query head of the group looks hard at token 3, the other looks nowhere in particular:
+    max keeps the sharp logit, mean halves it. With a group of one, the two are the same."""
+    D, T, w = 8, 12, 2
+    k = torch.zeros(T, D)
+    k[:, 0] = 1.0
+    k[3, 1] = 6.0
+    q = torch.zeros(2, w, D)
+    q[0, :, 1] = 1.0
+    smax = E.snapkv_score(q, k, k, torch.arange(T), window=w, gqa_reduce="max", kernel=1)
+    smean = E.snapkv_score(q, k, k, torch.arange(T), window=w, gqa_reduce="mean", kernel=1)
+    e6, e3 = math.exp(6 / math.sqrt(D)), math.exp(3 / math.sqrt(D))
+    assert smax[3].item() == pytest.approx(e6 / (e6 + 9))
+    assert smean[3].item() == pytest.approx(e3 / (e3 + 9))
+    one = q[:1]
+    torch.testing.assert_close(E.snapkv_score(one, k, k, torch.arange(T), window=w, gqa_reduce="max"),
+                               E.snapkv_score(one, k, k, torch.arange(T), window=w, gqa_reduce="mean"))
+
+
+def test_scores_independent_of_head_order_and_dtype():
+    torch.manual_seed(0)
+    heads = [(torch.randn(2, 8, 16), torch.randn(30 + 5 * h, 16), torch.randn(30 + 5 * h, 16)) for h in range(3)]
+    fwd = [E.rkv_score(q, k, v, torch.arange(len(k)), window=8) for q, k, v in heads]
+    rev = [E.rkv_score(q, k, v, torch.arange(len(k)), window=8) for q, k, v in reversed(heads)][::-1]
+    for a, b in zip(fwd, rev):
+        assert torch.equal(a, b)
+    for (q, k, v), s32 in zip(heads, fwd):
+        s64 = E.rkv_score(q.double(), k.double(), v.double(), torch.arange(len(k)), window=8)
+        assert s64.dtype == torch.float64
+        torch.testing.assert_close(s32.double(), s64, atol=1e-6, rtol=1e-5)
+
+
+@torch.inference_mode()
+def test_compress_layer_budgets_and_alignment():
+    hf = tiny_hf("llama")
+    cfg = M.ModelConfig.from_hf(hf.config.to_dict())
+    ours = M.Transformer(cfg).eval()
+    cache = ours.new_cache(window=4)
+    ours(torch.randint(3, 97, (40,)), cache)
+    before = copy.deepcopy(cache)
+    kept = E.compress_layer(cache, 1, [10, 17], "rkv")
+    assert cache.lengths()[1].tolist() == [10, 17] and cache.lengths()[0].tolist() == [40, 40]
+    q, q_pos = torch.randn(1, 2, 16), torch.tensor([40])
+    for h, head in enumerate(cache[1]):
+        assert torch.equal(head.pos, kept[h]) and torch.all(head.pos[1:] > head.pos[:-1])
+        assert head.pos[-4:].tolist() == [36, 37, 38, 39]  # the window
+        rows = torch.isin(before[1][h].pos, head.pos)
+        ref = M.HeadCache(before[1][h].k[rows], before[1][h].v[rows], before[1][h].pos[rows])
+        assert torch.equal(head.k, ref.k) and torch.equal(head.v, ref.v)
+        torch.testing.assert_close(M.attend(q, q_pos, head), M.attend(q, q_pos, ref))
+    E.compress_layer(cache, 1, [40, 40], "full")
+    assert cache.lengths()[1].tolist() == [10, 17]
+
+
+def test_evict_bad_inputs():
+    k = torch.randn(20, 8)
+    with pytest.raises(ValueError, match="budget 8 is smaller than the window \\+ 1 \\(9\\); use a budget >= 9"):
+        E.keep_indices(torch.zeros(12), budget=8, window=8)
+    with pytest.raises(ValueError, match="unknown policy 'h2o'; choose one of full, streaming"):
+        E.get_policy("h2o")
+    with pytest.raises(ValueError, match="k and v must both be"):
+        E.rkv_score(torch.randn(1, 4, 8), k, torch.randn(19, 8), torch.arange(20), window=4)
+    with pytest.raises(ValueError, match="q_win must be \\(G, w, D\\) with D = 8"):
+        E.snapkv_score(torch.randn(1, 4, 6), k, k, torch.arange(20), window=4)
+    with pytest.raises(ValueError, match="pos must be"):
+        E.knorm_score(torch.randn(1, 4, 8), k, k, torch.arange(21), window=4)
+    with pytest.raises(ValueError, match="gqa_reduce must be"):
+        E.rkv_score(torch.randn(2, 4, 8), k, k, torch.arange(20), window=4, gqa_reduce="sum")
