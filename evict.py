@@ -153,11 +153,14 @@ def get_policy(name: str):
 def keep_indices(scores: torch.Tensor, budget: int, window: int) -> torch.Tensor:
     """Ascending rows to keep from a head of T = len(scores) + window tokens: the top (budget - w)
     scores plus the w newest rows. Nothing is evicted when T <= budget. Ties go to the older token
-    (a stable sort), so every backend can reproduce the choice."""
+    (a stable sort), so every backend can reproduce the choice.
+
+    A per-head budget may equal the window (SPEC §3.3 floors head budgets at w: such a head keeps
+    only its window); the user's average budget B must exceed it, which reasonalloc.py checks."""
     budget, window = int(budget), int(window)
-    if budget < window + 1:
-        raise ValueError(f"budget {budget} is smaller than the window + 1 ({window + 1}); "
-                         f"use a budget >= {window + 1}")
+    if budget < window:
+        raise ValueError(f"budget {budget} is smaller than the window {window}; a head always keeps its "
+                         f"window, so use a budget >= {window}")
     n = scores.shape[0]
     T = n + window
     if T <= budget:

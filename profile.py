@@ -1,0 +1,299 @@
+"""The offline Reasoning-Wave profiler: how many cached tokens each layer needs, measured once per model.
+
+Legend:
+    L   layers              Hq  query heads          Hk  key/value heads
+    G   Hq // Hk (GQA group) D   head dim             T   tokens in one head's cache
+    ρ   attention mass to cover (default 0.93)
+
+Decode a few calibration prompts with the full cache. At every decode step, for each layer and KV
+head, take the newest query's attention over the cache (a GQA group's mean attention), sort it
+descending and count k = the fewest tokens whose mass reaches ρ; divide by T (normalize="length") so
+long and short prompts weigh the same. The mean over steps, heads and prompts is the layer's demand
+d_l; the vector d is the wave. Level 1 of ReasonAlloc splits the budget by it (reasonalloc.layer_budgets).
+
+    python profile.py --out profiles/smollm2-135m-instruct.json --halves
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+# This file is named profile.py, as the project's layout asks, so from this folder it shadows Python's
+# standard `profile` module, which cProfile imports (and torch imports cProfile in torch._dynamo, e.g.
+# when a model is built on the meta device). Re-export the standard module's names so both keep working.
+_spec = importlib.util.spec_from_file_location("_stdlib_profile", Path(sysconfig.get_paths()["stdlib"]) / "profile.py")
+_stdlib_profile = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_stdlib_profile)
+run, runctx, Profile, _Utils = (_stdlib_profile.run, _stdlib_profile.runctx, _stdlib_profile.Profile,
+                                _stdlib_profile._Utils)
+
+import torch  # noqa: E402
+
+FORMAT = "reasonalloc-profile/1"
+HERE = Path(__file__).resolve().parent
+DEFAULT_PROMPTS = HERE / "data" / "calibration.jsonl"
+
+
+def rho_count(att: torch.Tensor, rho: float) -> int:
+    """The smallest k such that the k largest entries of the attention row `att` (T,) sum to >= ρ."""
+    p = torch.sort(att.double(), descending=True).values
+    mass = p.cumsum(0) / p.sum()
+    return min(int((mass < rho - 1e-12).sum()) + 1, att.numel())
+
+
+def newest_query_attention(cache, layer: int) -> list[torch.Tensor]:
+    """Per KV head (T_h,): the newest token's attention over that head's cache, averaged over the
+    G query heads of its group (softmax in float32)."""
+    G = cache.config.group_size
+    q = cache.q_win[layer][:, -1]  # (Hq, D) the newest query
+    out = []
+    for h, head in enumerate(cache[layer]):
+        logits = q[h * G:(h + 1) * G].float() @ head.k.float().T / math.sqrt(q.shape[-1])  # (G, T)
+        out.append(torch.softmax(logits, dim=-1).mean(dim=0))
+    return out
+
+
+def step_demand(cache, rho: float, normalize: str) -> torch.Tensor:
+    """(L, Hk) the ρ-mass count of every head at this step (divided by T when normalize == "length")."""
+    rows = []
+    for l in range(len(cache)):
+        rows.append([rho_count(a, rho) / (a.numel() if normalize == "length" else 1)
+                     for a in newest_query_attention(cache, l)])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def aggregate(records: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """records: one (steps, L, Hk) tensor per prompt. Returns (per-layer demand (L,), per-head demand
+    (L, Hk)): the mean over every step of every prompt (and, for the layer demand, over heads)."""
+    allsteps = torch.cat(records)  # (Σ steps, L, Hk)
+    heads = allsteps.mean(dim=0)
+    return heads.mean(dim=1), heads
+
+
+def check_settings(rho, prompts, normalize):
+    if not 0 < rho <= 1:
+        raise ValueError(f"rho must be in (0, 1], got {rho}")
+    if len(prompts) == 0:
+        raise ValueError("no calibration prompts: give at least one")
+    if normalize not in ("length", "none"):
+        raise ValueError(f"normalize must be 'length' or 'none', got {normalize!r}")
+
+
+@torch.inference_mode()
+def measure_records(model, prompts, *, tokenizer=None, rho: float = 0.93, max_new_tokens: int = 128,
+                    normalize: str = "length", chat: bool = True, log=None) -> list[torch.Tensor]:
+    """Decode each prompt greedily with the full cache; one (steps, L, Hk) demand tensor per prompt.
+    Prompts are strings (needs the tokenizer) or 1-D LongTensors of ids."""
+    from model import encode_prompt, stop_ids
+
+    check_settings(rho, prompts, normalize)
+    stops = stop_ids(model.config, tokenizer) if tokenizer is not None else set(model.config.eos_token_ids)
+    device = model.embed.weight.device
+    records = []
+    for i, prompt in enumerate(prompts):
+        t0 = time.perf_counter()
+        ids = prompt if isinstance(prompt, torch.Tensor) else encode_prompt(
+            tokenizer, model.config, prompt, chat=chat, max_new_tokens=max_new_tokens)
+        cache = model.new_cache()
+        logits = model(ids.to(device), cache)
+        steps = []
+        for _ in range(max_new_tokens):
+            token = int(logits[-1].argmax())
+            if token in stops:
+                break
+            logits = model(torch.tensor([token], device=device), cache)
+            steps.append(step_demand(cache, rho, normalize))
+        if not steps:  # the model stopped at once: measure the last prompt token instead
+            steps.append(step_demand(cache, rho, normalize))
+        records.append(torch.stack(steps))
+        if log:
+            log(f"prompt {i + 1}/{len(prompts)}: {len(ids)} prompt + {len(steps)} decoded tokens, "
+                f"{time.perf_counter() - t0:.1f} s")
+    return records
+
+
+def measure_demand(model, prompts, *, rho: float = 0.93, **kwargs) -> torch.Tensor:
+    """(L,) the Reasoning Wave of `model` over `prompts` (see measure_records for the options)."""
+    return aggregate(measure_records(model, prompts, rho=rho, **kwargs))[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# The profile file
+
+
+def identity(config) -> dict:
+    return {"model_type": config.model_type, "num_layers": config.num_layers, "num_heads": config.num_heads,
+            "num_kv_heads": config.num_kv_heads, "config_hash": config.config_hash}
+
+
+def make_profile(config, demand, head_demand, settings: dict, *, budgets=(64, 128, 256, 512),
+                 window: int = 8) -> dict:
+    from reasonalloc import layer_budgets
+
+    L = config.num_layers
+    return {
+        "format": FORMAT, "model": identity(config), "settings": settings,
+        "demand": [float(x) for x in demand], "head_demand": [[float(x) for x in row] for row in head_demand],
+        "layer_budgets": {str(B): {a: layer_budgets(a, L, B, window=window, profile=demand).tolist()
+                                   for a in ("uniform", "pyramid", "wave")} for B in budgets if B > window},
+    }
+
+
+def save_profile(profile: dict, path):
+    """Write atomically: a failed run never leaves a partial profile behind."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(profile, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_profile(path, config=None) -> dict:
+    """Read a profile; with `config`, refuse one made for another model, naming the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"profile {path} not found; make one with: python profile.py --model DIR --out {path}")
+    try:
+        profile = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"profile {path} is not valid JSON: {e}") from None
+    if not isinstance(profile, dict) or profile.get("format") != FORMAT or "demand" not in profile:
+        raise ValueError(f"{path} is not a {FORMAT} file")
+    if config is not None:
+        want = identity(config)
+        for key, value in want.items():
+            if profile["model"].get(key) != value:
+                raise ValueError(
+                    f"profile {path} was made for another model: {key} is {profile['model'].get(key)!r} there, "
+                    f"{value!r} for this one. Make the right one with: python profile.py --model DIR --out FILE")
+        if len(profile["demand"]) != config.num_layers:
+            raise ValueError(f"profile {path} has {len(profile['demand'])} layers, the model {config.num_layers}")
+    return profile
+
+
+def read_prompts(path) -> list[str]:
+    """A JSON Lines file of {"prompt": ...} (or "problem" / "question") objects, or plain text with one
+    prompt per line."""
+    path = Path(path)
+    try:
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read prompts file {path}: {e}") from None
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if line.lstrip().startswith("{"):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {n}: not valid JSON ({e})") from None
+            text = next((obj[k] for k in ("prompt", "problem", "question") if k in obj), None)
+            if not isinstance(text, str):
+                raise ValueError(f"{path}, line {n}: no 'prompt' (or 'problem' / 'question') text field")
+            prompts.append(text)
+        else:
+            prompts.append(line.strip())
+    if not prompts:
+        raise ValueError(f"prompts file {path} is empty")
+    return prompts
+
+
+def pearson(a, b) -> float:
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-30))
+
+
+def plot(path, profile: dict, budget: int):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
+    d, b = profile["demand"], profile["layer_budgets"][str(budget)]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    ax1.plot(range(len(d)), d, "o-")
+    ax1.set_ylabel("demand d_l (ρ-mass share)")
+    ax1.set_title(f"Reasoning Wave, ρ = {profile['settings']['rho']}")
+    for name, style in (("uniform", ":"), ("pyramid", "--"), ("wave", "o-")):
+        ax2.plot(range(len(d)), b[name], style, label=name)
+    ax2.set_ylabel(f"layer budget at B = {budget}")
+    ax2.set_xlabel("layer")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(args):
+    from model import load_model, load_tokenizer, resolve_model_dir
+    from reasonalloc import bar_chart
+
+    out = Path(args.out)
+    check_settings(args.rho, [None] * args.num_prompts, args.normalize)
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        raise ValueError(f"cannot write the profile to {out}: folder {out.parent} does not exist or is not writable")
+    prompts = read_prompts(args.prompts)[: args.num_prompts]
+    path = resolve_model_dir(args.model)
+    model, tokenizer = load_model(path, device=args.device), load_tokenizer(path)
+    log = lambda m: print(f"[profile] {m}", file=sys.stderr, flush=True)  # noqa: E731
+    log(f"{len(prompts)} prompts × up to {args.max_new_tokens} tokens, ρ = {args.rho}")
+    records = measure_records(model, prompts, tokenizer=tokenizer, rho=args.rho, max_new_tokens=args.max_new_tokens,
+                              normalize=args.normalize, log=log)
+    demand, heads = aggregate(records)
+    settings = {"rho": args.rho, "prompts": len(prompts), "prompts_file": Path(args.prompts).name,
+                "max_new_tokens": args.max_new_tokens, "normalize": args.normalize,
+                "decode_steps": int(sum(len(r) for r in records))}
+    profile = make_profile(model.config, demand, heads, settings)
+    if args.halves:
+        if len(records) < 2:
+            raise ValueError("--halves needs at least 2 prompts")
+        half = len(records) // 2
+        a, b = aggregate(records[:half])[0], aggregate(records[half:])[0]
+        profile["halves"] = {"first": a.tolist(), "second": b.tolist(), "pearson": pearson(a, b)}
+    save_profile(profile, out)
+    print("Reasoning Wave (demand per layer, ×1000):")
+    print(bar_chart([round(1000 * x) for x in profile["demand"]]))
+    print(f"layer budgets at B = 128 (wave): {profile['layer_budgets']['128']['wave']}")
+    if args.halves:
+        print(f"stability: Pearson correlation between the waves of prompts 1-{half} and "
+              f"{half + 1}-{len(records)}: {profile['halves']['pearson']:.3f}")
+    if args.plot:
+        plot(args.plot, profile, 128)
+        print(f"plot written to {args.plot}")
+    print(f"profile written to {out}")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Measure a model's per-layer KV demand (the Reasoning Wave) for "
+                                            "ReasonAlloc's layer-level budgets.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="profile JSON to write")
+    p.add_argument("--model", help="Hugging Face model folder; default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help="calibration prompts (JSON Lines or one per line)")
+    p.add_argument("--num-prompts", type=int, default=8, help="use at most this many prompts")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="decode steps per prompt")
+    p.add_argument("--rho", type=float, default=0.93, help="attention mass a layer's kept tokens must cover")
+    p.add_argument("--normalize", choices=["length", "none"], default="length",
+                   help="divide each count by the cache length, so long and short prompts weigh the same")
+    p.add_argument("--halves", action="store_true",
+                   help="also measure the wave on each half of the prompts and report their correlation")
+    p.add_argument("--plot", help="write a PNG of the wave and the resulting budgets (needs matplotlib)")
+    p.add_argument("--device", default="cpu")
+    try:
+        main(p.parse_args())
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,463 @@
+"""ReasonAlloc: two-level KV-cache budget allocation, compressed generation, and the main CLI.
+
+Legend:
+    L   layers              Hq  query heads          Hk  key/value heads
+    G   Hq // Hk (GQA group) D   head dim             T   tokens in one head's cache
+    w   observation window (newest tokens, always kept; default 8)
+    B   average budget per KV head, in tokens (the user's --budget)
+    B_l budget of one KV head of layer l, averaged over its heads (mean over l equals B)
+    b_lh budget of KV head h of layer l (mean over h equals B_l)
+    Δ   compression interval in decoded tokens (default 128, "buffer" in R-KV)
+
+Level 1 (offline): B_l = robustify(Reasoning-Wave demand d_l, L·B)            -- `layer_budgets`
+Level 2 (online, every Δ tokens): b_lh = robustify(pooled-threshold demand r_h, Hk·B_l)  -- `head_budgets`
+The allocation functions take and return tensors and need nothing but torch.
+
+Run it:  python reasonalloc.py --prompt "..."        (defaults: policy rkv, allocator reasonalloc)
+         python reasonalloc.py --prompt "..." --compare
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+import evict
+
+# ----------------------------------------------------------------------------------------------
+# 3.1 The robustify operator
+
+
+def round_to_total(x: torch.Tensor, total: int, prefer: torch.Tensor | None = None) -> torch.Tensor:
+    """Largest-remainder rounding: integers within one of x that sum exactly to `total`.
+    Ties in the remainder go to the larger `prefer` (e.g. the demand), then to the earlier entry."""
+    base = torch.floor(x + 1e-9).long()
+    short = int(total) - int(base.sum())
+    if not 0 <= short <= len(x):
+        raise AssertionError(f"cannot round {x.tolist()} to a total of {total}")
+    order = torch.arange(len(x))
+    if prefer is not None:
+        order = torch.sort(prefer, descending=True, stable=True).indices
+    rem = (x - base.double())[order]
+    order = order[torch.sort(rem, descending=True, stable=True).indices]
+    base[order[:short]] += 1
+    return base
+
+
+def robustify(demand, total: int, *, power: float = 0.5, lo: float = 0.25, hi: float = 2.0, floor: int = 0):
+    """Integer budgets (n,) for n units from their demand, summing exactly to `total`.
+
+    x = demand ** power (power < 1 flattens the demand, so one noisy estimate cannot take everything);
+    find the scale s with Σ clip(s·x, max(lo·m, floor), hi·m) = total, m = total / n (water-filling:
+    clipped units are pinned and the rest rescaled, done here by bisection on s); round by largest
+    remainder. All-zero demand gives a uniform split."""
+    d = torch.as_tensor(demand, dtype=torch.float64).flatten()
+    n, total = d.numel(), int(total)
+    if n == 0:
+        raise ValueError("robustify needs at least one unit")
+    if torch.isnan(d).any() or (d < 0).any():
+        raise ValueError(f"demand must be non-negative numbers, got {d.tolist()}")
+    if total < n * floor:
+        raise ValueError(f"total {total} cannot give each of {n} units its floor of {floor}")
+    m = total / n
+    low, high = max(lo * m, floor), max(hi * m, lo * m, floor, m)
+    x = d.pow(power)
+    if x.sum() <= 0 or torch.isinf(x).any():
+        x = torch.ones(n, dtype=torch.float64) if x.sum() <= 0 else torch.isinf(x).double()
+    # Zero-demand units sit at the low clip; a vanishing share lets them rise above it only when the
+    # others are all at the high clip (otherwise `total` would be out of reach).
+    x = x / x.max() + 1e-12
+
+    def filled(s):
+        return x.mul(s).clamp(low, high)
+
+    a, b = 0.0, 1.0
+    while filled(b).sum() < total and b < 1e300:
+        b *= 2
+    for _ in range(200):
+        mid = (a + b) / 2
+        a, b = (mid, b) if filled(mid).sum() < total else (a, mid)
+    r = filled(b)
+    r = r * (total / r.sum())  # remove the bisection's last sliver; stays within one token of the clips
+    out = round_to_total(r, total, prefer=d)
+    assert int(out.sum()) == total and bool((out >= floor).all())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 3.2 Level 1: layer budgets
+
+
+def pyramid_schedule(num_layers: int, budget: int, *, window: int = 8, beta: float = 20.0) -> torch.Tensor:
+    """PyramidKV's schedule (its reference code): with B' = B - w, lo = B'/β, hi = 2B' - lo, layer l
+    gets hi - l·(hi - lo)/(L - 1) tokens plus w; decreasing with depth, mean B, exact total."""
+    if num_layers == 1:
+        return torch.tensor([budget])
+    bp = budget - window
+    lo = bp / beta
+    hi = 2 * bp - lo
+    x = torch.tensor([hi - l * (hi - lo) / (num_layers - 1) + window for l in range(num_layers)],
+                     dtype=torch.float64)
+    return round_to_total(x, num_layers * budget)
+
+
+def check_budget(budget: int, window: int):
+    if budget < window + 1:
+        raise ValueError(f"budget {budget} is smaller than the window + 1 ({window + 1}); every head keeps its "
+                         f"{window} newest tokens, so use --budget >= {window + 1}")
+
+
+def layer_budgets(allocator: str, num_layers: int, budget: int, *, window: int = 8, profile=None,
+                  gamma: float = 0.5, lo: float = 0.25, hi: float = 2.0) -> torch.Tensor:
+    """(L,) per-layer budgets B_l (per KV head) with mean B, exact total L·B.
+    `profile`: the (L,) Reasoning-Wave demand, or a profile dict with a "demand" list."""
+    check_budget(budget, window)
+    rule = get_allocator(allocator)[0]
+    if rule == "uniform":
+        return torch.full((num_layers,), int(budget), dtype=torch.long)
+    if rule == "pyramid":
+        return pyramid_schedule(num_layers, budget, window=window)
+    if profile is None:
+        raise ValueError(f"allocator {allocator!r} needs a layer-demand profile (the Reasoning Wave); make one "
+                         f"with: python profile.py --model DIR --out FILE, and pass --profile FILE")
+    demand = torch.as_tensor(profile["demand"] if isinstance(profile, dict) else profile, dtype=torch.float64)
+    if demand.numel() != num_layers:
+        raise ValueError(f"the profile has {demand.numel()} layers but the model has {num_layers}: it was made "
+                         f"for another model; make one with: python profile.py --model DIR --out FILE")
+    return robustify(demand, num_layers * budget, power=gamma, lo=lo, hi=hi, floor=window)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3.3 Level 2: head budgets
+
+
+def head_demand(scores: list[torch.Tensor], layer_budget: int, *, window: int = 8,
+                normalize_heads: bool = False) -> torch.Tensor:
+    """(Hk,) r_h: how many of head h's tokens are in the layer's pooled top Hk·(B_l − w) scores.
+    Comparable across heads because both R-KV terms are softmax-normalised per head.
+    normalize_heads: Ada-KV-style, first shift each head's scores to >= 0 and scale them to sum to 1."""
+    if normalize_heads:
+        scores = [(s - s.min()) / (s - s.min()).sum().clamp_min(1e-30) if len(s) else s for s in scores]
+    k = len(scores) * (int(layer_budget) - window)
+    pooled = torch.cat([s.double() for s in scores])
+    if k <= 0 or pooled.numel() == 0:
+        return torch.zeros(len(scores), dtype=torch.long)
+    if k >= pooled.numel():
+        return torch.tensor([len(s) for s in scores])
+    tau = torch.topk(pooled, k).values[-1]
+    return torch.tensor([int((s.double() >= tau).sum()) for s in scores])
+
+
+def head_budgets(scores: list[torch.Tensor], layer_budget: int, *, window: int = 8, beta: float = 0.5,
+                 mu: float = 0.25, hi: float = 2.0, normalize_heads: bool = False) -> torch.Tensor:
+    """ReasonAlloc's head level: b_lh = robustify(r, Hk·B_l, power=β, lo=μ, hi, floor=w). (Hk,)"""
+    r = head_demand(scores, layer_budget, window=window, normalize_heads=normalize_heads)
+    return robustify(r, len(scores) * int(layer_budget), power=beta, lo=mu, hi=hi, floor=window)
+
+
+def adakv_head_budgets(scores: list[torch.Tensor], layer_budget: int, *, window: int = 8,
+                       alpha: float = 0.2) -> torch.Tensor:
+    """Ada-KV's rule: c_h = head h's share of the pooled top Hk·(B − w) scores;
+    b_h = round(c_h·(1 − α) + α·(B − w)) + w, rounded by largest remainder so the total is exact."""
+    c = head_demand(scores, layer_budget, window=window).double()
+    Hk, bp = len(scores), int(layer_budget) - window
+    if c.sum() < Hk * bp:  # fewer candidates than the budget: spread what is missing uniformly
+        c = c + (Hk * bp - c.sum()) / Hk
+    return round_to_total(c * (1 - alpha) + alpha * bp, Hk * bp) + window
+
+
+# ----------------------------------------------------------------------------------------------
+# 3.4 The allocators: (layer rule, head rule)
+
+ALLOCATORS = {
+    "uniform": ("uniform", "uniform"),  # R-KV / SnapKV as published
+    "pyramid": ("pyramid", "uniform"),  # Pyramid-RKV
+    "wave": ("wave", "uniform"),  # ablation: layer level only
+    "head": ("uniform", "reasonalloc"),  # ablation: head level only
+    "reasonalloc": ("wave", "reasonalloc"),
+    "adakv": ("uniform", "adakv"),
+}
+
+
+def get_allocator(name: str):
+    if name not in ALLOCATORS:
+        raise ValueError(f"unknown allocator {name!r}; choose one of {', '.join(ALLOCATORS)}")
+    return ALLOCATORS[name]
+
+
+def layer_head_budgets(rule: str, scores, layer_budget: int, *, window: int, **options) -> torch.Tensor:
+    Hk = len(scores)
+    if rule == "uniform":
+        return torch.full((Hk,), int(layer_budget), dtype=torch.long)
+    if rule == "adakv":
+        return adakv_head_budgets(scores, layer_budget, window=window)
+    return head_budgets(scores, layer_budget, window=window, **options)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Decoding with compression
+
+
+@dataclass
+class Generation:
+    text: str
+    tokens: list[int]
+    prompt_tokens: int
+    layer_budgets: list[int]
+    events: list[dict] = field(default_factory=list)  # one per compression
+    cache_tokens: list[int] = field(default_factory=list)  # tokens held after each decode step
+    full_tokens: list[int] = field(default_factory=list)  # what a full cache would hold then
+    cache_bytes: int = 0  # K and V bytes held at the end
+    full_bytes: int = 0  # ... and what a full cache would hold
+    seconds: float = 0.0
+    settings: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
+    """Greedy when temperature == 0; otherwise temperature then nucleus (top-p) sampling."""
+    if temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    p, idx = torch.sort(probs, descending=True)
+    keep = p.cumsum(0) - p < top_p  # the smallest prefix whose mass reaches top_p
+    p = p * keep
+    return int(idx[torch.multinomial(p / p.sum(), 1, generator=generator)])
+
+
+def validate(*, budget, window, interval, temperature, top_p, allocator, policy, max_new_tokens):
+    check_budget(budget, window)
+    if interval < 1:
+        raise ValueError(f"interval must be >= 1 decoded token, got {interval}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    get_allocator(allocator)
+    evict.get_policy(policy)
+
+
+def compress(cache, layer_b: torch.Tensor, head_rule: str, policy: str, *, record_positions=False,
+             policy_options=None, head_options=None) -> dict:
+    """One compression event over all layers: (re)compute head budgets, select, cut. Returns the event."""
+    policy_options, head_options = policy_options or {}, head_options or {}
+    w = cache.window
+    before = cache.lengths()
+    heads_b, kept = [], []
+    for l in range(len(cache)):
+        scores = evict.score_layer(cache, l, policy, **policy_options)
+        b = layer_head_budgets(head_rule, scores, int(layer_b[l]), window=w, **head_options)
+        pos = evict.compress_layer(cache, l, b, policy, scores=scores)
+        heads_b.append(b.tolist())
+        kept.append([p.tolist() for p in pos])
+    after = cache.lengths()
+    assert (after <= torch.maximum(torch.tensor(heads_b), before)).all(), "a head holds more than its budget"
+    event = {"layer_budgets": layer_b.tolist(), "head_budgets": heads_b,
+             "lengths_before": before.tolist(), "lengths_after": after.tolist()}
+    if record_positions:
+        event["kept_positions"] = kept
+    return event
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompt, *, budget: int, allocator: str = "reasonalloc", policy: str = "rkv",
+             profile=None, interval: int = 128, window: int = 8, max_new_tokens: int = 512,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, chat: bool = True,
+             record_positions: bool = False, stream=None, policy_options=None, head_options=None,
+             gamma: float = 0.5) -> Generation:
+    """Generate under a KV budget. `prompt` is text (rendered with the chat template when chat=True)
+    or a 1-D LongTensor of ids. Returns the text, tokens, per-step cache sizes and compression events."""
+    from model import encode_prompt, stop_ids
+
+    validate(budget=budget, window=window, interval=interval, temperature=temperature, top_p=top_p,
+             allocator=allocator, policy=policy, max_new_tokens=max_new_tokens)
+    cfg = model.config
+    if isinstance(prompt, torch.Tensor):
+        ids = prompt.long()
+        if ids.numel() + max_new_tokens > cfg.max_position_embeddings:
+            raise ValueError(f"prompt of {ids.numel()} tokens + {max_new_tokens} new tokens exceeds the model's "
+                             f"context of {cfg.max_position_embeddings}")
+    else:
+        ids = encode_prompt(tokenizer, cfg, prompt, chat=chat, max_new_tokens=max_new_tokens)
+    device = model.embed.weight.device
+    if policy == "full":  # nothing is evicted, so the split does not matter (and needs no profile)
+        allocator = "uniform"
+    layer_rule, head_rule = get_allocator(allocator)
+    if layer_rule == "wave" and profile is None:
+        profile = find_profile(model)
+    layer_b = layer_budgets(allocator, cfg.num_layers, budget, window=window, profile=profile, gamma=gamma)
+    budgets = layer_b[:, None].expand(-1, cfg.num_kv_heads).clone()  # (L, Hk) current b_lh
+    generator = torch.Generator().manual_seed(seed)
+    stops = stop_ids(cfg, tokenizer) if tokenizer is not None else set(cfg.eos_token_ids)
+    opts = dict(record_positions=record_positions, policy_options=policy_options, head_options=head_options)
+
+    t0 = time.perf_counter()
+    cache = model.new_cache(window)
+    logits = model(ids.to(device), cache)
+    events, held, full, out = [], [], [], []
+    if policy != "full" and (cache.lengths() > budgets).any():  # 1. the prompt is over budget
+        events.append({"step": 0, **compress(cache, layer_b, head_rule, policy, **opts)})
+        budgets = torch.tensor(events[-1]["head_budgets"])
+    for step in range(1, max_new_tokens + 1):  # 2. decode
+        token = sample(logits[-1], temperature, top_p, generator)
+        if token in stops:
+            break
+        out.append(token)
+        if stream:
+            stream.put(token)
+        logits = model(torch.tensor([token], device=device), cache)
+        # 3. every Δ steps, once any head holds more than its budget
+        if policy != "full" and step % interval == 0 and (cache.lengths() > budgets).any():
+            events.append({"step": step, **compress(cache, layer_b, head_rule, policy, **opts)})
+            budgets = torch.tensor(events[-1]["head_budgets"])
+        held.append(int(cache.lengths().sum()))
+        full.append(cfg.num_layers * cfg.num_kv_heads * cache.next_pos)
+    seconds = time.perf_counter() - t0
+    elem = model.embed.weight.element_size()
+    return Generation(
+        text=tokenizer.decode(out) if tokenizer is not None else "", tokens=out, prompt_tokens=int(ids.numel()),
+        layer_budgets=layer_b.tolist(), events=events, cache_tokens=held, full_tokens=full,
+        cache_bytes=cache.nbytes(), full_bytes=2 * cfg.num_layers * cfg.num_kv_heads * cache.next_pos * cfg.head_dim * elem,
+        seconds=seconds,
+        settings=dict(budget=budget, allocator=allocator, policy=policy, interval=interval, window=window,
+                      max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed),
+    )
+
+
+def find_profile(model):
+    """The shipped profile of the default model, or an error that names the command making one."""
+    here = Path(__file__).resolve().parent / "profiles"
+    for file in sorted(here.glob("*.json")) if here.is_dir() else []:
+        from profile import load_profile
+
+        try:
+            return load_profile(file, model.config)
+        except ValueError:
+            continue
+    raise ValueError("allocators 'wave' and 'reasonalloc' need a layer-demand profile for this model and none "
+                     "was found; make one with: python profile.py --model DIR --out FILE, then pass --profile FILE "
+                     "(or use --allocator uniform / pyramid / head / adakv)")
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def bar_chart(values, width: int = 40, labels=None) -> str:
+    top = max(values) or 1
+    labels = labels or [f"L{i:<3d}" for i in range(len(values))]
+    return "\n".join(f"  {lab} {'█' * max(1, round(v / top * width)):<{width}} {v}" for lab, v in zip(labels, values))
+
+
+def summary(g: Generation) -> str:
+    held = g.cache_tokens[-1] if g.cache_tokens else 0
+    full = g.full_tokens[-1] if g.full_tokens else 0
+    peak = max(g.cache_tokens, default=0)
+    lines = [
+        f"generated {len(g.tokens)} tokens after a {g.prompt_tokens}-token prompt in {g.seconds:.1f} s "
+        f"({len(g.tokens) / max(g.seconds, 1e-9):.1f} tokens/s); {len(g.events)} compressions",
+        f"cache at the end: {held} token slots (all layers and KV heads) vs {full} for the full cache "
+        f"({100 * held / max(full, 1):.1f} %); peak {peak}",
+        f"K/V memory: {g.cache_bytes / 2**20:.2f} MiB vs {g.full_bytes / 2**20:.2f} MiB full "
+        f"(saved {100 * (1 - g.cache_bytes / max(g.full_bytes, 1)):.1f} %)",
+        f"layer budgets (tokens per KV head; mean {sum(g.layer_budgets) / len(g.layer_budgets):.0f}):",
+        bar_chart(g.layer_budgets),
+    ]
+    return "\n".join(lines)
+
+
+def compare(model, tokenizer, args, profile):
+    runs = [("full", "full"), ("uniform", "snapkv"), ("uniform", "rkv"), ("pyramid", "rkv"), ("wave", "rkv"),
+            ("head", "rkv"), ("reasonalloc", "rkv"), ("adakv", "rkv")]
+    rows, ref = [], None
+    for allocator, policy in runs:
+        print(f"[compare] {allocator} / {policy} ...", file=sys.stderr, flush=True)
+        try:
+            g = generate(model, tokenizer, args.prompt, budget=args.budget, allocator=allocator, policy=policy,
+                         profile=profile, interval=args.interval, window=args.window,
+                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                         seed=args.seed)
+        except ValueError as e:
+            print(f"[compare] skipped {allocator}: {e}", file=sys.stderr)
+            continue
+        ref = ref or g
+        same = next((i for i, (a, b) in enumerate(zip(g.tokens, ref.tokens)) if a != b), min(len(g.tokens), len(ref.tokens)))
+        rows.append((allocator if policy != "full" else "FullKV", policy, len(g.tokens), same,
+                     g.cache_tokens[-1] if g.cache_tokens else 0, 100 * g.cache_bytes / max(g.full_bytes, 1),
+                     len(g.tokens) / max(g.seconds, 1e-9), g.text))
+    print(f"\nbudget {args.budget} per KV head, interval {args.interval}, window {args.window}")
+    print(f"{'allocator':<12} {'policy':<7} {'tokens':>6} {'=FullKV':>7} {'cache':>7} {'mem %':>6} {'tok/s':>6}  start of text")
+    for a, p, n, same, held, mem, tps, text in rows:
+        snippet = text.replace("\n", " ")[:48]
+        print(f"{a:<12} {p:<7} {n:>6} {same:>7} {held:>7} {mem:>6.1f} {tps:>6.1f}  {snippet}")
+    print("\n=FullKV: how many leading tokens are identical to the FullKV run; cache: token slots held at the end.")
+
+
+def main(args):
+    from model import TextStream, load_model, load_tokenizer, resolve_model_dir
+
+    path = resolve_model_dir(args.model)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model, tokenizer = load_model(path, dtype=dtype, device=args.device), load_tokenizer(path)
+    profile = None
+    if args.profile:
+        from profile import load_profile
+
+        profile = load_profile(args.profile, model.config)
+    if args.compare:
+        return compare(model, tokenizer, args, profile)
+    g = generate(model, tokenizer, args.prompt, budget=args.budget, allocator=args.allocator, policy=args.policy,
+                 profile=profile, interval=args.interval, window=args.window, max_new_tokens=args.max_new_tokens,
+                 temperature=args.temperature, top_p=args.top_p, seed=args.seed, stream=TextStream(tokenizer),
+                 record_positions=bool(args.events))
+    print("\n\n" + summary(g))
+    if args.events:
+        Path(args.events).write_text(json.dumps(g.to_json()))
+        print(f"events written to {args.events}")
+
+
+def parser():
+    p = argparse.ArgumentParser(
+        description="Generate under a KV-cache budget with ReasonAlloc (or a baseline allocator), streaming the "
+                    "text, then summarise what the cache did.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--prompt", required=True, help="user message, rendered with the model's chat template")
+    p.add_argument("--model", help="Hugging Face model folder (llama / qwen2 / qwen3, safetensors); default: the "
+                                   "embedded SmolLM2-135M-Instruct")
+    p.add_argument("--budget", type=int, default=128, help="average KV budget per head, in tokens (B)")
+    p.add_argument("--allocator", default="reasonalloc", choices=list(ALLOCATORS),
+                   help="how the budget is split over layers and heads (SPEC §3.4)")
+    p.add_argument("--policy", default="rkv", choices=list(evict.POLICIES), help="which tokens a head keeps")
+    p.add_argument("--profile", help="layer-demand profile JSON from profile.py (found automatically for the "
+                                     "default model)")
+    p.add_argument("--interval", type=int, default=128, help="compress every this many decoded tokens (Δ)")
+    p.add_argument("--window", type=int, default=8, help="observation window w: newest tokens, always kept")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--events", help="write the result and compression events (with kept positions) to this JSON file")
+    p.add_argument("--compare", action="store_true",
+                   help="run FullKV, SnapKV, R-KV, Pyramid-RKV, wave, head, ReasonAlloc and Ada-KV on the prompt "
+                        "and print a side-by-side table")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+if __name__ == "__main__":
+    args = parser().parse_args()
+    try:
+        main(args)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
