@@ -359,6 +359,12 @@ def bar_chart(values, width: int = 40, labels=None) -> str:
     return "\n".join(f"  {lab} {'█' * max(1, round(v / top * width)):<{width}} {v}" for lab, v in zip(labels, values))
 
 
+def sparkline(values) -> str:
+    """One character per layer, ▁ (smallest) to █ (largest)."""
+    lo, hi = min(values), max(values)
+    return "".join("▁▂▃▄▅▆▇█"[0 if hi == lo else round(7 * (v - lo) / (hi - lo))] for v in values)
+
+
 def summary(g: Generation) -> str:
     held = g.cache_tokens[-1] if g.cache_tokens else 0
     full = g.full_tokens[-1] if g.full_tokens else 0
@@ -370,8 +376,9 @@ def summary(g: Generation) -> str:
         f"({100 * held / max(full, 1):.1f} %); peak {peak}",
         f"K/V memory: {g.cache_bytes / 2**20:.2f} MiB vs {g.full_bytes / 2**20:.2f} MiB full "
         f"(saved {100 * (1 - g.cache_bytes / max(g.full_bytes, 1)):.1f} %)",
-        f"layer budgets (tokens per KV head; mean {sum(g.layer_budgets) / len(g.layer_budgets):.0f}):",
-        bar_chart(g.layer_budgets),
+        f"layer budgets, tokens per KV head (layer 0 → {len(g.layer_budgets) - 1}; mean "
+        f"{sum(g.layer_budgets) / len(g.layer_budgets):.0f}, min {min(g.layer_budgets)}, max {max(g.layer_budgets)}):",
+        f"  {sparkline(g.layer_budgets)}",
     ]
     return "\n".join(lines)
 
