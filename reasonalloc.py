@@ -371,7 +371,7 @@ def summary(g: Generation) -> str:
     peak = max(g.cache_tokens, default=0)
     lines = [
         f"generated {len(g.tokens)} tokens after a {g.prompt_tokens}-token prompt in {g.seconds:.1f} s "
-        f"({len(g.tokens) / max(g.seconds, 1e-9):.1f} tokens/s); {len(g.events)} compressions",
+        f"({len(g.tokens) / max(g.seconds, 1e-9):.1f} tokens/s); {len(g.events)} compression(s)",
         f"cache at the end: {held} token slots (all layers and KV heads) vs {full} for the full cache "
         f"({100 * held / max(full, 1):.1f} %); peak {peak}",
         f"K/V memory: {g.cache_bytes / 2**20:.2f} MiB vs {g.full_bytes / 2**20:.2f} MiB full "
@@ -384,9 +384,10 @@ def summary(g: Generation) -> str:
 
 
 def compare(model, tokenizer, args, profile):
-    runs = [("full", "full"), ("uniform", "snapkv"), ("uniform", "rkv"), ("pyramid", "rkv"), ("wave", "rkv"),
+    runs = [("uniform", "full"), ("uniform", "snapkv"), ("uniform", "rkv"), ("pyramid", "rkv"), ("wave", "rkv"),
             ("head", "rkv"), ("reasonalloc", "rkv"), ("adakv", "rkv")]
     rows, ref = [], None
+    generate(model, tokenizer, args.prompt, budget=args.budget, policy="full", max_new_tokens=4)  # warm-up
     for allocator, policy in runs:
         print(f"[compare] {allocator} / {policy} ...", file=sys.stderr, flush=True)
         try:
@@ -397,7 +398,7 @@ def compare(model, tokenizer, args, profile):
         except ValueError as e:
             print(f"[compare] skipped {allocator}: {e}", file=sys.stderr)
             continue
-        ref = ref or g
+        ref = ref or g  # the first run, FullKV, is the reference
         same = next((i for i, (a, b) in enumerate(zip(g.tokens, ref.tokens)) if a != b), min(len(g.tokens), len(ref.tokens)))
         rows.append((allocator if policy != "full" else "FullKV", policy, len(g.tokens), same,
                      g.cache_tokens[-1] if g.cache_tokens else 0, 100 * g.cache_bytes / max(g.full_bytes, 1),

@@ -659,3 +659,111 @@ def test_generation_bad_inputs(tiny_model, tmp_path):
         gen(allocator="wave")
     with pytest.raises(ValueError, match="exceeds the model's context of 512"):
         gen(max_new_tokens=500)
+
+
+# ----------------------------------------------------------------------------------------------
+# profile.py: the Reasoning-Wave profiler
+
+import profile as P  # noqa: E402  (this project's profile.py, which also re-exports the stdlib names)
+
+
+def test_profile_module_keeps_cprofile_working():
+    import cProfile
+
+    cProfile.Profile().runcall(lambda: 1)  # cProfile imports `profile` and finds this project's file
+    assert callable(P.run) and callable(P.measure_demand)
+
+
+def test_rho_count_hand_built_rows():
+    assert P.rho_count(torch.tensor([0.5, 0.3, 0.1, 0.1]), 0.8) == 2  # 0.5 + 0.3 reaches 0.8
+    assert P.rho_count(torch.tensor([0.1, 0.5, 0.1, 0.3]), 0.81) == 3  # order does not matter
+    assert P.rho_count(torch.full((10,), 0.1), 0.93) == 10  # 9 tokens hold 0.9 < 0.93
+    assert P.rho_count(torch.tensor([1.0, 0.0, 0.0]), 0.93) == 1
+    assert P.rho_count(torch.tensor([0.25, 0.25, 0.25, 0.25]), 1.0) == 4
+
+
+def test_aggregate_over_steps_heads_prompts():
+    """Prompt A: 2 steps, prompt B: 1 step; L = 2, Hk = 2. Layer demand = mean over all 3 steps and both
+    heads; layer 0: (1 + 3 + 5 + 7 + 9 + 11) / 6 = 6; layer 1: (2 + 4 + 6 + 8 + 10 + 12) / 6 = 7."""
+    a = torch.tensor([[[1.0, 3.0], [2.0, 4.0]], [[5.0, 7.0], [6.0, 8.0]]])  # (steps, L, Hk)
+    b = torch.tensor([[[9.0, 11.0], [10.0, 12.0]]])
+    layer, heads = P.aggregate([a, b])
+    assert layer.tolist() == [6.0, 7.0]
+    assert heads.tolist() == [[5.0, 7.0], [6.0, 8.0]]
+
+
+@torch.inference_mode()
+def test_step_demand_matches_a_direct_count(tiny_model):
+    cache = tiny_model.new_cache()
+    tiny_model(TINY_PROMPT[:20], cache)
+    d = P.step_demand(cache, 0.9, "none")
+    G = tiny_model.config.group_size
+    for l in range(3):
+        for h in range(2):
+            q = cache.q_win[l][h * G:(h + 1) * G, -1]  # (G, D) the newest query of the group
+            att = torch.softmax(q @ cache[l][h].k.T / 4.0, dim=-1).mean(0)  # D = 16
+            p = sorted(att.tolist(), reverse=True)
+            k = next(i + 1 for i in range(len(p)) if sum(p[:i + 1]) >= 0.9 - 1e-12)
+            assert d[l, h] == k
+    assert torch.allclose(P.step_demand(cache, 0.9, "length"), d / 20)
+
+
+def test_profile_roundtrip_and_mismatch(tiny_model, tmp_path):
+    cfg = tiny_model.config
+    demand = P.measure_demand(tiny_model, [TINY_PROMPT[:12], TINY_PROMPT[12:30]], max_new_tokens=6)
+    assert demand.shape == (3,) and (demand > 0).all() and (demand <= 1).all()
+    prof = P.make_profile(cfg, demand, torch.ones(3, 2), {"rho": 0.93})
+    f = tmp_path / "p.json"
+    P.save_profile(prof, f)
+    back = P.load_profile(f, cfg)
+    assert back["demand"] == prof["demand"] and back["layer_budgets"]["64"]["wave"] == prof["layer_budgets"]["64"]["wave"]
+    assert sum(back["layer_budgets"]["128"]["wave"]) == 3 * 128
+    other = M.ModelConfig(**{**cfg.__dict__, "num_kv_heads": 4, "num_heads": 4})
+    with pytest.raises(ValueError, match="made for another model: num_kv_heads is 2 there, 4 for this one"):
+        P.load_profile(f, other)
+    hashed = M.ModelConfig(**{**cfg.__dict__, "config_hash": "0123"})
+    with pytest.raises(ValueError, match="config_hash is .* there, '0123' for this one. Make the right one with: "
+                                         "python profile.py"):
+        P.load_profile(f, hashed)
+    # The shipped default profile is refused for the tiny model, and generation says how to make one.
+    shipped = sorted((P.HERE / "profiles").glob("*.json"))
+    assert shipped
+    with pytest.raises(ValueError, match="another model"):
+        P.load_profile(shipped[0], cfg)
+
+
+def test_profile_bad_inputs(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="rho must be in \\(0, 1\\]"):
+        P.measure_demand(tiny_model, [TINY_PROMPT], rho=1.5)
+    with pytest.raises(ValueError, match="rho must be in \\(0, 1\\]"):
+        P.measure_demand(tiny_model, [TINY_PROMPT], rho=0.0)
+    with pytest.raises(ValueError, match="no calibration prompts"):
+        P.measure_demand(tiny_model, [])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match="is empty"):
+        P.read_prompts(empty)
+    with pytest.raises(ValueError, match="cannot read prompts file"):
+        P.read_prompts(tmp_path / "missing.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": broken\n')
+    with pytest.raises(ValueError, match="line 2: not valid JSON"):
+        P.read_prompts(bad)
+    # A failed write leaves nothing behind.
+    out = tmp_path / "p.json"
+    with pytest.raises(TypeError):
+        P.save_profile({"demand": [object()]}, out)
+    assert list(tmp_path.glob("p.json*")) == []
+
+
+def test_profile_cli_refuses_unwritable_output(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "profile.py", "--out", str(tmp_path / "no" / "such" / "p.json")],
+                       capture_output=True, text=True, cwd=P.HERE)
+    assert r.returncode != 0 and "cannot write the profile" in r.stderr
+    r = subprocess.run([sys.executable, "profile.py", "--out", str(tmp_path / "p.json"), "--rho", "2"],
+                       capture_output=True, text=True, cwd=P.HERE)
+    assert r.returncode != 0 and "rho must be in (0, 1]" in r.stderr
+    assert not (tmp_path / "p.json").exists()
