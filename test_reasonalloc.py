@@ -767,3 +767,39 @@ def test_profile_cli_refuses_unwritable_output(tmp_path):
                        capture_output=True, text=True, cwd=P.HERE)
     assert r.returncode != 0 and "rho must be in (0, 1]" in r.stderr
     assert not (tmp_path / "p.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading variants and the main job on the default model
+
+
+@torch.inference_mode()
+def test_sharded_and_bfloat16_loading(tmp_path):
+    hf = tiny_hf("qwen3")
+    hf.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    ids = torch.arange(3, 20)
+    ref = hf(ids[None]).logits[0]
+    torch.testing.assert_close(M.load_model(tmp_path)(ids, M.KVCache(M.ModelConfig.from_hf(tmp_path))), ref,
+                               atol=1e-5, rtol=1e-4)
+    bf = M.load_model(tmp_path, dtype=torch.bfloat16)
+    assert bf.embed.weight.dtype == torch.bfloat16
+    out = bf(ids, bf.new_cache())
+    assert out.dtype == torch.float32 and (out - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_chat_fallback_without_template(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(tmp_path / "tokenizer.json"))
+    tok = M.load_tokenizer(tmp_path)
+    assert tok.render_chat("2+2?") == "User: 2+2?\nAssistant:"
+
+
+def test_main_job_compresses_on_default_model(default_model):
+    ours, tok, _ = default_model
+    g = R.generate(ours, tok, "List the first ten prime numbers and explain how you found them.", budget=32,
+                   interval=16, max_new_tokens=48)
+    assert len(g.tokens) == 48 and len(g.events) >= 3  # the prompt, then every 16 tokens
+    assert g.cache_tokens[-1] < g.full_tokens[-1] and g.cache_bytes < g.full_bytes
+    assert g.layer_budgets[0] == max(g.layer_budgets)  # the shipped wave: layer 0 demands the most
