@@ -544,13 +544,17 @@ def encode_prompt(tokenizer: Tokenizer, config: ModelConfig, prompt: str, *, cha
     """The prompt as (T,) ids, rendered with the chat template; checks it fits the context."""
     text = tokenizer.render_chat(prompt) if chat else prompt
     ids = tokenizer.encode(text)
-    if not ids:
-        raise ValueError("the prompt is empty")
-    if len(ids) + max_new_tokens > config.max_position_embeddings:
-        raise ValueError(
-            f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens exceeds the model's context of "
-            f"{config.max_position_embeddings} tokens; shorten the prompt or lower --max-new-tokens")
+    check_context(config, len(ids), max_new_tokens)
     return torch.tensor(ids, dtype=torch.long)
+
+
+def check_context(config: ModelConfig, prompt_tokens: int, max_new_tokens: int):
+    if prompt_tokens == 0:
+        raise ValueError("the prompt is empty")
+    if prompt_tokens + max_new_tokens > config.max_position_embeddings:
+        raise ValueError(
+            f"prompt of {prompt_tokens} tokens + {max_new_tokens} new tokens exceeds the model's context of "
+            f"{config.max_position_embeddings} tokens; shorten the prompt or lower --max-new-tokens")
 
 
 def resolve_model_dir(model: str | None) -> Path:

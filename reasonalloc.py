@@ -277,16 +277,14 @@ def generate(model, tokenizer, prompt, *, budget: int, allocator: str = "reasona
              gamma: float = 0.5) -> Generation:
     """Generate under a KV budget. `prompt` is text (rendered with the chat template when chat=True)
     or a 1-D LongTensor of ids. Returns the text, tokens, per-step cache sizes and compression events."""
-    from model import encode_prompt, stop_ids
+    from model import check_context, encode_prompt, stop_ids
 
     validate(budget=budget, window=window, interval=interval, temperature=temperature, top_p=top_p,
              allocator=allocator, policy=policy, max_new_tokens=max_new_tokens)
     cfg = model.config
     if isinstance(prompt, torch.Tensor):
         ids = prompt.long()
-        if ids.numel() + max_new_tokens > cfg.max_position_embeddings:
-            raise ValueError(f"prompt of {ids.numel()} tokens + {max_new_tokens} new tokens exceeds the model's "
-                             f"context of {cfg.max_position_embeddings}")
+        check_context(cfg, ids.numel(), max_new_tokens)
     else:
         ids = encode_prompt(tokenizer, cfg, prompt, chat=chat, max_new_tokens=max_new_tokens)
     device = model.embed.weight.device
@@ -317,10 +315,12 @@ def generate(model, tokenizer, prompt, *, budget: int, allocator: str = "reasona
             stream.put(token)
         logits = model(torch.tensor([token], device=device), cache)
         # 3. every Δ steps, once any head holds more than its budget
-        if policy != "full" and step % interval == 0 and (cache.lengths() > budgets).any():
+        lengths = cache.lengths()
+        if policy != "full" and step % interval == 0 and (lengths > budgets).any():
             events.append({"step": step, **compress(cache, layer_b, head_rule, policy, **opts)})
             budgets = torch.tensor(events[-1]["head_budgets"])
-        held.append(int(cache.lengths().sum()))
+            lengths = torch.tensor(events[-1]["lengths_after"])
+        held.append(int(lengths.sum()))
         full.append(cfg.num_layers * cfg.num_kv_heads * cache.next_pos)
     seconds = time.perf_counter() - t0
     elem = model.embed.weight.element_size()
