@@ -336,10 +336,10 @@ def generate(model, tokenizer, prompt, *, budget: int, allocator: str = "reasona
 
 def find_profile(model):
     """The shipped profile of the default model, or an error that names the command making one."""
+    from profile import load_profile
+
     here = Path(__file__).resolve().parent / "profiles"
     for file in sorted(here.glob("*.json")) if here.is_dir() else []:
-        from profile import load_profile
-
         try:
             return load_profile(file, model.config)
         except ValueError:

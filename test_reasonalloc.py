@@ -516,7 +516,7 @@ def test_pyramid_schedule_against_formula(L, B):
     assert got.sum() == L * B
     assert all(abs(g - e) < 1 for g, e in zip(got.tolist(), expect))
     assert (got[1:] <= got[:-1]).all()
-    assert R.pyramid_schedule(4, 128).tolist() == [242, 166, 90, 14]  # 240.8+8, 164.9+8, 88.9+8, 12.0+8 ... rounded
+    assert R.pyramid_schedule(4, 128).tolist() == [242, 166, 90, 14]  # B' = 120, lo = 6, hi = 234: 234, 158, 82, 6, each + w
 
 
 def test_layer_budgets_rules():
@@ -535,9 +535,8 @@ def test_layer_budgets_rules():
 
 
 def test_head_budgets_one_head_holds_the_useful_tokens():
-    """Head 0's 20 evictable tokens all score 1.0, heads 1 and 2 score 0. With B_l = 18 and w = 8 the
-    pooled top 3·10 = 30 scores are head 0's 20 and 10 of the ties at 0 (>= tau = 0 counts all):
-    r = [20, 20, 20]... so use strictly lower scores for the others to make the winner clear."""
+    """Head 0's 20 evictable tokens all score 1.0; head 1 has 10 at 0.5 and 10 at -1; head 2 scores -2
+    throughout. With B_l = 18 and w = 8 the pooled top 3·10 = 30 scores are head 0's 20 and head 1's 10."""
     w = 8
     scores = [torch.ones(20), torch.full((20,), -1.0), torch.full((20,), -2.0)]
     scores[1][:10] = 0.5  # head 1 has 10 moderately useful tokens
