@@ -274,9 +274,16 @@ def generate(model, tokenizer, prompt, *, budget: int, allocator: str = "reasona
              profile=None, interval: int = 128, window: int = 8, max_new_tokens: int = 512,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, chat: bool = True,
              record_positions: bool = False, stream=None, policy_options=None, head_options=None,
-             gamma: float = 0.5) -> Generation:
+             gamma: float = 0.5, force=None, on_logits=None) -> Generation:
     """Generate under a KV budget. `prompt` is text (rendered with the chat template when chat=True)
-    or a 1-D LongTensor of ids. Returns the text, tokens, per-step cache sizes and compression events."""
+    or a 1-D LongTensor of ids. Returns the text, tokens, per-step cache sizes and compression events.
+
+    Teacher forcing (the fidelity benchmark): with `force` a list of ids, those tokens are fed instead of
+    sampled ones (stop tokens included; max_new_tokens becomes len(force)). `on_logits(step, logits)` sees
+    the (vocab,) float32 logits that predict the step-th new token, before it is chosen."""
+    if force is not None:
+        force = [int(t) for t in force]
+        max_new_tokens = len(force)
     from model import check_context, encode_prompt, stop_ids
 
     validate(budget=budget, window=window, interval=interval, temperature=temperature, top_p=top_p,
@@ -307,9 +314,14 @@ def generate(model, tokenizer, prompt, *, budget: int, allocator: str = "reasona
         events.append({"step": 0, **compress(cache, layer_b, head_rule, policy, **opts)})
         budgets = torch.tensor(events[-1]["head_budgets"])
     for step in range(1, max_new_tokens + 1):  # 2. decode
-        token = sample(logits[-1], temperature, top_p, generator)
-        if token in stops:
-            break
+        if on_logits is not None:
+            on_logits(step, logits[-1])
+        if force is not None:
+            token = force[step - 1]
+        else:
+            token = sample(logits[-1], temperature, top_p, generator)
+            if token in stops:
+                break
         out.append(token)
         if stream:
             stream.put(token)

