@@ -217,6 +217,142 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(h.k.nbytes + h.v.nbytes for layer in self.layers for h in layer)
 
+    def attend(self, layer: int, q: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+        """(T, Hq, D) attention output of `layer`. Query head j reads KV head j // G, as llama2.c's
+        `h / kv_mul`; one call per KV head serves its whole group, and each head may hold a different
+        number of tokens."""
+        G = self.config.group_size
+        return torch.cat([attend(q[:, h * G:(h + 1) * G], q_pos, head) for h, head in enumerate(self.layers[layer])],
+                         dim=1)
+
+
+class PackedCache:
+    """The fast path: the same per-head caches, packed per layer into padded storage.
+
+    k[l], v[l]: (Hk, capacity, D); pos[l]: (Hk, capacity). Head h of layer l holds rows [0, n[l, h]),
+    oldest first: the same rows in the same order as KVCache's cache[l][h], so policies and selection give
+    the same answer on both (test_reasonalloc checks it). Appends write in place into spare capacity;
+    when it runs out, the storage grows to the needed length plus `spare` rows (set it to the compression
+    interval and a compressed cache never reallocates between compressions). Compression packs the kept
+    rows to the front and trims the capacity to the longest head plus `spare`, so the memory held is the
+    budgeted tokens plus the interval, padded to the longest head of each layer."""
+
+    packed = True
+
+    def __init__(self, config: ModelConfig, window: int = 8, *, dtype=torch.float32, device="cpu",
+                 spare: int = 128):
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.config, self.window, self.spare = config, window, max(int(spare), 1)
+        L, Hk, D = config.num_layers, config.num_kv_heads, config.head_dim
+        self.k = [torch.empty(Hk, 0, D, dtype=dtype, device=device) for _ in range(L)]
+        self.v = [torch.empty(Hk, 0, D, dtype=dtype, device=device) for _ in range(L)]
+        self.pos = [torch.empty(Hk, 0, dtype=torch.long, device=device) for _ in range(L)]
+        self.n = torch.zeros(L, Hk, dtype=torch.long)  # tokens held, on the CPU (no device sync to read)
+        self.n_dev = [torch.zeros(Hk, dtype=torch.long, device=device) for _ in range(L)]  # the same, on device
+        self.q_win = [torch.empty(config.num_heads, 0, D, dtype=dtype, device=device) for _ in range(L)]
+        self.next_pos = 0
+
+    def __len__(self) -> int:
+        return self.config.num_layers
+
+    def lengths(self) -> torch.Tensor:
+        return self.n.clone()
+
+    def ragged(self, layer: int) -> bool:
+        n = self.n[layer]
+        return bool((n != n[0]).any())
+
+    def head(self, layer: int, h: int) -> HeadCache:
+        """A view of one head's rows, as the reference cache holds them."""
+        t = int(self.n[layer, h])
+        return HeadCache(self.k[layer][h, :t], self.v[layer][h, :t], self.pos[layer][h, :t])
+
+    def __getitem__(self, layer: int) -> list[HeadCache]:
+        return [self.head(layer, h) for h in range(self.config.num_kv_heads)]
+
+    def window_queries(self, layer: int, kv_head: int) -> torch.Tensor:
+        G = self.config.group_size
+        return self.q_win[layer][kv_head * G:(kv_head + 1) * G]
+
+    def _reserve(self, layer: int, rows: int):
+        cap = self.k[layer].shape[1]
+        if rows <= cap:
+            return
+        new = rows + self.spare
+        for name in ("k", "v", "pos"):
+            old = getattr(self, name)[layer]
+            buf = old.new_zeros(old.shape[0], new, *old.shape[2:])
+            buf[:, :cap] = old
+            getattr(self, name)[layer] = buf
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, pos: torch.Tensor):
+        """Append T new tokens to every head of `layer`. k, v: (T, Hk, D); q: (T, Hq, D); pos: (T,)."""
+        T, n = k.shape[0], self.n[layer]
+        self._reserve(layer, int(n.max()) + T)
+        K, V, P = self.k[layer], self.v[layer], self.pos[layer]
+        if not self.ragged(layer):  # every head at the same length: one slice write
+            t = int(n[0])
+            K[:, t:t + T], V[:, t:t + T], P[:, t:t + T] = k.transpose(0, 1), v.transpose(0, 1), pos
+        elif T == 1:  # decode after head-wise compression: one scatter at each head's own end
+            heads = torch.arange(K.shape[0], device=K.device)
+            rows = self.n_dev[layer]
+            K[heads, rows], V[heads, rows], P[heads, rows] = k[0], v[0], pos
+        else:
+            for h in range(K.shape[0]):
+                t = int(n[h])
+                K[h, t:t + T], V[h, t:t + T], P[h, t:t + T] = k[:, h], v[:, h], pos
+        self.n[layer] += T
+        self.n_dev[layer] += T
+        self.q_win[layer] = torch.cat([self.q_win[layer], q.transpose(0, 1)], dim=1)[:, -self.window:]
+
+    def attend(self, layer: int, q: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+        """(T, Hq, D): all heads of `layer` in one batched call, padding masked out."""
+        T, Hq, D = q.shape
+        Hk = self.config.num_kv_heads
+        G = Hq // Hk
+        S = int(self.n[layer].max())
+        K, V = self.k[layer][:, :S], self.v[layer][:, :S]  # (Hk, S, D)
+        qh = q.view(T, Hk, G, D).permute(1, 2, 0, 3).reshape(Hk, G * T, D)  # (Hk, G·T, D), g major
+        att = torch.matmul(qh, K.transpose(1, 2)).float() / math.sqrt(D)  # (Hk, G·T, S)
+        mask = None
+        if self.ragged(layer):  # rows past a head's length are padding
+            mask = torch.arange(S, device=K.device)[None, :] < self.n_dev[layer][:, None]  # (Hk, S)
+            mask = mask[:, None, :]
+        if T > 1:  # causal by absolute position, as the reference
+            causal = self.pos[layer][:, None, :S] <= q_pos.repeat(G)[None, :, None]  # (Hk, G·T, S)
+            mask = causal if mask is None else mask & causal
+        if mask is not None:
+            att = att.masked_fill(~mask, float("-inf"))
+        att = torch.softmax(att, dim=-1).to(V.dtype)  # softmax in float32
+        y = torch.matmul(att, V)  # (Hk, G·T, D)
+        return y.view(Hk, G, T, D).permute(2, 0, 1, 3).reshape(T, Hq, D)
+
+    def keep(self, layer: int, rows: torch.Tensor, counts: torch.Tensor):
+        """Compress `layer` in place: rows (Hk, m) ascending row indices (padded past counts[h]),
+        counts (Hk,) how many each head keeps. Packs them to the front and trims the capacity."""
+        m = rows.shape[1]
+        idx = rows.to(self.k[layer].device)
+        D = self.k[layer].shape[2]
+        k = torch.gather(self.k[layer], 1, idx[:, :, None].expand(-1, -1, D))
+        v = torch.gather(self.v[layer], 1, idx[:, :, None].expand(-1, -1, D))
+        p = torch.gather(self.pos[layer], 1, idx)
+        cap = m + self.spare
+        self.k[layer] = k.new_zeros(k.shape[0], cap, D)
+        self.v[layer] = v.new_zeros(v.shape[0], cap, D)
+        self.pos[layer] = p.new_zeros(p.shape[0], cap)
+        self.k[layer][:, :m], self.v[layer][:, :m], self.pos[layer][:, :m] = k, v, p
+        self.n[layer] = counts.cpu()
+        self.n_dev[layer] = counts.to(self.k[layer].device)
+
+    def nbytes(self) -> int:
+        """K and V bytes held by the heads (padding excluded, to compare with KVCache.nbytes())."""
+        return int(self.n.sum()) * 2 * self.config.head_dim * self.k[0].element_size()
+
+    def allocated_bytes(self) -> int:
+        """K and V bytes of the storage, padding and spare capacity included."""
+        return sum(k.nbytes + v.nbytes for k, v in zip(self.k, self.v))
+
 
 # ----------------------------------------------------------------------------------------------
 # Layers
@@ -292,7 +428,6 @@ class Attention(nn.Module):
 
     def forward(self, x, pos, inv_freq, cache: KVCache, layer: int):
         T, c = x.shape[0], self.c
-        G = c.group_size
         q = self.wq(x).view(T, c.num_heads, c.head_dim)  # (T, Hq, D)
         k = self.wk(x).view(T, c.num_kv_heads, c.head_dim)  # (T, Hk, D)
         v = self.wv(x).view(T, c.num_kv_heads, c.head_dim)  # (T, Hk, D)
@@ -300,10 +435,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, pos, inv_freq), apply_rope(k, pos, inv_freq)
         cache.append(layer, k, v, q, pos)
-        # Query head j reads KV head j // G, as llama2.c's `h / kv_mul`; one call per KV head
-        # serves its whole group, and each KV head may hold a different number of tokens.
-        y = torch.cat([attend(q[:, h * G:(h + 1) * G], pos, head) for h, head in enumerate(cache[layer])],
-                      dim=1)  # (T, Hq, D)
+        y = cache.attend(layer, q, pos)  # (T, Hq, D): per head (KVCache) or batched (PackedCache)
         return self.wo(y.reshape(T, c.num_heads * c.head_dim))
 
 
@@ -343,8 +475,11 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
-    def new_cache(self, window: int = 8) -> KVCache:
+    def new_cache(self, window: int = 8, *, packed: bool = False, spare: int = 128):
+        """The reference per-head KVCache, or with packed=True the fast PackedCache (tested equal)."""
         p = self.embed.weight
+        if packed:
+            return PackedCache(self.config, window, dtype=p.dtype, device=p.device, spare=spare)
         return KVCache(self.config, window, dtype=p.dtype, device=p.device)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:

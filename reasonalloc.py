@@ -150,8 +150,12 @@ def head_demand(scores: list[torch.Tensor], layer_budget: int, *, window: int = 
         return torch.zeros(len(scores), dtype=torch.long)
     if k >= pooled.numel():
         return torch.tensor([len(s) for s in scores])
-    tau = torch.topk(pooled, k).values[-1]
-    return torch.tensor([int((s.double() >= tau).sum()) for s in scores])
+    # Exactly k winners (Σ r_h = k): ties at the threshold go to the earlier head, then the older token,
+    # by a stable sort. Counting every score >= the k-th would let ties (common after SnapKV's max-pooling)
+    # push Σ r_h past k, which Ada-KV's rule cannot absorb.
+    top = torch.sort(pooled, descending=True, stable=True).indices[:k]
+    owner = torch.repeat_interleave(torch.arange(len(scores)), torch.tensor([len(s) for s in scores]))
+    return torch.bincount(owner[top.cpu()], minlength=len(scores))
 
 
 def head_budgets(scores: list[torch.Tensor], layer_budget: int, *, window: int = 8, beta: float = 0.5,
@@ -274,13 +278,15 @@ def generate(model, tokenizer, prompt, *, budget: int, allocator: str = "reasona
              profile=None, interval: int = 128, window: int = 8, max_new_tokens: int = 512,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, chat: bool = True,
              record_positions: bool = False, stream=None, policy_options=None, head_options=None,
-             gamma: float = 0.5, force=None, on_logits=None) -> Generation:
+             gamma: float = 0.5, force=None, on_logits=None, packed: bool = False) -> Generation:
     """Generate under a KV budget. `prompt` is text (rendered with the chat template when chat=True)
     or a 1-D LongTensor of ids. Returns the text, tokens, per-step cache sizes and compression events.
 
     Teacher forcing (the fidelity benchmark): with `force` a list of ids, those tokens are fed instead of
     sampled ones (stop tokens included; max_new_tokens becomes len(force)). `on_logits(step, logits)` sees
-    the (vocab,) float32 logits that predict the step-th new token, before it is chosen."""
+    the (vocab,) float32 logits that predict the step-th new token, before it is chosen.
+    packed=True runs the fast path (model.PackedCache, batched attention and scoring), tested equal to
+    the per-head reference cache."""
     if force is not None:
         force = [int(t) for t in force]
         max_new_tokens = len(force)
@@ -307,7 +313,7 @@ def generate(model, tokenizer, prompt, *, budget: int, allocator: str = "reasona
     opts = dict(record_positions=record_positions, policy_options=policy_options, head_options=head_options)
 
     t0 = time.perf_counter()
-    cache = model.new_cache(window)
+    cache = model.new_cache(window, packed=packed, spare=interval)
     logits = model(ids.to(device), cache)
     events, held, full, out = [], [], [], []
     if policy != "full" and (cache.lengths() > budgets).any():  # 1. the prompt is over budget
@@ -342,7 +348,8 @@ def generate(model, tokenizer, prompt, *, budget: int, allocator: str = "reasona
         cache_bytes=cache.nbytes(), full_bytes=2 * cfg.num_layers * cfg.num_kv_heads * cache.next_pos * cfg.head_dim * elem,
         seconds=seconds,
         settings=dict(budget=budget, allocator=allocator, policy=policy, interval=interval, window=window,
-                      max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed),
+                      max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                      packed=packed),
     )
 
 

@@ -946,3 +946,66 @@ def test_torchrun_two_processes_merge_to_the_one_process_result(tiny_dir, tmp_pa
         assert a["reference"] == b["reference"] and a["compressions"] == b["compressions"]
         for f in ("nll_increase", "top1_agreement", "kl", "mean_cache_tokens"):
             assert a[f] == pytest.approx(b[f], rel=1e-5, abs=1e-9), (k, f)
+
+
+# ----------------------------------------------------------------------------------------------
+# The fast path (model.PackedCache, batched attention and scoring) against the per-head reference
+
+
+@pytest.mark.parametrize("allocator", list(R.ALLOCATORS))
+@pytest.mark.parametrize("policy", ["rkv", "snapkv"])
+def test_packed_path_equals_reference(tiny_model, allocator, policy):
+    """Same logits at every step and the same kept positions at every compression, through ragged
+    head-wise budgets (force a fixed continuation so both see identical inputs)."""
+    force = ((torch.arange(40) * 7 + 3) % 97).tolist()
+    runs = []
+    for packed in (False, True):
+        logits = []
+        g = R.generate(tiny_model, ByteTok(), TINY_PROMPT, budget=20, allocator=allocator, policy=policy,
+                       profile=WAVE, interval=6, force=force, record_positions=True, packed=packed,
+                       on_logits=lambda s, x: logits.append(x.clone()))
+        runs.append((g, torch.stack(logits)))
+    (ref, ref_logits), (fast, fast_logits) = runs
+    torch.testing.assert_close(fast_logits, ref_logits, rtol=1e-5, atol=1e-5)
+    assert len(ref.events) == len(fast.events) >= 5
+    for a, b in zip(ref.events, fast.events):
+        assert a["head_budgets"] == b["head_budgets"] and a["kept_positions"] == b["kept_positions"]
+    assert ref.cache_tokens == fast.cache_tokens and ref.cache_bytes == fast.cache_bytes
+    if allocator in ("head", "reasonalloc", "adakv"):  # the case the packing must get right
+        assert any(len(set(row)) > 1 for e in ref.events for row in e["head_budgets"]), "no ragged heads"
+
+
+@pytest.mark.parametrize("policy", ["streaming", "knorm", "random"])
+def test_packed_scores_and_selection_equal_reference_other_policies(tiny_model, policy):
+    force = ((torch.arange(30) * 5 + 1) % 97).tolist()
+    out = [R.generate(tiny_model, ByteTok(), TINY_PROMPT, budget=16, allocator="adakv", policy=policy,
+                      interval=5, force=force, record_positions=True, packed=p) for p in (False, True)]
+    assert [e["kept_positions"] for e in out[0].events] == [e["kept_positions"] for e in out[1].events]
+
+
+def test_packed_redundancy_in_row_blocks_equals_per_head():
+    torch.manual_seed(0)
+    k = torch.randn(3, 50, 16)
+    k[:, 20] = k[:, 5] * 2  # planted duplicates
+    n = torch.tensor([50, 31, 12])
+    for quirk in (True, False):
+        for chunk in (1 << 26, 3 * 50 * 7):  # one block, and blocks of 7 rows
+            got = E._redundancy_packed(k, n, zero_col0_quirk=quirk, chunk_elems=chunk)
+            for h in range(3):
+                want = E.redundancy(k[h, :n[h]], zero_col0_quirk=quirk)
+                torch.testing.assert_close(got[h, :n[h]], want, rtol=1e-6, atol=1e-7)
+                assert (got[h, n[h]:] == 0).all()
+
+
+def test_packed_cache_appends_in_place_and_trims_to_budget_plus_interval(tiny_model):
+    cache = tiny_model.new_cache(8, packed=True, spare=16)
+    tiny_model(TINY_PROMPT, cache)  # 40 tokens: capacity 40 + 16
+    storage = cache.k[0].data_ptr()
+    for t in range(10):
+        tiny_model(torch.tensor([t]), cache)
+    assert cache.k[0].data_ptr() == storage and cache.k[0].shape[1] == 56  # no reallocation
+    R.compress(cache, torch.full((3,), 20), "reasonalloc", "rkv")  # 3 layers x 2 KV heads, B_l = 20
+    assert (cache.lengths().sum(1) == 2 * 20).all() and cache.ragged(1)
+    longest = int(cache.lengths()[1].max())
+    assert cache.k[1].shape[1] == longest + 16  # the kept tokens plus one interval of spare rows
+    assert cache.nbytes() == int(cache.lengths().sum()) * 2 * 16 * 4
