@@ -269,7 +269,7 @@ def encode(model, tok, prompt: str, new_tokens: int) -> torch.Tensor:
 def run_method(model, tok, ids, method: str, budget: int, args, profile, **kw) -> R.Generation:
     policy, allocator = METHODS[method]
     return R.generate(model, tok, ids, budget=budget, allocator=allocator, policy=policy, profile=profile,
-                      window=args.window, interval=interval_for(budget, args.new_tokens, args.interval), **kw)
+                      window=args.window, packed=args.packed, interval=interval_for(budget, args.new_tokens, args.interval), **kw)
 
 
 def fidelity(model, tok, prompts, args, profile, store: Store, rank: int = 0, world: int = 1):
@@ -289,7 +289,7 @@ def fidelity(model, tok, prompts, args, profile, store: Store, rank: int = 0, wo
         ids = encode(model, tok, prompts[i], args.new_tokens)
         full_logits = []
         ref = R.generate(model, tok, ids, budget=args.window + 1, policy="full", max_new_tokens=args.new_tokens,
-                         on_logits=lambda s, x: full_logits.append(x.clone()))
+                         packed=args.packed, on_logits=lambda s, x: full_logits.append(x.clone()))
         tokens = ref.tokens
         for m, b in todo:
             sums = [0.0, 0.0, 0.0]
@@ -331,36 +331,80 @@ def accuracy(model, tok, problems, args, profile, store: Store, rank: int = 0, w
         prog.step(f"problem {i} {m} B={b} sample {s}")
 
 
+def decode_seconds(fn) -> tuple[float, object]:
+    """Run fn(on_logits) and return the seconds from the first decode step to the end, and fn's result."""
+    first = []
+    out = fn(lambda step, logits: first.append(time.perf_counter()) if step == 1 else None)
+    return time.perf_counter() - first[0], out
+
+
+@torch.inference_mode()
+def transformers_decode(hf, ids: torch.Tensor, tokens: list[int], on_logits) -> None:
+    """The peer: Hugging Face transformers' own FullKV decode (its default dynamic cache) of the same
+    teacher-forced tokens."""
+    out = hf(ids[None], use_cache=True)
+    past = out.past_key_values
+    for step, t in enumerate(tokens, 1):
+        on_logits(step, out.logits[0, -1])
+        out = hf(torch.tensor([[t]], device=ids.device), past_key_values=past, use_cache=True)
+        past = out.past_key_values
+
+
 def speed(model, tok, prompts, args, profile, store: Store, rank: int = 0, world: int = 1):
-    """Rank 0 only: timings from processes sharing one machine would not be side by side."""
+    """Rank 0 only: timings from processes sharing one machine would not be side by side.
+
+    Two tables from one run, every variant interleaved round by round so drift hits all alike:
+    FullKV decode of this project (per-head reference and packed fast path) vs transformers on the same
+    weights and tokens; and every method at one budget on the chosen path, relative to uniform R-KV."""
     budget = args.speed_budget or default_budgets(args.new_tokens, args.window)[-1]
     key = f"speed|{budget}"
     if rank != 0 or key in store:
         return
     ids = encode(model, tok, prompts[0], args.new_tokens)
-    tokens = R.generate(model, tok, ids, budget=args.window + 1, policy="full", max_new_tokens=args.new_tokens).tokens
-    methods = list(args.methods)
-    times = {m: [] for m in methods}
-    prog = Progress("speed", (args.repeats + 1) * len(methods), rank)
-    for rep in range(args.repeats + 1):  # round 0 warms up; methods interleaved so drift hits all alike
-        order = methods[rep % len(methods):] + methods[:rep % len(methods)]
+    tokens = R.generate(model, tok, ids, budget=args.window + 1, policy="full", max_new_tokens=args.new_tokens,
+                        packed=args.packed).tokens
+    variants = {}  # name -> fn(on_logits) -> Generation or None
+    full = lambda packed: lambda cb: R.generate(  # noqa: E731
+        model, tok, ids, budget=args.window + 1, policy="full", force=tokens, on_logits=cb, packed=packed)
+    variants["FullKV, reference path"] = full(False)
+    variants["FullKV, fast path"] = full(True)
+    if not args.no_peer:
+        from transformers import AutoModelForCausalLM
+
+        from model import resolve_model_dir
+
+        hf = AutoModelForCausalLM.from_pretrained(resolve_model_dir(args.model), dtype=model.embed.weight.dtype)
+        hf = hf.to(model.embed.weight.device).eval()
+        variants["FullKV, transformers"] = lambda cb: transformers_decode(hf, ids.to(hf.device), tokens, cb)
+    for m in args.methods:
+        if m != "FullKV":
+            variants[m] = (lambda m: lambda cb: run_method(model, tok, ids, m, budget, args, profile, force=tokens,
+                                                          on_logits=cb))(m)
+    names = list(variants)
+    times = {m: [] for m in names}
+    results = {}
+    prog = Progress("speed", (args.repeats + 1) * len(names), rank)
+    for rep in range(args.repeats + 1):  # round 0 warms up
+        order = names[rep % len(names):] + names[:rep % len(names)]
         for m in order:
-            first = []
-            t_end = None
-            g = run_method(model, tok, ids, m, budget, args, profile, force=tokens,
-                           on_logits=lambda s, x: first.append(time.perf_counter()) if s == 1 else None)
-            t_end = time.perf_counter()
+            seconds, g = decode_seconds(variants[m])
             if rep > 0:
-                times[m].append({"decode_s": t_end - first[0], "cache_tokens": statistics.fmean(g.cache_tokens),
-                                 "full_tokens": statistics.fmean(g.full_tokens), "cache_bytes": g.cache_bytes,
-                                 "full_bytes": g.full_bytes, "compressions": len(g.events)})
+                times[m].append(seconds)
+            if g is not None:
+                results[m] = g
             prog.step(f"round {rep} {m}")
     rows = {}
-    for m in methods:
-        t = statistics.median(r["decode_s"] for r in times[m])
-        rows[m] = {"tokens_per_s": len(tokens) / t, "decode_s": t, **{k: times[m][0][k] for k in times[m][0] if k != "decode_s"}}
+    for m in names:
+        t = statistics.median(times[m])
+        row = {"tokens_per_s": len(tokens) / t, "decode_s": t, "runs": times[m]}
+        if m in results:
+            g = results[m]
+            row.update(cache_tokens=statistics.fmean(g.cache_tokens), full_tokens=statistics.fmean(g.full_tokens),
+                       cache_bytes=g.cache_bytes, full_bytes=g.full_bytes, compressions=len(g.events))
+        rows[m] = row
     store.add(key, {"budget": budget, "steps": len(tokens), "repeats": args.repeats, "threads": torch.get_num_threads(),
-                    "interval": interval_for(budget, args.new_tokens, args.interval), "methods": rows})
+                    "interval": interval_for(budget, args.new_tokens, args.interval), "packed": args.packed,
+                    "device": str(model.embed.weight.device), "dtype": str(model.embed.weight.dtype), "methods": rows})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,13 +450,24 @@ def accuracy_table(cells: dict, methods, budgets) -> str:
 
 def speed_table(cell: dict) -> str:
     rows = cell["methods"]
-    base = rows.get("R-KV", next(iter(rows.values())))["decode_s"]
-    out = [f"\ndecode speed, {cell['steps']} teacher-forced tokens, B={cell['budget']}, interval {cell['interval']}, "
-           f"median of {cell['repeats']} interleaved rounds, {cell['threads']} threads\n",
-           "| method | tokens/s | time per token vs R-KV | compressions | cache tokens held (mean) | "
-           "vs full cache | K/V bytes at the end | vs full cache |", "|---|---|---|---|---|---|---|---|"]
+    head = (f"\n{cell['steps']} teacher-forced decode steps, {cell['device']} {cell['dtype'].replace('torch.', '')}, "
+            f"{cell['threads']} threads, median of {cell['repeats']} interleaved rounds")
+    out = [head, "\nFullKV decode\n", "| implementation | tokens/s | speed vs transformers |", "|---|---|---|"]
+    peer = rows.get("FullKV, transformers")
     for m, r in rows.items():
-        out.append(f"| {m} | {r['tokens_per_s']:.1f} | {r['decode_s'] / base:.3f}× | {r['compressions']} | "
+        if m.startswith("FullKV"):
+            ratio = f"{peer['decode_s'] / r['decode_s']:.2f}×" if peer else "—"
+            out.append(f"| {m.split(', ')[1]} | {r['tokens_per_s']:.1f} | {ratio} |")
+    base = rows.get("R-KV")
+    path = "fast" if cell["packed"] else "reference"
+    out += [f"\nmethods at B={cell['budget']}, interval {cell['interval']}, {path} path\n",
+            "| method | tokens/s | time per token vs R-KV | compressions | cache tokens held (mean) | "
+            "vs full cache | K/V bytes at the end | vs full cache |", "|---|---|---|---|---|---|---|---|"]
+    for m, r in rows.items():
+        if m.startswith("FullKV") and not m.endswith(path + " path"):
+            continue
+        rel = f"{r['decode_s'] / base['decode_s']:.3f}×" if base else "—"
+        out.append(f"| {m.split(',')[0]} | {r['tokens_per_s']:.1f} | {rel} | {r['compressions']} | "
                    f"{r['cache_tokens']:.0f} | {r['cache_tokens'] / r['full_tokens']:.1%} | "
                    f"{r['cache_bytes'] / 2**20:.2f} MiB | {r['cache_bytes'] / r['full_bytes']:.1%} |".replace("%", " %"))
     return "\n".join(out)
@@ -424,7 +479,7 @@ def speed_table(cell: dict) -> str:
 
 def settings_of(args, what: str) -> dict:
     keep = ["model", "new_tokens", "budgets", "interval", "window", "prompts", "problems", "temperature", "top_p",
-            "speed_budget", "dtype"]
+            "speed_budget", "dtype", "path"]
     return {"measurement": what, **{k: getattr(args, k) for k in keep}}
 
 
@@ -445,6 +500,7 @@ def main(args):
     from model import load_model, load_tokenizer, resolve_model_dir
 
     args.methods_given = args.methods is not None
+    args.packed = args.path == "fast"
     args.methods = args.methods.split(",") if args.methods else list(METHODS)
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
@@ -541,6 +597,9 @@ def parser():
     p.add_argument("--top-p", type=float, default=0.95, help="accuracy nucleus sampling")
     p.add_argument("--speed-budget", type=int, default=0, help="speed: the budget B (default: the largest default)")
     p.add_argument("--repeats", type=int, default=3, help="speed: timed rounds per method (after one warm-up)")
+    p.add_argument("--path", choices=["fast", "reference"], default="fast",
+                   help="the packed fast path (tested equal to the reference) or the per-head reference cache")
+    p.add_argument("--no-peer", action="store_true", help="speed: skip the transformers FullKV peer")
     p.add_argument("--quick", action="store_true", help="2 prompts, 4 problems, 64 tokens: a few minutes on 2 cores")
     p.add_argument("--out", default="bench_results.json",
                    help="results JSON; with 'all', one file per measurement (NAME.fidelity.json, ...)")

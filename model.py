@@ -389,14 +389,19 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return inv_freq
 
 
-def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """x: (T, H, D), pos: (T,). Rotate-half RoPE, the Hugging Face layout: dimension i pairs with
+def rope_cos_sin(pos: torch.Tensor, inv_freq: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, 1, D) cos and sin of the rotation angles pos·inv_freq; computed once per forward pass and
+    shared by every layer."""
+    freqs = pos.to(torch.float32)[:, None] * inv_freq[None, :]  # (T, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (T, D)
+    return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (T, H, D). Rotate-half RoPE, the Hugging Face layout: dimension i pairs with
     i + D/2. Checkpoints in HF layout need no permutation of q/k weights; feeding permuted
     (interleaved, Meta / llama.cpp) weights here is the classic bug that answers the first few
     tokens right and then degrades."""
-    freqs = pos.to(torch.float32)[:, None] * inv_freq[None, :]  # (T, D/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (T, D)
-    cos, sin = emb.cos().to(x.dtype)[:, None, :], emb.sin().to(x.dtype)[:, None, :]
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -426,14 +431,14 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
 
-    def forward(self, x, pos, inv_freq, cache: KVCache, layer: int):
+    def forward(self, x, pos, rope, cache: KVCache, layer: int):
         T, c = x.shape[0], self.c
         q = self.wq(x).view(T, c.num_heads, c.head_dim)  # (T, Hq, D)
         k = self.wk(x).view(T, c.num_kv_heads, c.head_dim)  # (T, Hk, D)
         v = self.wv(x).view(T, c.num_kv_heads, c.head_dim)  # (T, Hk, D)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, pos, inv_freq), apply_rope(k, pos, inv_freq)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         cache.append(layer, k, v, q, pos)
         y = cache.attend(layer, q, pos)  # (T, Hq, D): per head (KVCache) or batched (PackedCache)
         return self.wo(y.reshape(T, c.num_heads * c.head_dim))
@@ -458,8 +463,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, pos, inv_freq, cache, layer):
-        x = x + self.attn(self.attn_norm(x), pos, inv_freq, cache, layer)
+    def forward(self, x, pos, rope, cache, layer):
+        x = x + self.attn(self.attn_norm(x), pos, rope, cache, layer)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -497,8 +502,9 @@ class Transformer(nn.Module):
             )
         pos = torch.arange(cache.next_pos, end, device=tokens.device)  # (T,)
         x = self.embed(tokens)  # (T, d)
+        rope = rope_cos_sin(pos, self.inv_freq, x.dtype)  # (T, 1, D) cos, sin
         for layer, block in enumerate(self.blocks):
-            x = block(x, pos, self.inv_freq, cache, layer)
+            x = block(x, pos, rope, cache, layer)
         cache.next_pos = end
         return self.lm_head(self.norm(x)).float()
 

@@ -74,16 +74,20 @@ def robustify(demand, total: int, *, power: float = 0.5, lo: float = 0.25, hi: f
     # others are all at the high clip (otherwise `total` would be out of reach).
     x = x / x.max() + 1e-12
 
-    def filled(s):
-        return x.mul(s).clamp(low, high)
+    xs = x.tolist()  # a handful of units: plain Python floats (float64) beat tensor ops ~10x here
+
+    def filled(s):  # Σ clip(s·x, low, high)
+        return sum(min(max(v * s, low), high) for v in xs)
 
     a, b = 0.0, 1.0
-    while filled(b).sum() < total and b < 1e300:
+    while filled(b) < total and b < 1e300:
         b *= 2
     for _ in range(200):
         mid = (a + b) / 2
-        a, b = (mid, b) if filled(mid).sum() < total else (a, mid)
-    r = filled(b)
+        if mid in (a, b):  # converged to the last bit
+            break
+        a, b = (mid, b) if filled(mid) < total else (a, mid)
+    r = x.mul(b).clamp(low, high)
     r = r * (total / r.sum())  # remove the bisection's last sliver; stays within one token of the clips
     out = round_to_total(r, total, prefer=d)
     assert int(out.sum()) == total and bool((out >= floor).all())
