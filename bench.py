@@ -78,13 +78,13 @@ def last_boxed(text: str) -> str | None:
     return None  # unbalanced: the generation stopped inside the box
 
 
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+")
+NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+")
 
 
 def extract_answer(text: str) -> str | None:
     """The model's final answer: the last \\boxed{} if there is one, else the last number in the text."""
     boxed = last_boxed(text)
-    if boxed is not None:
+    if boxed is not None and boxed.strip():  # an empty \boxed{} is the instruction echoed back
         return boxed
     numbers = NUMBER.findall(text)
     return numbers[-1] if numbers else None
@@ -325,7 +325,7 @@ def accuracy(model, tok, problems, args, profile, store: Store, rank: int = 0, w
         g = run_method(model, tok, ids, m, max(b, args.window + 1), args, profile, max_new_tokens=args.new_tokens,
                        temperature=args.temperature, top_p=args.top_p, seed=s)
         pred = extract_answer(g.text)
-        store.add(key, {"problem": i, "method": m, "budget": b, "sample": s, "prediction": pred,
+        store.add(key, {"problem": i, "method": m, "budget": b, "sample": s, "prediction": pred, "text": g.text,
                         "answer": problems[i]["answer"], "correct": answers_match(pred, problems[i]["answer"]),
                         "new_tokens": len(g.tokens), "compressions": len(g.events)})
         prog.step(f"problem {i} {m} B={b} sample {s}")

@@ -819,6 +819,7 @@ import bench as Bn  # noqa: E402
     ("The total is 1,200 dollars", "1,200"),
     ("cut at \\boxed{3", "3"),  # unbalanced box: fall back to the last number
     ("no numbers here", None),
+    ("put it in \\boxed{}. It is 15, I think", "15"),  # an empty box (the instruction echoed): last number
 ])
 def test_extract_answer(text, expected):
     assert Bn.extract_answer(text) == expected
@@ -1009,3 +1010,20 @@ def test_packed_cache_appends_in_place_and_trims_to_budget_plus_interval(tiny_mo
     longest = int(cache.lengths()[1].max())
     assert cache.k[1].shape[1] == longest + 16  # the kept tokens plus one interval of spare rows
     assert cache.nbytes() == int(cache.lengths().sum()) * 2 * 16 * 4
+
+
+def test_bench_gpu_harness_runs_on_cpu():
+    """bench_gpu.py's model pair shares one set of weights (so the peer comparison is fair) and its
+    chunked-prefill + compressed decode loop keeps every head within budget plus the interval."""
+    import bench_gpu as BG
+
+    cfg = {**BG.LLAMA_31_8B, "vocab_size": 97, "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 4096}
+    ours, hf, c = BG.build(cfg, "cpu", torch.float32, layers=2)
+    ids = torch.arange(300) % 97
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(ids, ours.new_cache(packed=True)), hf(ids[None]).logits[0], rtol=1e-4, atol=1e-4)
+    secs, held, alloc = BG.run_ours(ours, ids, 40, budget=32, interval=16, chunk=64, profile={"demand": [0.6, 0.4]})
+    assert secs > 0 and held <= c.num_layers * c.num_kv_heads * (32 + 16)
+    assert BG.run_transformers(hf, ids, 5) > 0
+    assert BG.weight_bytes(ours) < sum(p.numel() * 4 for p in ours.parameters())
