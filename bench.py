@@ -269,7 +269,8 @@ def encode(model, tok, prompt: str, new_tokens: int) -> torch.Tensor:
 def run_method(model, tok, ids, method: str, budget: int, args, profile, **kw) -> R.Generation:
     policy, allocator = METHODS[method]
     return R.generate(model, tok, ids, budget=budget, allocator=allocator, policy=policy, profile=profile,
-                      window=args.window, packed=args.packed, interval=interval_for(budget, args.new_tokens, args.interval), **kw)
+                      window=args.window, packed=args.packed, gamma=args.gamma,
+                      head_options={"beta": args.head_beta, "mu": args.head_mu}, interval=interval_for(budget, args.new_tokens, args.interval), **kw)
 
 
 def fidelity(model, tok, prompts, args, profile, store: Store, rank: int = 0, world: int = 1):
@@ -479,7 +480,7 @@ def speed_table(cell: dict) -> str:
 
 def settings_of(args, what: str) -> dict:
     keep = ["model", "new_tokens", "budgets", "interval", "window", "prompts", "problems", "temperature", "top_p",
-            "speed_budget", "dtype", "path"]
+            "speed_budget", "dtype", "path", "gamma", "head_beta", "head_mu"]
     return {"measurement": what, **{k: getattr(args, k) for k in keep}}
 
 
@@ -597,6 +598,9 @@ def parser():
     p.add_argument("--top-p", type=float, default=0.95, help="accuracy nucleus sampling")
     p.add_argument("--speed-budget", type=int, default=0, help="speed: the budget B (default: the largest default)")
     p.add_argument("--repeats", type=int, default=3, help="speed: timed rounds per method (after one warm-up)")
+    p.add_argument("--gamma", type=float, default=0.5, help="layer level: robustify power on the wave (SPEC §3.2)")
+    p.add_argument("--head-beta", type=float, default=0.5, help="head level: robustify power β (SPEC §3.3)")
+    p.add_argument("--head-mu", type=float, default=0.25, help="head level: lower clip μ, as a fraction of B_l")
     p.add_argument("--path", choices=["fast", "reference"], default="fast",
                    help="the packed fast path (tested equal to the reference) or the per-head reference cache")
     p.add_argument("--no-peer", action="store_true", help="speed: skip the transformers FullKV peer")

@@ -79,7 +79,7 @@ def sync(device):
 
 
 @torch.inference_mode()
-def run_ours(model, ids, steps, *, budget=None, interval=128, window=8, chunk=2048, profile=None):
+def run_ours(model, ids, steps, *, budget=None, interval=128, window=8, chunk=2048, profile=None, graph=False):
     """Prefill `ids` in chunks (compressing after each when over budget), then decode `steps` greedy
     tokens. Returns (decode seconds, mean K/V tokens held while decoding, cache bytes allocated)."""
     cfg = model.config
@@ -94,10 +94,11 @@ def run_ours(model, ids, steps, *, budget=None, interval=128, window=8, chunk=20
             budgets = torch.tensor(R.compress(cache, layer_b, "reasonalloc", "rkv")["head_budgets"])
     token = logits[-1].argmax()
     held = []
+    step_fn = M.GraphDecoder(model, cache) if graph else (lambda t: model(t.view(1), cache))
     sync(ids.device)
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
-        logits = model(token.view(1), cache)
+        logits = step_fn(token)
         token = logits[-1].argmax()
         if budget and step % interval == 0 and (cache.lengths() > budgets).any():
             budgets = torch.tensor(R.compress(cache, layer_b, "reasonalloc", "rkv")["head_budgets"])
@@ -149,16 +150,19 @@ def main(args):
     budgets = [int(b) for b in args.budgets.split(",")]
     for ctx in [int(c) for c in args.contexts.split(",")]:
         ids = torch.randint(0, cfg.vocab_size, (ctx,), device=device)
-        variants = [("transformers FullKV", None), ("ours FullKV", 0)] + [(f"ours ReasonAlloc B={b}", b) for b in budgets]
-        for label, budget in variants:
+        variants = [("transformers FullKV", None, False), ("ours FullKV, eager", 0, False),
+                    ("ours FullKV, CUDA graph", 0, True)]
+        variants += [(f"ours ReasonAlloc B={b}, {'CUDA graph' if g else 'eager'}", b, g)
+                     for b in budgets for g in ((False, True) if args.eager_too else (True,))]
+        for label, budget, graph in variants:
             if torch.device(device).type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            run = (lambda: (run_transformers(hf, ids, args.steps), ctx + args.steps / 2, None)) if budget is None else \
-                (lambda: run_ours(model, ids, args.steps, budget=budget, interval=args.interval, chunk=args.chunk,
-                                  profile=profile))
-            run()  # warm-up (allocator, kernels)
-            secs, held, alloc = run()
+            run = (lambda n: (run_transformers(hf, ids, n), ctx + n / 2, None)) if budget is None else \
+                (lambda n: run_ours(model, ids, n, budget=budget, interval=args.interval, chunk=args.chunk,
+                                    profile=profile, graph=graph))
+            run(8)  # warm-up (allocator, kernels)
+            secs, held, alloc = run(args.steps)
             peak = torch.cuda.max_memory_allocated() if torch.device(device).type == "cuda" else 0
             held_tokens = held * (cfg.num_layers * cfg.num_kv_heads if budget is None else 1)  # the peer: per-head length
             step_bytes = wbytes + held_tokens * kv_token
@@ -206,9 +210,9 @@ def profile_decode(model, args, profile, cfg, device, budget):
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
     with tprofile(activities=acts) as prof:
         run_ours(model, ids, args.profile_steps, budget=budget, interval=args.interval, chunk=args.chunk,
-                 profile=profile)
+                 profile=profile, graph=True)
     key = "self_cuda_time_total" if torch.device(device).type == "cuda" else "self_cpu_time_total"
-    print(f"\ntorch.profiler, ReasonAlloc B={budget}, context {ctx}, {args.profile_steps} decode steps "
+    print(f"\ntorch.profiler, ReasonAlloc B={budget} with CUDA graphs, context {ctx}, {args.profile_steps} decode steps "
           f"(prefill included):\n")
     print(prof.key_averages().table(sort_by=key, row_limit=15))
 
@@ -227,6 +231,7 @@ def parser():
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--profile-steps", type=int, default=0, help="also profile this many decode steps")
+    p.add_argument("--eager-too", action="store_true", help="also time ReasonAlloc without CUDA graphs")
     p.add_argument("--out", help="write the rows as JSON")
     return p
 

@@ -238,6 +238,7 @@ class PackedCache:
     budgeted tokens plus the interval, padded to the longest head of each layer."""
 
     packed = True
+    static = False  # GraphDecoder's mode: fixed shapes, lengths only on the device (see there)
 
     def __init__(self, config: ModelConfig, window: int = 8, *, dtype=torch.float32, device="cpu",
                  spare: int = 128):
@@ -288,6 +289,15 @@ class PackedCache:
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, pos: torch.Tensor):
         """Append T new tokens to every head of `layer`. k, v: (T, Hk, D); q: (T, Hq, D); pos: (T,)."""
+        K, V, P = self.k[layer], self.v[layer], self.pos[layer]
+        if self.static:  # one token, scattered at each head's length; nothing read back to the host
+            heads = torch.arange(K.shape[0], device=K.device)
+            rows = self.n_dev[layer]
+            K[heads, rows], V[heads, rows], P[heads, rows] = k[0], v[0], pos.expand(K.shape[0])
+            self.n_dev[layer] += 1
+            qw = self.q_win[layer]
+            qw.copy_(torch.cat([qw[:, 1:], q.transpose(0, 1)], dim=1))
+            return
         T, n = k.shape[0], self.n[layer]
         self._reserve(layer, int(n.max()) + T)
         K, V, P = self.k[layer], self.v[layer], self.pos[layer]
@@ -311,12 +321,12 @@ class PackedCache:
         T, Hq, D = q.shape
         Hk = self.config.num_kv_heads
         G = Hq // Hk
-        S = int(self.n[layer].max())
+        S = self.k[layer].shape[1] if self.static else int(self.n[layer].max())
         K, V = self.k[layer][:, :S], self.v[layer][:, :S]  # (Hk, S, D)
         qh = q.view(T, Hk, G, D).permute(1, 2, 0, 3).reshape(Hk, G * T, D)  # (Hk, G·T, D), g major
         att = torch.matmul(qh, K.transpose(1, 2)).float() / math.sqrt(D)  # (Hk, G·T, S)
         mask = None
-        if self.ragged(layer):  # rows past a head's length are padding
+        if self.static or self.ragged(layer):  # rows past a head's length are padding
             mask = torch.arange(S, device=K.device)[None, :] < self.n_dev[layer][:, None]  # (Hk, S)
             mask = mask[:, None, :]
         if T > 1:  # causal by absolute position, as the reference
@@ -501,12 +511,88 @@ class Transformer(nn.Module):
                 f"or fewer new tokens"
             )
         pos = torch.arange(cache.next_pos, end, device=tokens.device)  # (T,)
+        logits = self.run(tokens, pos, cache)
+        cache.next_pos = end
+        return logits
+
+    def run(self, tokens: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
+        """The forward pass proper, positions given as a tensor (GraphDecoder replays it)."""
         x = self.embed(tokens)  # (T, d)
         rope = rope_cos_sin(pos, self.inv_freq, x.dtype)  # (T, 1, D) cos, sin
         for layer, block in enumerate(self.blocks):
             x = block(x, pos, rope, cache, layer)
-        cache.next_pos = end
         return self.lm_head(self.norm(x)).float()
+
+
+class GraphDecoder:
+    """One-token decode steps over a PackedCache, replayed from a CUDA graph.
+
+    Eager decode of a batch-1 model is bound by the host launching ~45 small kernels per layer, not
+    by the GPU. Here the step runs in the cache's static mode: attention spans the whole capacity with
+    the length mask, the new token is scattered at each head's length, and the window queries roll in
+    place, so every tensor keeps its shape and address from step to step and the step can be captured
+    once and replayed. A compression (or a capacity growth) moves the storage and triggers a new
+    capture. On CPU there are no graphs: the same static step runs eagerly (which is what the parity
+    test checks)."""
+
+    def __init__(self, model: "Transformer", cache: PackedCache):
+        if not getattr(cache, "packed", False):
+            raise ValueError("GraphDecoder needs a PackedCache: model.new_cache(window, packed=True)")
+        dev = model.embed.weight.device
+        self.model, self.cache = model, cache
+        self.token = torch.zeros(1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.use_graph = dev.type == "cuda"
+        self.graph, self.layout, self.logits, self.captures = None, None, None, 0
+
+    def _step(self) -> torch.Tensor:
+        self.cache.static = True
+        try:
+            return self.model.run(self.token, self.pos, self.cache)
+        finally:
+            self.cache.static = False
+
+    def _capture(self):
+        c = self.cache
+        saved_n, saved_q = [n.clone() for n in c.n_dev], [q.clone() for q in c.q_win]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up on a side stream before capturing, as CUDA graphs require
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        for n, old in zip(c.n_dev, saved_n):  # undo the warm-up steps (their rows lie past the lengths)
+            n.copy_(old)
+        for q, old in zip(c.q_win, saved_q):
+            q.copy_(old)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+        self.captures += 1
+
+    def __call__(self, token) -> torch.Tensor:
+        """Append `token` (an int or a 1-element tensor) and return the (1, vocab) float32 logits."""
+        c = self.cache
+        if c.next_pos + 1 > c.config.max_position_embeddings:
+            raise ValueError(f"sequence exceeds the model's context of {c.config.max_position_embeddings} tokens")
+        if c.q_win[0].shape[1] < c.window:
+            raise ValueError(f"GraphDecoder needs at least window = {c.window} tokens in the cache first")
+        for layer in range(len(c)):
+            c._reserve(layer, int(c.n[layer].max()) + 2)  # room for this step (and a warm-up step)
+        self.token.copy_(torch.as_tensor(token).view(1))
+        self.pos.fill_(c.next_pos)
+        if self.use_graph:
+            layout = tuple(t.data_ptr() for t in (*c.k, *c.v, *c.pos, *c.n_dev, *c.q_win))
+            if layout != self.layout:
+                self._capture()
+                self.layout = layout
+            self.graph.replay()
+            logits = self.logits
+        else:
+            logits = self._step()
+        c.n += 1
+        c.next_pos += 1
+        return logits
 
 
 # ----------------------------------------------------------------------------------------------

@@ -417,7 +417,7 @@ def compare(model, tokenizer, args, profile):
             g = generate(model, tokenizer, args.prompt, budget=args.budget, allocator=allocator, policy=policy,
                          profile=profile, interval=args.interval, window=args.window,
                          max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                         seed=args.seed)
+                         seed=args.seed, packed=args.fast)
         except ValueError as e:
             print(f"[compare] skipped {allocator}: {e}", file=sys.stderr)
             continue
@@ -450,7 +450,7 @@ def main(args):
     g = generate(model, tokenizer, args.prompt, budget=args.budget, allocator=args.allocator, policy=args.policy,
                  profile=profile, interval=args.interval, window=args.window, max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature, top_p=args.top_p, seed=args.seed, stream=TextStream(tokenizer),
-                 record_positions=bool(args.events))
+                 record_positions=bool(args.events), packed=args.fast)
     print("\n\n" + summary(g))
     if args.events:
         Path(args.events).write_text(json.dumps(g.to_json()))
@@ -481,6 +481,8 @@ def parser():
     p.add_argument("--compare", action="store_true",
                    help="run FullKV, SnapKV, R-KV, Pyramid-RKV, wave, head, ReasonAlloc and Ada-KV on the prompt "
                         "and print a side-by-side table")
+    p.add_argument("--fast", action="store_true",
+                   help="use the packed fast path (batched over heads; tested equal to the per-head reference)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--device", default="cpu")
     return p

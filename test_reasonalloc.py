@@ -1023,7 +1023,29 @@ def test_bench_gpu_harness_runs_on_cpu():
     ids = torch.arange(300) % 97
     with torch.inference_mode():
         torch.testing.assert_close(ours(ids, ours.new_cache(packed=True)), hf(ids[None]).logits[0], rtol=1e-4, atol=1e-4)
-    secs, held, alloc = BG.run_ours(ours, ids, 40, budget=32, interval=16, chunk=64, profile={"demand": [0.6, 0.4]})
+    secs, held, alloc = BG.run_ours(ours, ids, 40, budget=32, interval=16, chunk=64, profile={"demand": [0.6, 0.4]},
+                                    graph=True)
     assert secs > 0 and held <= c.num_layers * c.num_kv_heads * (32 + 16)
     assert BG.run_transformers(hf, ids, 5) > 0
     assert BG.weight_bytes(ours) < sum(p.numel() * 4 for p in ours.parameters())
+
+
+def test_graph_decoder_static_step_equals_eager_packed(tiny_model):
+    """GraphDecoder's static step (whole-capacity attention, scatter append, rolling window queries),
+    run eagerly on CPU, gives the eager fast path's logits through compressions and capacity growth."""
+    force = ((torch.arange(30) * 11 + 2) % 97).tolist()
+    layer_b = torch.tensor([14, 10, 12])
+    logits = []
+    for graph in (False, True):
+        cache = tiny_model.new_cache(8, packed=True, spare=4)
+        out = [tiny_model(TINY_PROMPT, cache)[-1]]
+        step = M.GraphDecoder(tiny_model, cache) if graph else (lambda t: tiny_model(torch.tensor([t]), cache))
+        for i, t in enumerate(force, 1):
+            out.append(step(t)[-1])
+            if i % 6 == 0:
+                R.compress(cache, layer_b, "reasonalloc", "rkv")
+        logits.append(torch.stack(out))
+        assert cache.next_pos == 40 + 30 and (cache.lengths() <= 14 + 6).all()
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="PackedCache"):
+        M.GraphDecoder(tiny_model, tiny_model.new_cache(8))
