@@ -234,8 +234,9 @@ class PackedCache:
     the same answer on both (test_reasonalloc checks it). Appends write in place into spare capacity;
     when it runs out, the storage grows to the needed length plus `spare` rows (set it to the compression
     interval and a compressed cache never reallocates between compressions). Compression packs the kept
-    rows to the front and trims the capacity to the longest head plus `spare`, so the memory held is the
-    budgeted tokens plus the interval, padded to the longest head of each layer."""
+    rows to the front and trims the capacity to the longest head plus 1.5 `spare` (reusing the storage
+    while it stays between 1 and 2 `spare` above the longest head), so the memory held is the budgeted
+    tokens plus 1 to 2 intervals, padded to the longest head of each layer."""
 
     packed = True
     static = False  # GraphDecoder's mode: fixed shapes, lengths only on the device (see there)
@@ -347,13 +348,19 @@ class PackedCache:
         k = torch.gather(self.k[layer], 1, idx[:, :, None].expand(-1, -1, D))
         v = torch.gather(self.v[layer], 1, idx[:, :, None].expand(-1, -1, D))
         p = torch.gather(self.pos[layer], 1, idx)
-        cap = m + self.spare
-        self.k[layer] = k.new_zeros(k.shape[0], cap, D)
-        self.v[layer] = v.new_zeros(v.shape[0], cap, D)
-        self.pos[layer] = p.new_zeros(p.shape[0], cap)
+        cap = self.k[layer].shape[1]
+        if not m + self.spare <= cap <= m + 2 * self.spare:
+            # Trim (or grow) to the kept rows plus `spare`, plus half a `spare` of slack so the next
+            # compression, whose longest head may differ by a few rows, can reuse the storage.
+            cap = m + self.spare + self.spare // 2
+            self.k[layer] = k.new_zeros(k.shape[0], cap, D)
+            self.v[layer] = v.new_zeros(v.shape[0], cap, D)
+            self.pos[layer] = p.new_zeros(p.shape[0], cap)
+        # else: already within one spare of that size, so reuse the storage in place; its address stays,
+        # and a captured CUDA graph (GraphDecoder) stays valid across the compression.
         self.k[layer][:, :m], self.v[layer][:, :m], self.pos[layer][:, :m] = k, v, p
         self.n[layer] = counts.cpu()
-        self.n_dev[layer] = counts.to(self.k[layer].device)
+        self.n_dev[layer].copy_(counts)
 
     def nbytes(self) -> int:
         """K and V bytes held by the heads (padding excluded, to compare with KVCache.nbytes())."""

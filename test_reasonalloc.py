@@ -1008,7 +1008,19 @@ def test_packed_cache_appends_in_place_and_trims_to_budget_plus_interval(tiny_mo
     R.compress(cache, torch.full((3,), 20), "reasonalloc", "rkv")  # 3 layers x 2 KV heads, B_l = 20
     assert (cache.lengths().sum(1) == 2 * 20).all() and cache.ragged(1)
     longest = int(cache.lengths()[1].max())
-    assert cache.k[1].shape[1] == longest + 16  # the kept tokens plus one interval of spare rows
+    assert cache.k[1].shape[1] == longest + 16 + 8  # trimmed from 56 to the kept tokens plus 1.5 intervals
+    for t in range(16):
+        tiny_model(torch.tensor([t]), cache)
+    before = [(k.data_ptr(), k.shape[1]) for k in cache.k]
+    R.compress(cache, torch.full((3,), 20), "reasonalloc", "rkv")
+    reused = 0
+    for layer, (ptr, cap) in enumerate(before):
+        m = int(cache.lengths()[layer].max())
+        fits = m + 16 <= cap <= m + 32  # storage already 1 to 2 intervals above the longest head
+        assert (cache.k[layer].data_ptr() == ptr) == fits  # then compressed in place, else trimmed
+        reused += fits
+    assert reused >= 1
+    assert int(cache.lengths()[1].max()) + 16 <= cache.k[1].shape[1] <= int(cache.lengths()[1].max()) + 2 * 16  # the kept tokens plus one interval of spare rows
     assert cache.nbytes() == int(cache.lengths().sum()) * 2 * 16 * 4
 
 
