@@ -481,7 +481,11 @@ def speed_table(cell: dict) -> str:
 def settings_of(args, what: str) -> dict:
     keep = ["model", "new_tokens", "budgets", "interval", "window", "prompts", "problems", "temperature", "top_p",
             "speed_budget", "dtype", "path", "gamma", "head_beta", "head_mu"]
-    return {"measurement": what, **{k: getattr(args, k) for k in keep}}
+    settings = {"measurement": what, **{k: getattr(args, k) for k in keep}}
+    for k in ("prompts", "problems"):  # files of this repository by their relative path, so clones can resume
+        path = Path(settings[k]).resolve()
+        settings[k] = str(path.relative_to(HERE)) if path.is_relative_to(HERE) else str(path)
+    return settings
 
 
 def apply_quick(args):
