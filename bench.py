@@ -351,6 +351,22 @@ def transformers_decode(hf, ids: torch.Tensor, tokens: list[int], on_logits) -> 
         past = out.past_key_values
 
 
+@torch.inference_mode()
+def profile_decode(model, ids, args):
+    """torch.profiler's top operators over --profile-steps FullKV decode steps of the chosen path."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    cache = model.new_cache(args.window, packed=args.packed, spare=args.profile_steps + 1)
+    model(ids, cache)
+    model(torch.tensor([0]), cache)  # warm-up
+    with tprofile(activities=[ProfilerActivity.CPU]) as prof:
+        for t in range(args.profile_steps):
+            model(torch.tensor([t]), cache)
+    print(f"\ntorch.profiler: {args.profile_steps} FullKV decode steps, {'fast' if args.packed else 'reference'} path\n")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
 def speed(model, tok, prompts, args, profile, store: Store, rank: int = 0, world: int = 1):
     """Rank 0 only: timings from processes sharing one machine would not be side by side.
 
@@ -403,6 +419,8 @@ def speed(model, tok, prompts, args, profile, store: Store, rank: int = 0, world
             row.update(cache_tokens=statistics.fmean(g.cache_tokens), full_tokens=statistics.fmean(g.full_tokens),
                        cache_bytes=g.cache_bytes, full_bytes=g.full_bytes, compressions=len(g.events))
         rows[m] = row
+    if args.profile_steps:
+        profile_decode(model, ids, args)
     store.add(key, {"budget": budget, "steps": len(tokens), "repeats": args.repeats, "threads": torch.get_num_threads(),
                     "interval": interval_for(budget, args.new_tokens, args.interval), "packed": args.packed,
                     "device": str(model.embed.weight.device), "dtype": str(model.embed.weight.dtype), "methods": rows})
@@ -608,6 +626,8 @@ def parser():
     p.add_argument("--path", choices=["fast", "reference"], default="fast",
                    help="the packed fast path (tested equal to the reference) or the per-head reference cache")
     p.add_argument("--no-peer", action="store_true", help="speed: skip the transformers FullKV peer")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="speed: also print torch.profiler's top operators over this many FullKV decode steps")
     p.add_argument("--quick", action="store_true", help="2 prompts, 4 problems, 64 tokens: a few minutes on 2 cores")
     p.add_argument("--out", default="bench_results.json",
                    help="results JSON; with 'all', one file per measurement (NAME.fidelity.json, ...)")
