@@ -534,8 +534,9 @@ def main(args):
             R.check_budget(b, args.window)
     if args.quick:
         apply_quick(args)
-    if args.new_tokens < 1:
-        raise ValueError(f"--new-tokens must be >= 1, got {args.new_tokens}")
+    for name in ("new_tokens", "samples", "repeats"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
