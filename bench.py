@@ -629,7 +629,7 @@ def parser():
     p.add_argument("--no-peer", action="store_true", help="speed: skip the transformers FullKV peer")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="speed: also print torch.profiler's top operators over this many FullKV decode steps")
-    p.add_argument("--quick", action="store_true", help="2 prompts, 4 problems, 64 tokens: a few minutes on 2 cores")
+    p.add_argument("--quick", action="store_true", help="2 prompts, 4 problems, 128 tokens, 2 budgets, 4 methods: short runs on 2 cores")
     p.add_argument("--out", default="bench_results.json",
                    help="results JSON; with 'all', one file per measurement (NAME.fidelity.json, ...)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")

@@ -55,6 +55,15 @@ def streaming_score(q_win, k, v, pos, *, window, sink: int = 4, **_):
     return s
 
 
+def reduce_group(logits: torch.Tensor, gqa_reduce: str, dim: int) -> torch.Tensor:
+    """Reduce the G query heads of a GQA group (axis `dim`) on the logits: max (R-KV) or mean (kvpress)."""
+    if gqa_reduce == "max":
+        return logits.max(dim=dim).values
+    if gqa_reduce == "mean":
+        return logits.mean(dim=dim)
+    raise ValueError(f"gqa_reduce must be 'max' or 'mean', got {gqa_reduce!r}")
+
+
 def window_attention(q_win, k, *, window, gqa_reduce: str = "max"):
     """(w, T - w): the window queries' attention over the evictable keys, as R-KV's code computes it.
 
@@ -62,12 +71,7 @@ def window_attention(q_win, k, *, window, gqa_reduce: str = "max"):
     (R-KV: max; kvpress averages: "mean"); softmax over the T - w evictable keys in float32. No causal
     mask is needed: every evictable key is older than every window query."""
     logits = torch.einsum("gwd,td->gwt", q_win, k[: k.shape[0] - window]) / math.sqrt(k.shape[-1])  # (G, w, T-w)
-    if gqa_reduce == "max":
-        logits = logits.max(dim=0).values
-    elif gqa_reduce == "mean":
-        logits = logits.mean(dim=0)
-    else:
-        raise ValueError(f"gqa_reduce must be 'max' or 'mean', got {gqa_reduce!r}")
+    logits = reduce_group(logits, gqa_reduce, dim=0)  # (w, T-w)
     return torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # (w, T-w)
 
 
@@ -184,17 +188,17 @@ def compress_layer(cache, layer: int, budgets, policy: str = "rkv", *, scores=No
     """Cut every KV head of `layer` to its budget, in place. budgets: (Hk,) ints.
     `scores` (from `score_layer`) can be passed to reuse them. Returns the kept absolute positions
     of each head (a list of (b_h,) tensors)."""
-    heads = cache[layer]
-    if len(budgets) != len(heads):
-        raise ValueError(f"got {len(budgets)} budgets for {len(heads)} KV heads in layer {layer}")
+    Hk = cache.config.num_kv_heads
+    if len(budgets) != Hk:
+        raise ValueError(f"got {len(budgets)} budgets for {Hk} KV heads in layer {layer}")
     if policy == "full":
-        return [h.pos for h in heads]
+        return [h.pos for h in cache[layer]]
     if getattr(cache, "packed", False):
         if scores is None:
             s = score_packed(cache, layer, policy, **options)
         else:  # per-head lists (e.g. from score_layer), padded back to (Hk, S)
             S = int(cache.n[layer].max())
-            s = torch.full((len(heads), S), float("-inf"), device=cache.k[layer].device)
+            s = torch.full((Hk, S), float("-inf"), device=cache.k[layer].device)
             for h, sc in enumerate(scores):
                 s[h, :len(sc)] = sc
         rows, counts = keep_rows_packed(s, cache.n[layer], torch.as_tensor(budgets), cache.window)
@@ -203,7 +207,7 @@ def compress_layer(cache, layer: int, budgets, policy: str = "rkv", *, scores=No
     if scores is None:
         scores = score_layer(cache, layer, policy, **options)
     kept = []
-    for head, s, b in zip(heads, scores, budgets):
+    for head, s, b in zip(cache[layer], scores, budgets):
         rows = keep_indices(s, int(b), cache.window)
         head.k, head.v, head.pos = head.k[rows], head.v[rows], head.pos[rows]
         kept.append(head.pos)
@@ -220,12 +224,7 @@ def _window_attention_packed(q_win, k, n_evict, *, gqa_reduce: str = "max"):
     """(Hk, w, S): `window_attention` for every head at once; rows >= n_evict[h] masked out.
     q_win: (Hk, G, w, D), k: (Hk, S, D), n_evict: (Hk,)."""
     logits = torch.einsum("hgwd,htd->hgwt", q_win, k) / math.sqrt(k.shape[-1])  # (Hk, G, w, S)
-    if gqa_reduce == "max":
-        logits = logits.max(dim=1).values
-    elif gqa_reduce == "mean":
-        logits = logits.mean(dim=1)
-    else:
-        raise ValueError(f"gqa_reduce must be 'max' or 'mean', got {gqa_reduce!r}")
+    logits = reduce_group(logits, gqa_reduce, dim=1)  # (Hk, w, S)
     evictable = torch.arange(k.shape[1], device=k.device)[None, :] < n_evict[:, None]  # (Hk, S)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return torch.softmax(logits.masked_fill(~evictable[:, None, :], float("-inf")), dim=-1)  # (Hk, w, S)

@@ -254,6 +254,7 @@ class PackedCache:
         self.n_dev = [torch.zeros(Hk, dtype=torch.long, device=device) for _ in range(L)]  # the same, on device
         self.q_win = [torch.empty(config.num_heads, 0, D, dtype=dtype, device=device) for _ in range(L)]
         self.next_pos = 0
+        self.heads = torch.arange(Hk, device=device)  # (Hk,) for the per-head scatter of an append
 
     def __len__(self) -> int:
         return self.config.num_layers
@@ -292,8 +293,7 @@ class PackedCache:
         """Append T new tokens to every head of `layer`. k, v: (T, Hk, D); q: (T, Hq, D); pos: (T,)."""
         K, V, P = self.k[layer], self.v[layer], self.pos[layer]
         if self.static:  # one token, scattered at each head's length; nothing read back to the host
-            heads = torch.arange(K.shape[0], device=K.device)
-            rows = self.n_dev[layer]
+            heads, rows = self.heads, self.n_dev[layer]
             K[heads, rows], V[heads, rows], P[heads, rows] = k[0], v[0], pos.expand(K.shape[0])
             self.n_dev[layer] += 1
             qw = self.q_win[layer]
@@ -306,8 +306,7 @@ class PackedCache:
             t = int(n[0])
             K[:, t:t + T], V[:, t:t + T], P[:, t:t + T] = k.transpose(0, 1), v.transpose(0, 1), pos
         elif T == 1:  # decode after head-wise compression: one scatter at each head's own end
-            heads = torch.arange(K.shape[0], device=K.device)
-            rows = self.n_dev[layer]
+            heads, rows = self.heads, self.n_dev[layer]
             K[heads, rows], V[heads, rows], P[heads, rows] = k[0], v[0], pos
         else:
             for h in range(K.shape[0]):

@@ -889,16 +889,21 @@ def tiny_dir(tmp_path_factory):
     return d
 
 
-def run_bench(tiny_dir, out, *extra, torchrun=False):
+def run_bench(tiny_dir, out, *extra, torchrun=False, new_tokens=24, expect_ok=True):
+    """Run bench.py fidelity on the tiny model folder; returns (cells or None, the finished process)."""
+    import os
     import subprocess
     import sys
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"] if torchrun else [sys.executable]
     cmd += ["bench.py", "fidelity", "--model", str(tiny_dir), "--prompts", str(tiny_dir / "prompts.jsonl"),
-            "--profile", str(tiny_dir / "wave.json"), "--new-tokens", "24", "--budgets", "12,20",
+            "--profile", str(tiny_dir / "wave.json"), "--new-tokens", str(new_tokens), "--budgets", "12,20",
             "--out", str(out), *extra]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent, env=env, timeout=300)
+    if not expect_ok:
+        assert r.returncode != 0
+        return None, r
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(Path(out).read_text())["cells"], r
 
@@ -920,20 +925,8 @@ def test_fidelity_fullkv_is_exact_and_compression_costs(tiny_dir, tmp_path):
     # A rerun with the same settings finds every cell done; other settings are refused.
     _, r2 = run_bench(tiny_dir, tmp_path / "one.json")
     assert r2.stderr.count("(done before)") == len(cells)
-    _, r3 = subprocess_fail(tiny_dir, tmp_path / "one.json")
-    assert "other settings (new_tokens)" in r3
-
-
-def subprocess_fail(tiny_dir, out):
-    import subprocess
-    import sys
-
-    r = subprocess.run([sys.executable, "bench.py", "fidelity", "--model", str(tiny_dir), "--prompts",
-                        str(tiny_dir / "prompts.jsonl"), "--profile", str(tiny_dir / "wave.json"),
-                        "--new-tokens", "20", "--budgets", "12,20", "--out", str(out)],
-                       capture_output=True, text=True, cwd=Path(__file__).parent, timeout=300)
-    assert r.returncode != 0
-    return r.stdout, r.stderr
+    _, r3 = run_bench(tiny_dir, tmp_path / "one.json", new_tokens=20, expect_ok=False)
+    assert "other settings (new_tokens)" in r3.stderr
 
 
 def test_torchrun_two_processes_merge_to_the_one_process_result(tiny_dir, tmp_path):
