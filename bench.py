@@ -581,6 +581,7 @@ def main(args):
             store.merge(gathered)
             results[m] = (store.cells, file)
     if world > 1:
+        dist.barrier()  # nobody tears gloo down while another rank is still inside a collective
         dist.destroy_process_group()
     if rank != 0:
         return
