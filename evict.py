@@ -14,7 +14,12 @@ Every policy scores the T - w evictable tokens of one KV head (higher = keep):
         pos:   (T,)      their absolute positions
 
 and one shared selection keeps the top (budget - w) scores, in position order, plus the w newest.
-The allocator (reasonalloc.py) decides each head's budget; `compress_layer` applies them.
+The allocator (reasonalloc.py) decides each head's budget; `compress_layer` applies them. The same
+policies batched over the heads of a layer, for the packed fast path, are in fast.py.
+
+References: R-KV (arXiv 2505.24133) and its published code, SnapKV (arXiv 2404.14469),
+StreamingLLM (arXiv 2309.17453); where this code follows R-KV's published code rather than its paper,
+the docstring says so.
 """
 
 from __future__ import annotations
@@ -159,8 +164,8 @@ def keep_indices(scores: torch.Tensor, budget: int, window: int) -> torch.Tensor
     scores plus the w newest rows. Nothing is evicted when T <= budget. Ties go to the older token
     (a stable sort), so every backend can reproduce the choice.
 
-    A per-head budget may equal the window (SPEC §3.3 floors head budgets at w: such a head keeps
-    only its window); the user's average budget B must exceed it, which reasonalloc.py checks."""
+    A per-head budget may equal the window (ReasonAlloc's head level floors head budgets at w: such a
+    head keeps only its window); the user's average budget B must exceed it, which reasonalloc.py checks."""
     budget, window = int(budget), int(window)
     if budget < window:
         raise ValueError(f"budget {budget} is smaller than the window {window}; a head always keeps its "
@@ -176,11 +181,7 @@ def keep_indices(scores: torch.Tensor, budget: int, window: int) -> torch.Tensor
 def score_layer(cache, layer: int, policy: str = "rkv", **options) -> list[torch.Tensor]:
     """Per-head scores (T_h - w,) for one layer of a model.KVCache, from its window queries."""
     fn = get_policy(policy)
-    w = cache.window
-    if getattr(cache, "packed", False):
-        s = score_packed(cache, layer, policy, **options)
-        return [s[h, :max(int(t) - w, 0)] for h, t in enumerate(cache.n[layer])]
-    return [fn(cache.window_queries(layer, h), head.k, head.v, head.pos, window=w, **options)
+    return [fn(cache.window_queries(layer, h), head.k, head.v, head.pos, window=cache.window, **options)
             for h, head in enumerate(cache[layer])]
 
 
@@ -193,17 +194,6 @@ def compress_layer(cache, layer: int, budgets, policy: str = "rkv", *, scores=No
         raise ValueError(f"got {len(budgets)} budgets for {Hk} KV heads in layer {layer}")
     if policy == "full":
         return [h.pos for h in cache[layer]]
-    if getattr(cache, "packed", False):
-        if scores is None:
-            s = score_packed(cache, layer, policy, **options)
-        else:  # per-head lists (e.g. from score_layer), padded back to (Hk, S)
-            S = int(cache.n[layer].max())
-            s = torch.full((Hk, S), float("-inf"), device=cache.k[layer].device)
-            for h, sc in enumerate(scores):
-                s[h, :len(sc)] = sc
-        rows, counts = keep_rows_packed(s, cache.n[layer], torch.as_tensor(budgets), cache.window)
-        cache.keep(layer, rows, counts)
-        return [cache.pos[layer][h, :int(c)] for h, c in enumerate(counts.tolist())]
     if scores is None:
         scores = score_layer(cache, layer, policy, **options)
     kept = []
@@ -212,115 +202,3 @@ def compress_layer(cache, layer: int, budgets, policy: str = "rkv", *, scores=No
         head.k, head.v, head.pos = head.k[rows], head.v[rows], head.pos[rows]
         kept.append(head.pos)
     return kept
-
-
-# ----------------------------------------------------------------------------------------------
-# The fast path: the same scores and selection, batched over the KV heads of one layer of a
-# model.PackedCache (head h holds rows [0, n_h) of padded (Hk, S, D) storage). Every function here is
-# tested equal to the per-head functions above; a policy without a batched form falls back to them.
-
-
-def _window_attention_packed(q_win, k, n_evict, *, gqa_reduce: str = "max"):
-    """(Hk, w, S): `window_attention` for every head at once; rows >= n_evict[h] masked out.
-    q_win: (Hk, G, w, D), k: (Hk, S, D), n_evict: (Hk,)."""
-    logits = torch.einsum("hgwd,htd->hgwt", q_win, k) / math.sqrt(k.shape[-1])  # (Hk, G, w, S)
-    logits = reduce_group(logits, gqa_reduce, dim=1)  # (Hk, w, S)
-    evictable = torch.arange(k.shape[1], device=k.device)[None, :] < n_evict[:, None]  # (Hk, S)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return torch.softmax(logits.masked_fill(~evictable[:, None, :], float("-inf")), dim=-1)  # (Hk, w, S)
-
-
-def _snapkv_packed(q_win, k, n, window, *, gqa_reduce="max", kernel=7, **_):
-    att = _window_attention_packed(q_win, k, n - window, gqa_reduce=gqa_reduce).mean(dim=1)  # (Hk, S)
-    # Masked rows hold 0 after the softmax, and every real score is >= 0, so pooling across the end of a
-    # head's evictable rows gives what the per-head pooling (padded with -inf) gives.
-    return F.max_pool1d(att.nan_to_num(0.0)[:, None], kernel_size=kernel, stride=1, padding=kernel // 2)[:, 0]
-
-
-def _redundancy_packed(k, n, *, sim_threshold=0.5, zero_col0_quirk=True, chunk_elems: int = 1 << 26):
-    """(Hk, S): `redundancy` of every head, over its n_h rows. The cosine matrix is built in row
-    blocks (the newest-similar rule is per row and the column mean a sum over rows), so memory stays
-    at about chunk_elems floats however long the heads are."""
-    Hk, S, _ = k.shape
-    kn = k / (k.norm(dim=-1, keepdim=True) + 1e-8)
-    col = torch.arange(S, device=k.device)
-    valid = col[None, :] < n[:, None]  # (Hk, S)
-    colsum = torch.zeros(Hk, S, dtype=k.dtype, device=k.device)
-    step = max(1, chunk_elems // max(1, Hk * S))
-    for r0 in range(0, S, step):
-        rows = col[r0:r0 + step]  # (r,)
-        cos = kn[:, r0:r0 + step] @ kn.transpose(1, 2)  # (Hk, r, S)
-        cos = cos.masked_fill(rows[None, :, None] == col[None, None, :], 0.0)  # the diagonal
-        pair = valid[:, r0:r0 + step, None] & valid[:, None, :]  # (Hk, r, S)
-        cos = cos.masked_fill(~pair, 0.0)
-        similar = (cos > sim_threshold) & pair
-        newest = torch.where(similar, col, 0).max(dim=-1).values  # (Hk, r)
-        hit = torch.zeros_like(similar).scatter_(2, newest[..., None], True)
-        if not zero_col0_quirk:
-            hit &= similar.any(dim=-1, keepdim=True)
-        colsum += cos.masked_fill(hit, 0.0).sum(dim=1)
-    mean = colsum / n.clamp(min=1)[:, None].to(k.dtype)
-    return torch.softmax(mean.masked_fill(~valid, float("-inf")), dim=-1)  # (Hk, S)
-
-
-def _rkv_packed(q_win, k, n, window, *, lam=0.1, gqa_reduce="max", kernel=7, sim_threshold=0.5,
-                zero_col0_quirk=True, **_):
-    importance = _snapkv_packed(q_win, k, n, window, gqa_reduce=gqa_reduce, kernel=kernel)
-    R = _redundancy_packed(k.to(importance.dtype), n, sim_threshold=sim_threshold, zero_col0_quirk=zero_col0_quirk)
-    return lam * importance - (1 - lam) * R
-
-
-def _knorm_packed(q_win, k, n, window, **_):
-    return -k.float().norm(dim=-1)
-
-
-def _streaming_packed(q_win, k, n, window, *, pos, sink: int = 4, **_):
-    s = pos.to(torch.float32)
-    s[:, :sink] = float("inf")
-    return s
-
-
-PACKED = {"snapkv": _snapkv_packed, "rkv": _rkv_packed, "knorm": _knorm_packed, "streaming": _streaming_packed}
-
-
-def score_packed(cache, layer: int, policy: str = "rkv", **options) -> torch.Tensor:
-    """(Hk, S) scores of one layer of a PackedCache, S its longest head; -inf where a row is not
-    evictable (the window, or padding)."""
-    get_policy(policy)
-    n_cpu = cache.n[layer]
-    S = int(n_cpu.max())
-    n = cache.n_dev[layer]
-    k = cache.k[layer][:, :S]
-    Hk, G = cache.config.num_kv_heads, cache.config.group_size
-    w = cache.window
-    if policy == "full":
-        s = torch.zeros(Hk, S, dtype=torch.float32, device=k.device)
-    elif policy in PACKED:
-        q_win = cache.q_win[layer].view(Hk, G, -1, k.shape[-1])  # (Hk, G, w, D)
-        s = PACKED[policy](q_win, k, n, w, pos=cache.pos[layer][:, :S], **options)
-    else:  # e.g. the seeded random baseline: per head, through the reference function
-        s = torch.full((Hk, S), float("-inf"), device=k.device)
-        for h, head in enumerate(cache[layer]):
-            sc = POLICIES[policy](cache.window_queries(layer, h), head.k, head.v, head.pos, window=w, **options)
-            s[h, :len(sc)] = sc
-    evictable = torch.arange(S, device=k.device)[None, :] < (n - w)[:, None]
-    return s.float().masked_fill(~evictable, float("-inf"))
-
-
-def keep_rows_packed(scores: torch.Tensor, n: torch.Tensor, budgets: torch.Tensor, window: int):
-    """`keep_indices` for every head at once. scores: (Hk, S) (-inf where not evictable), n: (Hk,)
-    rows held, budgets: (Hk,). Returns (rows (Hk, m) ascending, padded; counts (Hk,))."""
-    Hk, S = scores.shape
-    dev = scores.device
-    n, budgets = n.to(dev), budgets.to(dev)
-    if (budgets < window).any():
-        raise ValueError(f"budgets {budgets.tolist()} go below the window {window}; a head always keeps its window")
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # ties -> older row, as keep_indices
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(S, device=dev).expand(Hk, S))
-    row = torch.arange(S, device=dev)[None, :]
-    top = (rank < (budgets - window)[:, None]) & (row < (n - window)[:, None])
-    newest = (row >= (n - window)[:, None]) & (row < n[:, None])
-    keep = torch.where((n <= budgets)[:, None], row < n[:, None], top | newest)  # (Hk, S)
-    counts = keep.sum(dim=1)
-    rows = torch.where(keep, row, S).sort(dim=1).values[:, : int(counts.max())]
-    return rows.clamp(max=max(S - 1, 0)), counts

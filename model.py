@@ -9,6 +9,9 @@ Legend (used in every module of this project):
 The cache is the point of this file: `cache[l][h]` is KV head h of layer l, holding its own keys,
 values and absolute positions. After head-wise eviction the heads of one layer hold different numbers
 of tokens, and attention below is written per KV head so that this costs nothing to support.
+The story, top to bottom: config -> the per-head cache -> RMSNorm -> RoPE -> attention -> MLP ->
+block -> transformer -> strict safetensors loading -> FullKV generation -> CLI. The packed fast path
+that is tested equal to this cache lives in fast.py.
 
 Run it:  python model.py --prompt "What is 17 * 23?"   (full cache, greedy, streams the text)
 """
@@ -27,7 +30,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from convert import resolve_model_dir
+from tokenizer import TextStream, Tokenizer, load_tokenizer  # noqa: F401  (load_tokenizer: a name other code imports from here)
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # the --dtype choices of every CLI
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,6 +169,17 @@ class ModelConfig:
         )
 
 
+def check_context(config: ModelConfig, tokens: int, new_tokens: int = 0):
+    """The one context check: a non-empty sequence whose tokens plus new_tokens fit max_position_embeddings."""
+    if tokens <= 0:
+        raise ValueError("the prompt is empty")
+    if tokens + new_tokens > config.max_position_embeddings:
+        more = f" + {new_tokens} new tokens" if new_tokens else ""
+        raise ValueError(
+            f"a sequence of {tokens} tokens{more} exceeds the model's context of {config.max_position_embeddings} "
+            f"tokens (max_position_embeddings); shorten the prompt or lower --max-new-tokens")
+
+
 # ----------------------------------------------------------------------------------------------
 # The explicit per-head KV cache
 
@@ -172,6 +190,19 @@ class HeadCache:
     k: torch.Tensor  # (T, D)
     v: torch.Tensor  # (T, D)
     pos: torch.Tensor  # (T,) long, ascending
+
+
+def attend(q: torch.Tensor, q_pos: torch.Tensor, head: HeadCache) -> torch.Tensor:
+    """Causal attention of G query heads over one KV head's cache.
+
+    q: (T, G, D), q_pos: (T,) -> (T, G, D). The mask is by absolute position (a key is visible to a
+    query at an equal or later position), so it is right whatever tokens were evicted."""
+    D = q.shape[-1]
+    att = torch.einsum("tgd,sd->tgs", q, head.k).float() / math.sqrt(D)  # (T, G, S)
+    visible = head.pos[None, :] <= q_pos[:, None]  # (T, S)
+    att = att.masked_fill(~visible[:, None, :], float("-inf"))
+    att = torch.softmax(att, dim=-1).to(head.v.dtype)  # softmax in float32
+    return torch.einsum("tgs,sd->tgd", att, head.v)
 
 
 class KVCache:
@@ -226,152 +257,8 @@ class KVCache:
                          dim=1)
 
 
-class PackedCache:
-    """The fast path: the same per-head caches, packed per layer into padded storage.
-
-    k[l], v[l]: (Hk, capacity, D); pos[l]: (Hk, capacity). Head h of layer l holds rows [0, n[l, h]),
-    oldest first: the same rows in the same order as KVCache's cache[l][h], so policies and selection give
-    the same answer on both (test_reasonalloc checks it). Appends write in place into spare capacity;
-    when it runs out, the storage grows to the needed length plus `spare` rows (set it to the compression
-    interval and a compressed cache never reallocates between compressions). Compression packs the kept
-    rows to the front and trims the capacity to the longest head plus 1.5 `spare` (reusing the storage
-    while it stays between 1 and 2 `spare` above the longest head), so the memory held is the budgeted
-    tokens plus 1 to 2 intervals, padded to the longest head of each layer."""
-
-    packed = True
-    static = False  # GraphDecoder's mode: fixed shapes, lengths only on the device (see there)
-
-    def __init__(self, config: ModelConfig, window: int = 8, *, dtype=torch.float32, device="cpu",
-                 spare: int = 128):
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
-        self.config, self.window, self.spare = config, window, max(int(spare), 1)
-        L, Hk, D = config.num_layers, config.num_kv_heads, config.head_dim
-        self.k = [torch.empty(Hk, 0, D, dtype=dtype, device=device) for _ in range(L)]
-        self.v = [torch.empty(Hk, 0, D, dtype=dtype, device=device) for _ in range(L)]
-        self.pos = [torch.empty(Hk, 0, dtype=torch.long, device=device) for _ in range(L)]
-        self.n = torch.zeros(L, Hk, dtype=torch.long)  # tokens held, on the CPU (no device sync to read)
-        self.n_dev = [torch.zeros(Hk, dtype=torch.long, device=device) for _ in range(L)]  # the same, on device
-        self.q_win = [torch.empty(config.num_heads, 0, D, dtype=dtype, device=device) for _ in range(L)]
-        self.next_pos = 0
-        self.heads = torch.arange(Hk, device=device)  # (Hk,) for the per-head scatter of an append
-
-    def __len__(self) -> int:
-        return self.config.num_layers
-
-    def lengths(self) -> torch.Tensor:
-        return self.n.clone()
-
-    def ragged(self, layer: int) -> bool:
-        n = self.n[layer]
-        return bool((n != n[0]).any())
-
-    def head(self, layer: int, h: int) -> HeadCache:
-        """A view of one head's rows, as the reference cache holds them."""
-        t = int(self.n[layer, h])
-        return HeadCache(self.k[layer][h, :t], self.v[layer][h, :t], self.pos[layer][h, :t])
-
-    def __getitem__(self, layer: int) -> list[HeadCache]:
-        return [self.head(layer, h) for h in range(self.config.num_kv_heads)]
-
-    def window_queries(self, layer: int, kv_head: int) -> torch.Tensor:
-        G = self.config.group_size
-        return self.q_win[layer][kv_head * G:(kv_head + 1) * G]
-
-    def _reserve(self, layer: int, rows: int):
-        cap = self.k[layer].shape[1]
-        if rows <= cap:
-            return
-        new = rows + self.spare
-        for name in ("k", "v", "pos"):
-            old = getattr(self, name)[layer]
-            buf = old.new_zeros(old.shape[0], new, *old.shape[2:])
-            buf[:, :cap] = old
-            getattr(self, name)[layer] = buf
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, pos: torch.Tensor):
-        """Append T new tokens to every head of `layer`. k, v: (T, Hk, D); q: (T, Hq, D); pos: (T,)."""
-        K, V, P = self.k[layer], self.v[layer], self.pos[layer]
-        if self.static:  # one token, scattered at each head's length; nothing read back to the host
-            heads, rows = self.heads, self.n_dev[layer]
-            K[heads, rows], V[heads, rows], P[heads, rows] = k[0], v[0], pos.expand(K.shape[0])
-            self.n_dev[layer] += 1
-            qw = self.q_win[layer]
-            qw.copy_(torch.cat([qw[:, 1:], q.transpose(0, 1)], dim=1))
-            return
-        T, n = k.shape[0], self.n[layer]
-        self._reserve(layer, int(n.max()) + T)
-        K, V, P = self.k[layer], self.v[layer], self.pos[layer]
-        if not self.ragged(layer):  # every head at the same length: one slice write
-            t = int(n[0])
-            K[:, t:t + T], V[:, t:t + T], P[:, t:t + T] = k.transpose(0, 1), v.transpose(0, 1), pos
-        elif T == 1:  # decode after head-wise compression: one scatter at each head's own end
-            heads, rows = self.heads, self.n_dev[layer]
-            K[heads, rows], V[heads, rows], P[heads, rows] = k[0], v[0], pos
-        else:
-            for h in range(K.shape[0]):
-                t = int(n[h])
-                K[h, t:t + T], V[h, t:t + T], P[h, t:t + T] = k[:, h], v[:, h], pos
-        self.n[layer] += T
-        self.n_dev[layer] += T
-        self.q_win[layer] = torch.cat([self.q_win[layer], q.transpose(0, 1)], dim=1)[:, -self.window:]
-
-    def attend(self, layer: int, q: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
-        """(T, Hq, D): all heads of `layer` in one batched call, padding masked out."""
-        T, Hq, D = q.shape
-        Hk = self.config.num_kv_heads
-        G = Hq // Hk
-        S = self.k[layer].shape[1] if self.static else int(self.n[layer].max())
-        K, V = self.k[layer][:, :S], self.v[layer][:, :S]  # (Hk, S, D)
-        qh = q.view(T, Hk, G, D).permute(1, 2, 0, 3).reshape(Hk, G * T, D)  # (Hk, G·T, D), g major
-        att = torch.matmul(qh, K.transpose(1, 2)).float() / math.sqrt(D)  # (Hk, G·T, S)
-        mask = None
-        if self.static or self.ragged(layer):  # rows past a head's length are padding
-            mask = torch.arange(S, device=K.device)[None, :] < self.n_dev[layer][:, None]  # (Hk, S)
-            mask = mask[:, None, :]
-        if T > 1:  # causal by absolute position, as the reference
-            causal = self.pos[layer][:, None, :S] <= q_pos.repeat(G)[None, :, None]  # (Hk, G·T, S)
-            mask = causal if mask is None else mask & causal
-        if mask is not None:
-            att = att.masked_fill(~mask, float("-inf"))
-        att = torch.softmax(att, dim=-1).to(V.dtype)  # softmax in float32
-        y = torch.matmul(att, V)  # (Hk, G·T, D)
-        return y.view(Hk, G, T, D).permute(2, 0, 1, 3).reshape(T, Hq, D)
-
-    def keep(self, layer: int, rows: torch.Tensor, counts: torch.Tensor):
-        """Compress `layer` in place: rows (Hk, m) ascending row indices (padded past counts[h]),
-        counts (Hk,) how many each head keeps. Packs them to the front and trims the capacity."""
-        m = rows.shape[1]
-        idx = rows.to(self.k[layer].device)
-        D = self.k[layer].shape[2]
-        k = torch.gather(self.k[layer], 1, idx[:, :, None].expand(-1, -1, D))
-        v = torch.gather(self.v[layer], 1, idx[:, :, None].expand(-1, -1, D))
-        p = torch.gather(self.pos[layer], 1, idx)
-        cap = self.k[layer].shape[1]
-        if not m + self.spare <= cap <= m + 2 * self.spare:
-            # Trim (or grow) to the kept rows plus `spare`, plus half a `spare` of slack so the next
-            # compression, whose longest head may differ by a few rows, can reuse the storage.
-            cap = m + self.spare + self.spare // 2
-            self.k[layer] = k.new_zeros(k.shape[0], cap, D)
-            self.v[layer] = v.new_zeros(v.shape[0], cap, D)
-            self.pos[layer] = p.new_zeros(p.shape[0], cap)
-        # else: already within one spare of that size, so reuse the storage in place; its address stays,
-        # and a captured CUDA graph (GraphDecoder) stays valid across the compression.
-        self.k[layer][:, :m], self.v[layer][:, :m], self.pos[layer][:, :m] = k, v, p
-        self.n[layer] = counts.cpu()
-        self.n_dev[layer].copy_(counts)
-
-    def nbytes(self) -> int:
-        """K and V bytes held by the heads (padding excluded, to compare with KVCache.nbytes())."""
-        return int(self.n.sum()) * 2 * self.config.head_dim * self.k[0].element_size()
-
-    def allocated_bytes(self) -> int:
-        """K and V bytes of the storage, padding and spare capacity included."""
-        return sum(k.nbytes + v.nbytes for k, v in zip(self.k, self.v))
-
-
 # ----------------------------------------------------------------------------------------------
-# Layers
+# Layers, in the order data flows through them
 
 
 class RMSNorm(nn.Module):
@@ -422,19 +309,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def attend(q: torch.Tensor, q_pos: torch.Tensor, head: HeadCache) -> torch.Tensor:
-    """Causal attention of G query heads over one KV head's cache.
-
-    q: (T, G, D), q_pos: (T,) -> (T, G, D). The mask is by absolute position (a key is visible to a
-    query at an equal or later position), so it is right whatever tokens were evicted."""
-    D = q.shape[-1]
-    att = torch.einsum("tgd,sd->tgs", q, head.k).float() / math.sqrt(D)  # (T, G, S)
-    visible = head.pos[None, :] <= q_pos[:, None]  # (T, S)
-    att = att.masked_fill(~visible[:, None, :], float("-inf"))
-    att = torch.softmax(att, dim=-1).to(head.v.dtype)  # softmax in float32
-    return torch.einsum("tgs,sd->tgd", att, head.v)
-
-
 class Attention(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
@@ -456,7 +330,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         cache.append(layer, k, v, q, pos)
-        y = cache.attend(layer, q, pos)  # (T, Hq, D): per head (KVCache) or batched (PackedCache)
+        y = cache.attend(layer, q, pos)  # (T, Hq, D): per head (KVCache) or batched (fast.PackedCache)
         return self.wo(y.reshape(T, c.num_heads * c.head_dim))
 
 
@@ -496,11 +370,9 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
-    def new_cache(self, window: int = 8, *, packed: bool = False, spare: int = 128):
-        """The reference per-head KVCache, or with packed=True the fast PackedCache (tested equal)."""
+    def new_cache(self, window: int = 8) -> KVCache:
+        """An empty per-head KVCache in this model's dtype and device (fast.new_cache gives the packed one)."""
         p = self.embed.weight
-        if packed:
-            return PackedCache(self.config, window, dtype=p.dtype, device=p.device, spare=spare)
         return KVCache(self.config, window, dtype=p.dtype, device=p.device)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -510,95 +382,19 @@ class Transformer(nn.Module):
             raise ValueError(f"tokens must be a 1-D tensor of ids (batch size is 1), got shape {tuple(tokens.shape)}")
         T = tokens.shape[0]
         end = cache.next_pos + T
-        if end > self.config.max_position_embeddings:
-            raise ValueError(
-                f"sequence of {end} tokens exceeds the model's context of "
-                f"{self.config.max_position_embeddings} (max_position_embeddings); use a shorter prompt "
-                f"or fewer new tokens"
-            )
+        check_context(self.config, end)
         pos = torch.arange(cache.next_pos, end, device=tokens.device)  # (T,)
         logits = self.run(tokens, pos, cache)
         cache.next_pos = end
         return logits
 
     def run(self, tokens: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
-        """The forward pass proper, positions given as a tensor (GraphDecoder replays it)."""
+        """The forward pass proper, positions given as a tensor (fast.GraphDecoder replays it)."""
         x = self.embed(tokens)  # (T, d)
         rope = rope_cos_sin(pos, self.inv_freq, x.dtype)  # (T, 1, D) cos, sin
         for layer, block in enumerate(self.blocks):
             x = block(x, pos, rope, cache, layer)
         return self.lm_head(self.norm(x)).float()
-
-
-class GraphDecoder:
-    """One-token decode steps over a PackedCache, replayed from a CUDA graph.
-
-    Eager decode of a batch-1 model is bound by the host launching ~45 small kernels per layer, not
-    by the GPU. Here the step runs in the cache's static mode: attention spans the whole capacity with
-    the length mask, the new token is scattered at each head's length, and the window queries roll in
-    place, so every tensor keeps its shape and address from step to step and the step can be captured
-    once and replayed. A compression (or a capacity growth) moves the storage and triggers a new
-    capture. On CPU there are no graphs: the same static step runs eagerly (which is what the parity
-    test checks)."""
-
-    def __init__(self, model: "Transformer", cache: PackedCache):
-        if not getattr(cache, "packed", False):
-            raise ValueError("GraphDecoder needs a PackedCache: model.new_cache(window, packed=True)")
-        dev = model.embed.weight.device
-        self.model, self.cache = model, cache
-        self.token = torch.zeros(1, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
-        self.use_graph = dev.type == "cuda"
-        self.graph, self.layout, self.logits, self.captures = None, None, None, 0
-
-    def _step(self) -> torch.Tensor:
-        self.cache.static = True
-        try:
-            return self.model.run(self.token, self.pos, self.cache)
-        finally:
-            self.cache.static = False
-
-    def _capture(self):
-        c = self.cache
-        saved_n, saved_q = [n.clone() for n in c.n_dev], [q.clone() for q in c.q_win]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up on a side stream before capturing, as CUDA graphs require
-            for _ in range(2):
-                self._step()
-        torch.cuda.current_stream().wait_stream(side)
-        for n, old in zip(c.n_dev, saved_n):  # undo the warm-up steps (their rows lie past the lengths)
-            n.copy_(old)
-        for q, old in zip(c.q_win, saved_q):
-            q.copy_(old)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._step()
-        self.captures += 1
-
-    def __call__(self, token) -> torch.Tensor:
-        """Append `token` (an int or a 1-element tensor) and return the (1, vocab) float32 logits."""
-        c = self.cache
-        if c.next_pos + 1 > c.config.max_position_embeddings:
-            raise ValueError(f"sequence exceeds the model's context of {c.config.max_position_embeddings} tokens")
-        if c.q_win[0].shape[1] < c.window:
-            raise ValueError(f"GraphDecoder needs at least window = {c.window} tokens in the cache first")
-        for layer in range(len(c)):
-            c._reserve(layer, int(c.n[layer].max()) + 2)  # room for this step (and a warm-up step)
-        self.token.copy_(torch.as_tensor(token).view(1))
-        self.pos.fill_(c.next_pos)
-        if self.use_graph:
-            layout = tuple(t.data_ptr() for t in (*c.k, *c.v, *c.pos, *c.n_dev, *c.q_win))
-            if layout != self.layout:
-                self._capture()
-                self.layout = layout
-            self.graph.replay()
-            logits = self.logits
-        else:
-            logits = self._step()
-        c.n += 1
-        c.next_pos += 1
-        return logits
 
 
 # ----------------------------------------------------------------------------------------------
@@ -690,86 +486,15 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
 
 
 # ----------------------------------------------------------------------------------------------
-# Tokenizer and chat prompts
+# FullKV generation and the CLI
 
 
-class Tokenizer:
-    """A `tokenizers.Tokenizer` plus what generation needs from tokenizer_config.json: the special
-    tokens and the chat template."""
-
-    def __init__(self, path):
-        from tokenizers import Tokenizer as HFTokenizer
-
-        path = Path(path)
-        if not (path / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"no tokenizer.json in {path}")
-        self.tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
-        cfg_file = path / "tokenizer_config.json"
-        cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-        token = lambda t: t.get("content") if isinstance(t, dict) else t  # noqa: E731
-        self.bos_token, self.eos_token = token(cfg.get("bos_token")), token(cfg.get("eos_token"))
-        self.chat_template = cfg.get("chat_template")
-        if isinstance(self.chat_template, list):  # a list of named templates: take "default"
-            self.chat_template = next((t["template"] for t in self.chat_template if t.get("name") == "default"), None)
-        self.add_bos = bool(cfg.get("add_bos_token", False))
-
-    @property
-    def eos_token_id(self):
-        return None if self.eos_token is None else self.tok.token_to_id(self.eos_token)
-
-    def encode(self, text: str) -> list[int]:
-        # Special tokens written in the text (from a chat template) are parsed as such.
-        ids = self.tok.encode(text, add_special_tokens=False).ids
-        bos = None if self.bos_token is None else self.tok.token_to_id(self.bos_token)
-        return [bos] + ids if self.add_bos and bos is not None and ids[:1] != [bos] else ids
-
-    def decode(self, ids) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=True)
-
-    def render_chat(self, prompt: str, system: str | None = None) -> str:
-        """The prompt as the model's own chat template renders it (a sandboxed Jinja environment, as
-        transformers does); without a template, a plain "User: / Assistant:" layout."""
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        if not self.chat_template:
-            return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(msg):
-            raise ValueError(f"chat template error: {msg}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=True, bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "")
-
-
-def load_tokenizer(path) -> Tokenizer:
-    return Tokenizer(path)
-
-
-def stop_ids(config: ModelConfig, tokenizer: Tokenizer) -> set[int]:
+def stop_ids(config: ModelConfig, tokenizer: Tokenizer | None) -> set[int]:
+    """Token ids that end a generation: the config's EOS ids and the tokenizer's EOS token."""
     ids = set(config.eos_token_ids)
-    if tokenizer.eos_token_id is not None:
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
-
-
-class TextStream:
-    """Prints generated text as it comes, decoding the whole tail so multi-byte characters that span
-    tokens are printed only once complete."""
-
-    def __init__(self, tokenizer: Tokenizer, out=sys.stdout):
-        self.tokenizer, self.out, self.ids, self.printed = tokenizer, out, [], 0
-
-    def put(self, token: int):
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if not text.endswith("\ufffd"):
-            self.out.write(text[self.printed:])
-            self.out.flush()
-            self.printed = len(text)
 
 
 def encode_prompt(tokenizer: Tokenizer, config: ModelConfig, prompt: str, *, chat: bool = True,
@@ -781,31 +506,14 @@ def encode_prompt(tokenizer: Tokenizer, config: ModelConfig, prompt: str, *, cha
     return torch.tensor(ids, dtype=torch.long)
 
 
-def check_context(config: ModelConfig, prompt_tokens: int, max_new_tokens: int):
-    if prompt_tokens == 0:
-        raise ValueError("the prompt is empty")
-    if prompt_tokens + max_new_tokens > config.max_position_embeddings:
-        raise ValueError(
-            f"prompt of {prompt_tokens} tokens + {max_new_tokens} new tokens exceeds the model's context of "
-            f"{config.max_position_embeddings} tokens; shorten the prompt or lower --max-new-tokens")
-
-
-def resolve_model_dir(model: str | None) -> Path:
-    """--model DIR, or the embedded default model (converted on first use)."""
-    if model:
-        return Path(model)
-    from convert import default_model_dir
-
-    return default_model_dir()
-
-
 @torch.inference_mode()
 def generate_full(model: Transformer, tokenizer: Tokenizer, prompt: str, *, max_new_tokens=256,
                   chat=True, stream=None) -> list[int]:
     """Greedy decoding with the full cache (the FullKV reference)."""
     ids = encode_prompt(tokenizer, model.config, prompt, chat=chat, max_new_tokens=max_new_tokens)
+    device = model.embed.weight.device
     cache, stops, out = model.new_cache(), stop_ids(model.config, tokenizer), []
-    logits = model(ids.to(model.embed.weight.device), cache)
+    logits = model(ids.to(device), cache)
     for _ in range(max_new_tokens):
         token = int(logits[-1].argmax())
         if token in stops:
@@ -813,14 +521,13 @@ def generate_full(model: Transformer, tokenizer: Tokenizer, prompt: str, *, max_
         out.append(token)
         if stream:
             stream.put(token)
-        logits = model(torch.tensor([token], device=ids.device), cache)
+        logits = model(torch.tensor([token], device=device), cache)
     return out
 
 
 def main(args):
     path = resolve_model_dir(args.model)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    model, tokenizer = load_model(path, dtype=dtype, device=args.device), load_tokenizer(path)
+    model, tokenizer = load_model(path, dtype=DTYPES[args.dtype], device=args.device), load_tokenizer(path)
     out = generate_full(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                         chat=not args.no_chat, stream=TextStream(tokenizer))
     print(f"\n[{len(out)} tokens, full cache]", file=sys.stderr)
@@ -833,6 +540,6 @@ if __name__ == "__main__":
                                    "default: the embedded SmolLM2-135M-Instruct, converted on first use")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, without the chat template")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--device", default="cpu")
     main(p.parse_args())

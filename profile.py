@@ -9,7 +9,9 @@ Decode a few calibration prompts with the full cache. At every decode step, for 
 head, take the newest query's attention over the cache (a GQA group's mean attention), sort it
 descending and count k = the fewest tokens whose mass reaches ρ; divide by T (normalize="length") so
 long and short prompts weigh the same. The mean over steps, heads and prompts is the layer's demand
-d_l; the vector d is the wave. Level 1 of ReasonAlloc splits the budget by it (reasonalloc.layer_budgets).
+d_l; the vector d is the wave (arXiv 2606.11164's "Reasoning Wave"). Level 1 of ReasonAlloc splits the
+budget by it (reasonalloc.wave_layers). A profile file stores the measurement and its settings only, with
+the model's identity; budgets are derived from it when used, so they never go stale.
 
     python profile.py --out profiles/smollm2-135m-instruct.json --halves
 """
@@ -37,6 +39,10 @@ run, runctx, Profile, _Utils = (_stdlib_profile.run, _stdlib_profile.runctx, _st
                                 _stdlib_profile._Utils)
 
 import torch  # noqa: E402
+
+from convert import resolve_model_dir  # noqa: E402
+from model import encode_prompt, load_model, stop_ids  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
 
 FORMAT = "reasonalloc-profile/1"
 HERE = Path(__file__).resolve().parent
@@ -93,10 +99,8 @@ def measure_records(model, prompts, *, tokenizer=None, rho: float = 0.93, max_ne
                     normalize: str = "length", chat: bool = True, log=None) -> list[torch.Tensor]:
     """Decode each prompt greedily with the full cache; one (steps, L, Hk) demand tensor per prompt.
     Prompts are strings (needs the tokenizer) or 1-D LongTensors of ids."""
-    from model import encode_prompt, stop_ids
-
     check_settings(rho, prompts, normalize)
-    stops = stop_ids(model.config, tokenizer) if tokenizer is not None else set(model.config.eos_token_ids)
+    stops = stop_ids(model.config, tokenizer)
     device = model.embed.weight.device
     records = []
     for i, prompt in enumerate(prompts):
@@ -135,17 +139,9 @@ def identity(config) -> dict:
             "num_kv_heads": config.num_kv_heads, "config_hash": config.config_hash}
 
 
-def make_profile(config, demand, head_demand, settings: dict, *, budgets=(64, 128, 256, 512),
-                 window: int = 8) -> dict:
-    from reasonalloc import layer_budgets
-
-    L = config.num_layers
-    return {
-        "format": FORMAT, "model": identity(config), "settings": settings,
-        "demand": [float(x) for x in demand], "head_demand": [[float(x) for x in row] for row in head_demand],
-        "layer_budgets": {str(B): {a: layer_budgets(a, L, B, window=window, profile=demand).tolist()
-                                   for a in ("uniform", "pyramid", "wave")} for B in budgets if B > window},
-    }
+def make_profile(config, demand, head_demand, settings: dict) -> dict:
+    return {"format": FORMAT, "model": identity(config), "settings": settings,
+            "demand": [float(x) for x in demand], "head_demand": [[float(x) for x in row] for row in head_demand]}
 
 
 def save_profile(profile: dict, path):
@@ -184,29 +180,51 @@ def load_profile(path, config=None) -> dict:
     return profile
 
 
+def find_profile(config, folder=HERE / "profiles") -> dict:
+    """The shipped profile made for this model (the default model's), or an error naming the command."""
+    for file in sorted(Path(folder).glob("*.json")) if Path(folder).is_dir() else []:
+        try:
+            return load_profile(file, config)
+        except ValueError:
+            continue
+    raise ValueError("allocators 'wave' and 'reasonalloc' need a layer-demand profile for this model and none "
+                     "was found; make one with: python profile.py --model DIR --out FILE, then pass --profile FILE "
+                     "(or use --allocator uniform / pyramid / head / adakv)")
+
+
+def read_jsonl(path, what: str = "prompts") -> list[tuple[int, object]]:
+    """The one reader of the project's line files: (line number, value) for every non-blank line, the
+    value parsed as JSON when the line starts with "{", else the line's text. Errors name file and line."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {what} file {path}: {e}") from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                rows.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+        else:
+            rows.append((n, line.strip()))
+    if not rows:
+        raise ValueError(f"{what} file {path} is empty; it needs one JSON object per line")
+    return rows
+
+
 def read_prompts(path) -> list[str]:
     """A JSON Lines file of {"prompt": ...} (or "problem" / "question") objects, or plain text with one
     prompt per line."""
-    path = Path(path)
-    try:
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read prompts file {path}: {e}") from None
     prompts = []
-    for n, line in enumerate(lines, 1):
-        if line.lstrip().startswith("{"):
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {n}: not valid JSON ({e})") from None
-            text = next((obj[k] for k in ("prompt", "problem", "question") if k in obj), None)
-            if not isinstance(text, str):
-                raise ValueError(f"{path}, line {n}: no 'prompt' (or 'problem' / 'question') text field")
-            prompts.append(text)
-        else:
-            prompts.append(line.strip())
-    if not prompts:
-        raise ValueError(f"prompts file {path} is empty")
+    for n, obj in read_jsonl(path, "prompts"):
+        text = next((obj[k] for k in ("prompt", "problem", "question") if k in obj), None) if isinstance(obj, dict) else obj
+        if not isinstance(text, str):
+            raise ValueError(f"{path}, line {n}: no 'prompt' (or 'problem' / 'question') text field")
+        prompts.append(text)
     return prompts
 
 
@@ -216,37 +234,39 @@ def pearson(a, b) -> float:
     return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-30))
 
 
-def plot(path, profile: dict, budget: int):
-    try:
-        import matplotlib
+def bar_chart(values, width: int = 40, labels=None) -> str:
+    top = max(values) or 1
+    labels = labels or [f"L{i:<3d}" for i in range(len(values))]
+    return "\n".join(f"  {lab} {'█' * max(1, round(v / top * width)):<{width}} {v}" for lab, v in zip(labels, values))
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
-    d, b = profile["demand"], profile["layer_budgets"][str(budget)]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    ax1.plot(range(len(d)), d, "o-")
-    ax1.set_ylabel("demand d_l (ρ-mass share)")
-    ax1.set_title(f"Reasoning Wave, ρ = {profile['settings']['rho']}")
-    for name, style in (("uniform", ":"), ("pyramid", "--"), ("wave", "o-")):
-        ax2.plot(range(len(d)), b[name], style, label=name)
-    ax2.set_ylabel(f"layer budget at B = {budget}")
-    ax2.set_xlabel("layer")
-    ax2.legend()
+
+def plot(path, profile: dict):
+    """A PNG of the wave (needs matplotlib, which is not a dependency)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = profile["demand"]
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.plot(range(len(d)), d, "o-")
+    ax.set_ylabel("demand d_l (ρ-mass share)")
+    ax.set_xlabel("layer")
+    ax.set_title(f"Reasoning Wave, ρ = {profile['settings']['rho']}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
 def main(args):
-    from model import load_model, load_tokenizer, resolve_model_dir
-    from reasonalloc import bar_chart
-
     out = Path(args.out)
     check_settings(args.rho, [None] * args.num_prompts, args.normalize)
     if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
         raise ValueError(f"cannot write the profile to {out}: folder {out.parent} does not exist or is not writable")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("--plot needs matplotlib, which is not installed: pip install matplotlib (or drop --plot)")
     prompts = read_prompts(args.prompts)[: args.num_prompts]
+    if args.halves and len(prompts) < 2:
+        raise ValueError("--halves needs at least 2 prompts")
     path = resolve_model_dir(args.model)
     model, tokenizer = load_model(path, device=args.device), load_tokenizer(path)
     log = lambda m: print(f"[profile] {m}", file=sys.stderr, flush=True)  # noqa: E731
@@ -259,20 +279,17 @@ def main(args):
                 "decode_steps": int(sum(len(r) for r in records))}
     profile = make_profile(model.config, demand, heads, settings)
     if args.halves:
-        if len(records) < 2:
-            raise ValueError("--halves needs at least 2 prompts")
         half = len(records) // 2
         a, b = aggregate(records[:half])[0], aggregate(records[half:])[0]
         profile["halves"] = {"first": a.tolist(), "second": b.tolist(), "pearson": pearson(a, b)}
     save_profile(profile, out)
     print("Reasoning Wave (demand per layer, ×1000):")
     print(bar_chart([round(1000 * x) for x in profile["demand"]]))
-    print(f"layer budgets at B = 128 (wave): {profile['layer_budgets']['128']['wave']}")
     if args.halves:
         print(f"stability: Pearson correlation between the waves of prompts 1-{half} and "
               f"{half + 1}-{len(records)}: {profile['halves']['pearson']:.3f}")
     if args.plot:
-        plot(args.plot, profile, 128)
+        plot(args.plot, profile)
         print(f"plot written to {args.plot}")
     print(f"profile written to {out}")
 
@@ -291,7 +308,7 @@ if __name__ == "__main__":
                    help="divide each count by the cache length, so long and short prompts weigh the same")
     p.add_argument("--halves", action="store_true",
                    help="also measure the wave on each half of the prompts and report their correlation")
-    p.add_argument("--plot", help="write a PNG of the wave and the resulting budgets (needs matplotlib)")
+    p.add_argument("--plot", help="write a PNG of the wave (needs matplotlib)")
     p.add_argument("--device", default="cpu")
     try:
         main(p.parse_args())

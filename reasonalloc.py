@@ -1,4 +1,4 @@
-"""ReasonAlloc: two-level KV-cache budget allocation, compressed generation, and the main CLI.
+"""ReasonAlloc (arXiv 2606.11164): two-level KV-cache budget allocation, compressed generation, the CLI.
 
 Legend:
     L   layers              Hq  query heads          Hk  key/value heads
@@ -9,9 +9,16 @@ Legend:
     b_lh budget of KV head h of layer l (mean over h equals B_l)
     Δ   compression interval in decoded tokens (default 128, "buffer" in R-KV)
 
-Level 1 (offline): B_l = robustify(Reasoning-Wave demand d_l, L·B)            -- `layer_budgets`
-Level 2 (online, every Δ tokens): b_lh = robustify(pooled-threshold demand r_h, Hk·B_l)  -- `head_budgets`
-The allocation functions take and return tensors and need nothing but torch.
+Level 1 (offline): B_l = robustify(Reasoning-Wave demand d_l, L·B, power γ)            -- `wave_layers`
+Level 2 (online, every Δ tokens): b_lh = robustify(pooled demand r_h, Hk·B_l, power β, low clip μ)
+                                                                                      -- `head_budgets`
+The baselines it is compared with (uniform R-KV / SnapKV, PyramidKV, Ada-KV) are rules of the same
+two kinds, and `ALLOCATORS` names each pair.
+
+Standing alone: sections 1-3 (robustify, the layer rules, the head rules, ALLOCATORS, METHODS) need
+nothing but torch, so this file can be copied into another project by itself. Section 4 (generation)
+and the CLI import the project's other modules (model.py, evict.py, fast.py, profile.py) where they
+are used.
 
 Run it:  python reasonalloc.py --prompt "..."        (defaults: policy rkv, allocator reasonalloc)
          python reasonalloc.py --prompt "..." --compare
@@ -21,17 +28,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-import evict
-
 # ----------------------------------------------------------------------------------------------
-# 3.1 The robustify operator
+# 1. The robustify operator (shared by both levels)
 
 
 def round_to_total(x: torch.Tensor, total: int, prefer: torch.Tensor | None = None) -> torch.Tensor:
@@ -95,10 +102,23 @@ def robustify(demand, total: int, *, power: float = 0.5, lo: float = 0.25, hi: f
 
 
 # ----------------------------------------------------------------------------------------------
-# 3.2 Level 1: layer budgets
+# 2. Level 1, offline: layer rules. Each is rule(num_layers, budget, *, window, profile, **options) -> (L,)
+#    per-layer budgets B_l with mean B; options another rule takes are ignored, as evict.py's policies do.
 
 
-def pyramid_schedule(num_layers: int, budget: int, *, window: int = 8, beta: float = 20.0) -> torch.Tensor:
+def check_budget(budget: int, window: int):
+    if budget < window + 1:
+        raise ValueError(f"budget {budget} is smaller than the window + 1 ({window + 1}); every head keeps its "
+                         f"{window} newest tokens, so use --budget >= {window + 1}")
+
+
+def uniform_layers(num_layers: int, budget: int, *, window: int = 8, profile=None, **_) -> torch.Tensor:
+    """B for every layer (R-KV and SnapKV as published)."""
+    return torch.full((num_layers,), int(budget), dtype=torch.long)
+
+
+def pyramid_schedule(num_layers: int, budget: int, *, window: int = 8, profile=None, beta: float = 20.0,
+                     **_) -> torch.Tensor:
     """PyramidKV's schedule (its reference code): with B' = B - w, lo = B'/β, hi = 2B' - lo, layer l
     gets hi - l·(hi - lo)/(L - 1) tokens plus w; decreasing with depth, mean B, exact total."""
     if num_layers == 1:
@@ -111,25 +131,13 @@ def pyramid_schedule(num_layers: int, budget: int, *, window: int = 8, beta: flo
     return round_to_total(x, num_layers * budget)
 
 
-def check_budget(budget: int, window: int):
-    if budget < window + 1:
-        raise ValueError(f"budget {budget} is smaller than the window + 1 ({window + 1}); every head keeps its "
-                         f"{window} newest tokens, so use --budget >= {window + 1}")
-
-
-def layer_budgets(allocator: str, num_layers: int, budget: int, *, window: int = 8, profile=None,
-                  gamma: float = 0.5, lo: float = 0.25, hi: float = 2.0) -> torch.Tensor:
-    """(L,) per-layer budgets B_l (per KV head) with mean B, exact total L·B.
-    `profile`: the (L,) Reasoning-Wave demand, or a profile dict with a "demand" list."""
-    check_budget(budget, window)
-    rule = get_allocator(allocator)[0]
-    if rule == "uniform":
-        return torch.full((num_layers,), int(budget), dtype=torch.long)
-    if rule == "pyramid":
-        return pyramid_schedule(num_layers, budget, window=window)
+def wave_layers(num_layers: int, budget: int, *, window: int = 8, profile=None, gamma: float = 0.5,
+                lo: float = 0.25, hi: float = 2.0, **_) -> torch.Tensor:
+    """ReasonAlloc's level 1: B_l = robustify(d, L·B, power=γ, lo, hi, floor=w) from the Reasoning Wave d.
+    `profile`: the (L,) demand, or a profile dict with a "demand" list (profile.py makes one)."""
     if profile is None:
-        raise ValueError(f"allocator {allocator!r} needs a layer-demand profile (the Reasoning Wave); make one "
-                         f"with: python profile.py --model DIR --out FILE, and pass --profile FILE")
+        raise ValueError("the Reasoning-Wave layer rule needs a layer-demand profile; make one with: "
+                         "python profile.py --model DIR --out FILE, and pass --profile FILE")
     demand = torch.as_tensor(profile["demand"] if isinstance(profile, dict) else profile, dtype=torch.float64)
     if demand.numel() != num_layers:
         raise ValueError(f"the profile has {demand.numel()} layers but the model has {num_layers}: it was made "
@@ -138,13 +146,18 @@ def layer_budgets(allocator: str, num_layers: int, budget: int, *, window: int =
 
 
 # ----------------------------------------------------------------------------------------------
-# 3.3 Level 2: head budgets
+# 3. Level 2, online: head rules. Each is rule(scores, layer_budget, *, window, **options) -> (Hk,) head
+#    budgets summing to Hk·B_l, from the per-head scores (T_h - w,) of the active policy.
+
+
+def uniform_heads(scores: list[torch.Tensor], layer_budget: int, *, window: int = 8, **_) -> torch.Tensor:
+    """B_l for every head of the layer."""
+    return torch.full((len(scores),), int(layer_budget), dtype=torch.long)
 
 
 def head_demand(scores: list[torch.Tensor], layer_budget: int, *, window: int = 8,
                 normalize_heads: bool = False) -> torch.Tensor:
     """(Hk,) r_h: how many of head h's tokens are in the layer's pooled top Hk·(B_l − w) scores.
-    Comparable across heads because both R-KV terms are softmax-normalised per head.
     normalize_heads: Ada-KV-style, first shift each head's scores to >= 0 and scale them to sum to 1."""
     if normalize_heads:
         scores = [(s - s.min()) / (s - s.min()).sum().clamp_min(1e-30) if len(s) else s for s in scores]
@@ -163,14 +176,14 @@ def head_demand(scores: list[torch.Tensor], layer_budget: int, *, window: int = 
 
 
 def head_budgets(scores: list[torch.Tensor], layer_budget: int, *, window: int = 8, beta: float = 0.5,
-                 mu: float = 0.25, hi: float = 2.0, normalize_heads: bool = False) -> torch.Tensor:
+                 mu: float = 0.25, hi: float = 2.0, normalize_heads: bool = False, **_) -> torch.Tensor:
     """ReasonAlloc's head level: b_lh = robustify(r, Hk·B_l, power=β, lo=μ, hi, floor=w). (Hk,)"""
     r = head_demand(scores, layer_budget, window=window, normalize_heads=normalize_heads)
     return robustify(r, len(scores) * int(layer_budget), power=beta, lo=mu, hi=hi, floor=window)
 
 
 def adakv_head_budgets(scores: list[torch.Tensor], layer_budget: int, *, window: int = 8,
-                       alpha: float = 0.2) -> torch.Tensor:
+                       alpha: float = 0.2, **_) -> torch.Tensor:
     """Ada-KV's rule: c_h = head h's share of the pooled top Hk·(B − w) scores;
     b_h = round(c_h·(1 − α) + α·(B − w)) + w, rounded by largest remainder so the total is exact."""
     c = head_demand(scores, layer_budget, window=window).double()
@@ -181,35 +194,61 @@ def adakv_head_budgets(scores: list[torch.Tensor], layer_budget: int, *, window:
 
 
 # ----------------------------------------------------------------------------------------------
-# 3.4 The allocators: (layer rule, head rule)
+# The allocators compared (same policy, same total budget L·Hk·B): a layer rule and a head rule each
+
+
+@dataclass(frozen=True)
+class Allocator:
+    layers: Callable[..., torch.Tensor]  # level 1
+    heads: Callable[..., torch.Tensor]  # level 2, rerun at every compression
+
+    @property
+    def needs_profile(self) -> bool:
+        return self.layers is wave_layers
+
 
 ALLOCATORS = {
-    "uniform": ("uniform", "uniform"),  # R-KV / SnapKV as published
-    "pyramid": ("pyramid", "uniform"),  # Pyramid-RKV
-    "wave": ("wave", "uniform"),  # ablation: layer level only
-    "head": ("uniform", "reasonalloc"),  # ablation: head level only
-    "reasonalloc": ("wave", "reasonalloc"),
-    "adakv": ("uniform", "adakv"),
+    "uniform": Allocator(uniform_layers, uniform_heads),  # R-KV / SnapKV as published
+    "pyramid": Allocator(pyramid_schedule, uniform_heads),  # Pyramid-RKV
+    "wave": Allocator(wave_layers, uniform_heads),  # ablation: layer level only
+    "head": Allocator(uniform_layers, head_budgets),  # ablation: head level only
+    "reasonalloc": Allocator(wave_layers, head_budgets),
+    "adakv": Allocator(uniform_layers, adakv_head_budgets),  # Ada-KV (arXiv 2407.11550)
+}
+
+# The rows of every comparison (`--compare`, bench.py): method -> (eviction policy, allocator).
+METHODS = {
+    "FullKV": ("full", "uniform"),
+    "SnapKV": ("snapkv", "uniform"),
+    "R-KV": ("rkv", "uniform"),
+    "Pyramid-RKV": ("rkv", "pyramid"),
+    "Wave-only": ("rkv", "wave"),
+    "Head-only": ("rkv", "head"),
+    "ReasonAlloc": ("rkv", "reasonalloc"),
+    "Ada-KV": ("rkv", "adakv"),
 }
 
 
-def get_allocator(name: str):
+def get_allocator(name: str) -> Allocator:
     if name not in ALLOCATORS:
         raise ValueError(f"unknown allocator {name!r}; choose one of {', '.join(ALLOCATORS)}")
     return ALLOCATORS[name]
 
 
-def layer_head_budgets(rule: str, scores, layer_budget: int, *, window: int, **options) -> torch.Tensor:
-    Hk = len(scores)
-    if rule == "uniform":
-        return torch.full((Hk,), int(layer_budget), dtype=torch.long)
-    if rule == "adakv":
-        return adakv_head_budgets(scores, layer_budget, window=window)
-    return head_budgets(scores, layer_budget, window=window, **options)
+def layer_budgets(allocator: str, num_layers: int, budget: int, *, window: int = 8, profile=None,
+                  **options) -> torch.Tensor:
+    """(L,) per-layer budgets B_l (per KV head) of a named allocator, mean B, exact total L·B."""
+    check_budget(budget, window)
+    rule = get_allocator(allocator).layers
+    if rule is wave_layers and profile is None:
+        raise ValueError(f"allocator {allocator!r} needs a layer-demand profile (the Reasoning Wave); make one "
+                         f"with: python profile.py --model DIR --out FILE, and pass --profile FILE")
+    return rule(num_layers, budget, window=window, profile=profile, **options)
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Decoding with compression
+# 4. Decoding with compression. The project's other modules are imported inside the functions that use
+#    them, so that sections 1-3 above run from this file alone.
 
 
 @dataclass
@@ -224,7 +263,7 @@ class Generation:
     cache_bytes: int = 0  # K and V bytes held at the end
     full_bytes: int = 0  # ... and what a full cache would hold
     seconds: float = 0.0
-    settings: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)  # every knob of the run, so the events say how they were made
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -241,145 +280,136 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator) ->
     return int(idx[torch.multinomial(p / p.sum(), 1, generator=generator)])
 
 
-def validate(*, budget, window, interval, temperature, top_p, allocator, policy, max_new_tokens):
+def validate(*, budget, window, interval, temperature, top_p, allocator, policy, max_new_tokens, gamma, beta, mu):
+    import evict
+
     check_budget(budget, window)
     if interval < 1:
         raise ValueError(f"interval must be >= 1 decoded token, got {interval}")
-    if temperature < 0:
+    if not temperature >= 0 or math.isinf(temperature):
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    for name, value in (("gamma", gamma), ("beta", beta)):
+        if not 0 <= value < math.inf:
+            raise ValueError(f"{name} (a robustify power) must be a number >= 0, got {value}")
+    if not 0 <= mu <= 1:
+        raise ValueError(f"mu (the head level's low clip, a fraction of B_l) must be in [0, 1], got {mu}")
     get_allocator(allocator)
     evict.get_policy(policy)
 
 
-def compress(cache, layer_b: torch.Tensor, head_rule: str, policy: str, *, record_positions=False,
-             policy_options=None, head_options=None) -> dict:
-    """One compression event over all layers: (re)compute head budgets, select, cut. Returns the event."""
+def compress(cache, layer_b: torch.Tensor, allocator: str = "reasonalloc", policy: str = "rkv", *,
+             policy_options=None, head_options=None) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+    """One compression over all layers: score every head with the policy, split each layer's budget over
+    its heads with the allocator's head rule, cut every head to its budget.
+    Returns (head budgets (L, Hk), the kept absolute positions [l][h] (n_lh,))."""
+    import evict
+    import fast
+
     policy_options, head_options = policy_options or {}, head_options or {}
-    w = cache.window
+    path = fast if isinstance(cache, fast.PackedCache) else evict  # the fast path, or the per-head reference
+    head_rule = get_allocator(allocator).heads
     before = cache.lengths()
     heads_b, kept = [], []
     for l in range(len(cache)):
-        scores = evict.score_layer(cache, l, policy, **policy_options)
-        b = layer_head_budgets(head_rule, scores, int(layer_b[l]), window=w, **head_options)
-        pos = evict.compress_layer(cache, l, b, policy, scores=scores)
-        heads_b.append(b.tolist())
-        kept.append([p.tolist() for p in pos])
-    after = cache.lengths()
-    assert (after <= torch.maximum(torch.tensor(heads_b), before)).all(), "a head holds more than its budget"
-    event = {"layer_budgets": layer_b.tolist(), "head_budgets": heads_b,
-             "lengths_before": before.tolist(), "lengths_after": after.tolist()}
-    if record_positions:
-        event["kept_positions"] = kept
-    return event
+        scores = path.score_layer(cache, l, policy, **policy_options)
+        b = head_rule(scores, int(layer_b[l]), window=cache.window, **head_options)
+        kept.append(path.compress_layer(cache, l, b, policy, scores=scores))
+        heads_b.append(b)
+    heads_b = torch.stack(heads_b)
+    assert (cache.lengths() <= torch.maximum(heads_b, before)).all(), "a head holds more than its budget"
+    return heads_b, kept
 
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompt, *, budget: int, allocator: str = "reasonalloc", policy: str = "rkv",
              profile=None, interval: int = 128, window: int = 8, max_new_tokens: int = 512,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, chat: bool = True,
-             record_positions: bool = False, stream=None, policy_options=None, head_options=None,
-             gamma: float = 0.5, force=None, on_logits=None, packed: bool = False) -> Generation:
-    """Generate under a KV budget. `prompt` is text (rendered with the chat template when chat=True)
-    or a 1-D LongTensor of ids. Returns the text, tokens, per-step cache sizes and compression events.
+             gamma: float = 0.5, beta: float = 0.5, mu: float = 0.25, layer_options=None, head_options=None,
+             policy_options=None, record_positions: bool = False, packed: bool = False, hook=None) -> Generation:
+    """Generate under a KV budget of B = `budget` tokens per KV head on average.
 
-    Teacher forcing (the fidelity benchmark): with `force` a list of ids, those tokens are fed instead of
-    sampled ones (stop tokens included; max_new_tokens becomes len(force)). `on_logits(step, logits)` sees
-    the (vocab,) float32 logits that predict the step-th new token, before it is chosen.
-    packed=True runs the fast path (model.PackedCache, batched attention and scoring), tested equal to
-    the per-head reference cache."""
-    if force is not None:
-        force = [int(t) for t in force]
-        max_new_tokens = len(force)
+    `prompt` is text (rendered with the chat template when chat=True) or a 1-D LongTensor of ids. The
+    research knobs: γ (`gamma`, the layer level's power), β and μ (`beta`, `mu`, the head level's power
+    and low clip); `layer_options` / `head_options` reach the allocator's rules (e.g. {"hi": 3.0},
+    {"alpha": 0.1}), `policy_options` the eviction policy (e.g. {"lam": 0.2}). packed=True runs the fast
+    path (fast.py), tested equal to the per-head reference cache.
+
+    `hook(step, token, logits, cache)` is called once the step's token is in the cache (step 0: the prompt,
+    token None), before the compression due at that step; `logits` (vocab,) predict the next token.
+    Returning a token id feeds it next instead of a sampled one (teacher forcing; stop tokens are then fed
+    too). Returns the text, tokens, per-step cache sizes, compression events and the settings."""
+    import fast
     from model import check_context, encode_prompt, stop_ids
 
     validate(budget=budget, window=window, interval=interval, temperature=temperature, top_p=top_p,
-             allocator=allocator, policy=policy, max_new_tokens=max_new_tokens)
+             allocator=allocator, policy=policy, max_new_tokens=max_new_tokens, gamma=gamma, beta=beta, mu=mu)
     cfg = model.config
     if isinstance(prompt, torch.Tensor):
         ids = prompt.long()
         check_context(cfg, ids.numel(), max_new_tokens)
     else:
         ids = encode_prompt(tokenizer, cfg, prompt, chat=chat, max_new_tokens=max_new_tokens)
-    device = model.embed.weight.device
     if policy == "full":  # nothing is evicted, so the split does not matter (and needs no profile)
         allocator = "uniform"
-    layer_rule, head_rule = get_allocator(allocator)
-    if layer_rule == "wave" and profile is None:
-        profile = find_profile(model)
-    layer_b = layer_budgets(allocator, cfg.num_layers, budget, window=window, profile=profile, gamma=gamma)
-    budgets = layer_b[:, None].expand(-1, cfg.num_kv_heads).clone()  # (L, Hk) current b_lh
+    layer_options = {"gamma": gamma, **(layer_options or {})}
+    head_options = {"beta": beta, "mu": mu, **(head_options or {})}
+    layer_b = layer_budgets(allocator, cfg.num_layers, budget, window=window, profile=profile, **layer_options)
+    budgets = layer_b[:, None].expand(-1, cfg.num_kv_heads).clone()  # (L, Hk) the current b_lh
     generator = torch.Generator().manual_seed(seed)
-    stops = stop_ids(cfg, tokenizer) if tokenizer is not None else set(cfg.eos_token_ids)
-    opts = dict(record_positions=record_positions, policy_options=policy_options, head_options=head_options)
+    stops = stop_ids(cfg, tokenizer)
+    device = model.embed.weight.device
 
     t0 = time.perf_counter()
-    cache = model.new_cache(window, packed=packed, spare=interval)
-    logits = model(ids.to(device), cache)
-    events, held, full, out = [], [], [], []
-    if policy != "full" and (cache.lengths() > budgets).any():  # 1. the prompt is over budget
-        events.append({"step": 0, **compress(cache, layer_b, head_rule, policy, **opts)})
-        budgets = torch.tensor(events[-1]["head_budgets"])
-    for step in range(1, max_new_tokens + 1):  # 2. decode
-        if on_logits is not None:
-            on_logits(step, logits[-1])
-        if force is not None:
-            token = force[step - 1]
-        else:
-            token = sample(logits[-1], temperature, top_p, generator)
-            if token in stops:
-                break
-        out.append(token)
-        if stream:
-            stream.put(token)
-        logits = model(torch.tensor([token], device=device), cache)
-        # 3. every Δ steps, once any head holds more than its budget
+    cache = fast.new_cache(model, window, spare=interval) if packed else model.new_cache(window)
+    logits = model(ids.to(device), cache)  # 1. the prompt, with the full cache
+    token, out, events, held, full = None, [], [], [], []
+    for step in range(max_new_tokens + 1):
+        choice = hook(step, token, logits[-1], cache) if hook is not None else None
         lengths = cache.lengths()
+        # 3. every Δ steps (and after the prompt, step 0), once any head holds more than its budget
         if policy != "full" and step % interval == 0 and (lengths > budgets).any():
-            events.append({"step": step, **compress(cache, layer_b, head_rule, policy, **opts)})
-            budgets = torch.tensor(events[-1]["head_budgets"])
-            lengths = torch.tensor(events[-1]["lengths_after"])
-        held.append(int(lengths.sum()))
-        full.append(cfg.num_layers * cfg.num_kv_heads * cache.next_pos)
+            budgets, kept = compress(cache, layer_b, allocator, policy, policy_options=policy_options,
+                                     head_options=head_options)
+            event = {"step": step, "layer_budgets": layer_b.tolist(), "head_budgets": budgets.tolist(),
+                     "lengths_before": lengths.tolist()}
+            lengths = cache.lengths()
+            event["lengths_after"] = lengths.tolist()
+            if record_positions:
+                event["kept_positions"] = [[p.tolist() for p in layer] for layer in kept]
+            events.append(event)
+        if step > 0:
+            held.append(int(lengths.sum()))
+            full.append(cfg.num_layers * cfg.num_kv_heads * cache.next_pos)
+        if step == max_new_tokens:
+            break
+        token = choice if choice is not None else sample(logits[-1], temperature, top_p, generator)
+        if choice is None and token in stops:
+            break
+        out.append(token)
+        logits = model(torch.tensor([token], device=device), cache)  # 2. decode one token
     seconds = time.perf_counter() - t0
     elem = model.embed.weight.element_size()
+    demand = profile["demand"] if isinstance(profile, dict) else profile
     return Generation(
         text=tokenizer.decode(out) if tokenizer is not None else "", tokens=out, prompt_tokens=int(ids.numel()),
         layer_budgets=layer_b.tolist(), events=events, cache_tokens=held, full_tokens=full,
-        cache_bytes=cache.nbytes(), full_bytes=2 * cfg.num_layers * cfg.num_kv_heads * cache.next_pos * cfg.head_dim * elem,
+        cache_bytes=cache.nbytes(),
+        full_bytes=2 * cfg.num_layers * cfg.num_kv_heads * cache.next_pos * cfg.head_dim * elem,
         seconds=seconds,
         settings=dict(budget=budget, allocator=allocator, policy=policy, interval=interval, window=window,
-                      max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                      packed=packed),
+                      max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=chat,
+                      packed=packed, layer_options=layer_options, head_options=head_options,
+                      policy_options=policy_options or {},
+                      profile_demand=None if demand is None else [float(x) for x in demand]),
     )
-
-
-def find_profile(model):
-    """The shipped profile of the default model, or an error that names the command making one."""
-    from profile import load_profile
-
-    here = Path(__file__).resolve().parent / "profiles"
-    for file in sorted(here.glob("*.json")) if here.is_dir() else []:
-        try:
-            return load_profile(file, model.config)
-        except ValueError:
-            continue
-    raise ValueError("allocators 'wave' and 'reasonalloc' need a layer-demand profile for this model and none "
-                     "was found; make one with: python profile.py --model DIR --out FILE, then pass --profile FILE "
-                     "(or use --allocator uniform / pyramid / head / adakv)")
 
 
 # ----------------------------------------------------------------------------------------------
 # CLI
-
-
-def bar_chart(values, width: int = 40, labels=None) -> str:
-    top = max(values) or 1
-    labels = labels or [f"L{i:<3d}" for i in range(len(values))]
-    return "\n".join(f"  {lab} {'█' * max(1, round(v / top * width)):<{width}} {v}" for lab, v in zip(labels, values))
 
 
 def sparkline(values) -> str:
@@ -406,22 +436,26 @@ def summary(g: Generation) -> str:
     return "\n".join(lines)
 
 
+def run_kwargs(args) -> dict:
+    """The generate() settings the CLI's flags give."""
+    return dict(budget=args.budget, interval=args.interval, window=args.window, max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature, top_p=args.top_p, seed=args.seed, packed=args.fast,
+                gamma=args.gamma, beta=args.beta, mu=args.mu)
+
+
 def compare(model, tokenizer, args, profile):
-    runs = [("uniform", "full"), ("uniform", "snapkv"), ("uniform", "rkv"), ("pyramid", "rkv"), ("wave", "rkv"),
-            ("head", "rkv"), ("reasonalloc", "rkv"), ("adakv", "rkv")]
+    """Every method of METHODS on one prompt, side by side; the first, FullKV, is the reference."""
     rows, ref = [], None
     generate(model, tokenizer, args.prompt, budget=args.budget, policy="full", max_new_tokens=4)  # warm-up
-    for allocator, policy in runs:
+    for method, (policy, allocator) in METHODS.items():
         print(f"[compare] {allocator} / {policy} ...", file=sys.stderr, flush=True)
         try:
-            g = generate(model, tokenizer, args.prompt, budget=args.budget, allocator=allocator, policy=policy,
-                         profile=profile, interval=args.interval, window=args.window,
-                         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                         seed=args.seed, packed=args.fast)
+            g = generate(model, tokenizer, args.prompt, allocator=allocator, policy=policy, profile=profile,
+                         **run_kwargs(args))
         except ValueError as e:
-            print(f"[compare] skipped {allocator}: {e}", file=sys.stderr)
+            print(f"[compare] skipped {method}: {e}", file=sys.stderr)
             continue
-        ref = ref or g  # the first run, FullKV, is the reference
+        ref = ref or g
         same = next((i for i, (a, b) in enumerate(zip(g.tokens, ref.tokens)) if a != b), min(len(g.tokens), len(ref.tokens)))
         rows.append((allocator if policy != "full" else "FullKV", policy, len(g.tokens), same,
                      g.cache_tokens[-1] if g.cache_tokens else 0, 100 * g.cache_bytes / max(g.full_bytes, 1),
@@ -435,22 +469,28 @@ def compare(model, tokenizer, args, profile):
 
 
 def main(args):
-    from model import TextStream, load_model, load_tokenizer, resolve_model_dir
+    from convert import resolve_model_dir
+    from model import DTYPES, load_model
+    from profile import find_profile, load_profile
+    from tokenizer import TextStream, load_tokenizer
 
+    if args.compare and args.events:
+        raise ValueError("--events records one run; --compare makes eight. Drop one of the two")
     path = resolve_model_dir(args.model)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    model, tokenizer = load_model(path, dtype=dtype, device=args.device), load_tokenizer(path)
+    model, tokenizer = load_model(path, dtype=DTYPES[args.dtype], device=args.device), load_tokenizer(path)
     profile = None
     if args.profile:
-        from profile import load_profile
-
         profile = load_profile(args.profile, model.config)
+    elif args.compare or get_allocator(args.allocator).needs_profile:
+        try:  # the shipped profile of the default model
+            profile = find_profile(model.config)
+        except ValueError:
+            if not args.compare:  # --compare skips the allocators that need one
+                raise
     if args.compare:
         return compare(model, tokenizer, args, profile)
-    g = generate(model, tokenizer, args.prompt, budget=args.budget, allocator=args.allocator, policy=args.policy,
-                 profile=profile, interval=args.interval, window=args.window, max_new_tokens=args.max_new_tokens,
-                 temperature=args.temperature, top_p=args.top_p, seed=args.seed, stream=TextStream(tokenizer),
-                 record_positions=bool(args.events), packed=args.fast)
+    g = generate(model, tokenizer, args.prompt, allocator=args.allocator, policy=args.policy, profile=profile,
+                 record_positions=bool(args.events), hook=TextStream(tokenizer), **run_kwargs(args))
     print("\n\n" + summary(g))
     if args.events:
         Path(args.events).write_text(json.dumps(g.to_json()))
@@ -458,6 +498,9 @@ def main(args):
 
 
 def parser():
+    from evict import POLICIES
+    from model import DTYPES
+
     p = argparse.ArgumentParser(
         description="Generate under a KV-cache budget with ReasonAlloc (or a baseline allocator), streaming the "
                     "text, then summarise what the cache did.",
@@ -467,8 +510,8 @@ def parser():
                                    "embedded SmolLM2-135M-Instruct")
     p.add_argument("--budget", type=int, default=128, help="average KV budget per head, in tokens (B)")
     p.add_argument("--allocator", default="reasonalloc", choices=list(ALLOCATORS),
-                   help="how the budget is split over layers and heads (SPEC §3.4)")
-    p.add_argument("--policy", default="rkv", choices=list(evict.POLICIES), help="which tokens a head keeps")
+                   help="how the budget is split over layers and heads (see the README's table)")
+    p.add_argument("--policy", default="rkv", choices=list(POLICIES), help="which tokens a head keeps")
     p.add_argument("--profile", help="layer-demand profile JSON from profile.py (found automatically for the "
                                      "default model)")
     p.add_argument("--interval", type=int, default=128, help="compress every this many decoded tokens (Δ)")
@@ -477,13 +520,16 @@ def parser():
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gamma", type=float, default=0.5, help="layer level: robustify power γ on the wave")
+    p.add_argument("--beta", type=float, default=0.5, help="head level: robustify power β on the head demand")
+    p.add_argument("--mu", type=float, default=0.25, help="head level: low clip μ, as a fraction of B_l")
     p.add_argument("--events", help="write the result and compression events (with kept positions) to this JSON file")
     p.add_argument("--compare", action="store_true",
                    help="run FullKV, SnapKV, R-KV, Pyramid-RKV, wave, head, ReasonAlloc and Ada-KV on the prompt "
                         "and print a side-by-side table")
     p.add_argument("--fast", action="store_true",
                    help="use the packed fast path (batched over heads; tested equal to the per-head reference)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--device", default="cpu")
     return p
 

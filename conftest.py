@@ -1,0 +1,81 @@
+"""Fixtures shared by test_reasonalloc.py (the spec's tests) and test_tools.py (benchmarks, CLIs, the
+default model): tiny random Hugging Face models of every supported family, and our model built from one."""
+
+import pytest
+import torch
+
+import model as M
+
+
+def make_tiny_hf(kind: str):
+    """A tiny random transformers model of one of the supported families (and variants)."""
+    import transformers as tf
+
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
+    if kind == "llama":
+        cfg = tf.LlamaConfig(**common, rope_theta=10000.0, tie_word_embeddings=False)
+        cls = tf.LlamaForCausalLM
+    elif kind == "llama3_rope":
+        # Long wavelengths (> 64 / low_freq_factor) are scaled, short ones (< 64 / high) kept,
+        # with the head_dim-16 frequencies spanning both sides and the band between.
+        rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+        cfg = tf.LlamaConfig(**{**common, "hidden_size": 64, "num_attention_heads": 4},
+                             rope_parameters=rope, tie_word_embeddings=False)
+        cls = tf.LlamaForCausalLM
+    elif kind == "qwen2":
+        cfg = tf.Qwen2Config(**common, rope_theta=1000000.0, tie_word_embeddings=True)
+        cls = tf.Qwen2ForCausalLM
+    elif kind == "qwen3":
+        # head_dim set apart from hidden_size / num_heads (64 / 4 = 16), as Qwen3 does.
+        cfg = tf.Qwen3Config(**common, head_dim=24, rope_theta=1000000.0, tie_word_embeddings=False)
+        cls = tf.Qwen3ForCausalLM
+    else:
+        raise KeyError(kind)
+    torch.manual_seed(0)
+    hf = cls(cfg).eval().float()
+    # Random init leaves norms at 1 and biases at 0; perturb them so they are really tested.
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return hf
+
+
+@pytest.fixture(scope="session")
+def tiny_hf():
+    """make_tiny_hf, as a fixture: tiny_hf("llama" | "llama3_rope" | "qwen2" | "qwen3")."""
+    return make_tiny_hf
+
+
+@pytest.fixture(scope="module", params=["llama", "llama3_rope", "qwen2", "qwen3"])
+def tiny_pair(request, tmp_path_factory):
+    """(transformers model, our model loaded from its saved folder, the folder) for each family."""
+    hf = make_tiny_hf(request.param)
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path, safe_serialization=True)
+    hf.config._attn_implementation = "eager"
+    return hf, M.load_model(path), path
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """Our model with the tiny random llama's weights: 3 layers, 4 query / 2 KV heads, D = 16, vocab 97,
+    a context of 512 and no EOS, so generation runs as long as asked."""
+    hf = make_tiny_hf("llama")
+    cfg = M.ModelConfig.from_hf({**hf.config.to_dict(), "max_position_embeddings": 512, "eos_token_id": None})
+    ours = M.Transformer(cfg)
+    ours.load_state_dict({M.weight_map(cfg)[k]: v for k, v in hf.state_dict().items()}, strict=False)
+    return ours.eval()
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The embedded SmolLM2-135M-Instruct (converted on first use): (model, tokenizer, folder)."""
+    from convert import resolve_model_dir
+    from tokenizer import load_tokenizer
+
+    path = resolve_model_dir(None)
+    return M.load_model(path), load_tokenizer(path), path

@@ -1,0 +1,390 @@
+"""The packed fast path: the reference per-head cache, policies and selection, batched over the KV heads
+of a layer, plus a static decode step replayed from a CUDA graph. Every piece equals a reference function
+(named in its docstring); the parity tests in test_reasonalloc.py are this file's spec.
+
+Legend:
+    L   layers              Hq  query heads          Hk  key/value heads
+    G   Hq // Hk (GQA group) D   head dim             T   tokens in one head's cache
+    w   observation window (newest tokens, always kept)
+    S   rows of a layer's padded storage that hold tokens (its longest head)
+
+reasonalloc.generate(..., packed=True) (`--fast` on the CLI) runs generation on this path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+import evict
+from model import HeadCache, ModelConfig, Transformer, check_context
+
+# ----------------------------------------------------------------------------------------------
+# The cache
+
+
+class PackedCache:
+    """Equals model.KVCache: the same per-head caches, packed per layer into padded storage.
+
+    k[l], v[l]: (Hk, capacity, D); pos[l]: (Hk, capacity). Head h of layer l holds rows [0, n[l, h]),
+    oldest first: the same rows in the same order as KVCache's cache[l][h], so policies and selection give
+    the same answer on both (the parity tests check it). Appends write in place into spare capacity;
+    when it runs out, the storage grows to the needed length plus `spare` rows (set it to the compression
+    interval and a compressed cache never reallocates between compressions). Compression packs the kept
+    rows to the front and trims the capacity to the longest head plus 1.5 `spare` (reusing the storage
+    while it stays between 1 and 2 `spare` above the longest head), so the memory held is the budgeted
+    tokens plus 1 to 2 intervals, padded to the longest head of each layer."""
+
+    static = False  # GraphDecoder's mode: fixed shapes, lengths only on the device (see there)
+
+    def __init__(self, config: ModelConfig, window: int = 8, *, dtype=torch.float32, device="cpu",
+                 spare: int = 128):
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.config, self.window, self.spare = config, window, max(int(spare), 1)
+        L, Hk, D = config.num_layers, config.num_kv_heads, config.head_dim
+        self.k = [torch.empty(Hk, 0, D, dtype=dtype, device=device) for _ in range(L)]
+        self.v = [torch.empty(Hk, 0, D, dtype=dtype, device=device) for _ in range(L)]
+        self.pos = [torch.empty(Hk, 0, dtype=torch.long, device=device) for _ in range(L)]
+        self.n = torch.zeros(L, Hk, dtype=torch.long)  # tokens held, on the CPU (no device sync to read)
+        self.n_dev = [torch.zeros(Hk, dtype=torch.long, device=device) for _ in range(L)]  # the same, on device
+        self.q_win = [torch.empty(config.num_heads, 0, D, dtype=dtype, device=device) for _ in range(L)]
+        self.next_pos = 0
+        self.heads = torch.arange(Hk, device=device)  # (Hk,) for the per-head scatter of an append
+
+    def __len__(self) -> int:
+        return self.config.num_layers
+
+    def lengths(self) -> torch.Tensor:
+        """(L, Hk) number of tokens each head holds, as KVCache.lengths()."""
+        return self.n.clone()
+
+    def ragged(self, layer: int) -> bool:
+        n = self.n[layer]
+        return bool((n != n[0]).any())
+
+    def head(self, layer: int, h: int) -> HeadCache:
+        """A view of one head's rows, as the reference cache holds them."""
+        t = int(self.n[layer, h])
+        return HeadCache(self.k[layer][h, :t], self.v[layer][h, :t], self.pos[layer][h, :t])
+
+    def __getitem__(self, layer: int) -> list[HeadCache]:
+        return [self.head(layer, h) for h in range(self.config.num_kv_heads)]
+
+    def window_queries(self, layer: int, kv_head: int) -> torch.Tensor:
+        G = self.config.group_size
+        return self.q_win[layer][kv_head * G:(kv_head + 1) * G]
+
+    def _reserve(self, layer: int, rows: int):
+        cap = self.k[layer].shape[1]
+        if rows <= cap:
+            return
+        new = rows + self.spare
+        for name in ("k", "v", "pos"):
+            old = getattr(self, name)[layer]
+            buf = old.new_zeros(old.shape[0], new, *old.shape[2:])
+            buf[:, :cap] = old
+            getattr(self, name)[layer] = buf
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, pos: torch.Tensor):
+        """Append T new tokens to every head of `layer`. k, v: (T, Hk, D); q: (T, Hq, D); pos: (T,)."""
+        K, V, P = self.k[layer], self.v[layer], self.pos[layer]
+        if self.static:  # one token, scattered at each head's length; nothing read back to the host
+            heads, rows = self.heads, self.n_dev[layer]
+            K[heads, rows], V[heads, rows], P[heads, rows] = k[0], v[0], pos.expand(K.shape[0])
+            self.n_dev[layer] += 1
+            qw = self.q_win[layer]
+            qw.copy_(torch.cat([qw[:, 1:], q.transpose(0, 1)], dim=1))
+            return
+        T, n = k.shape[0], self.n[layer]
+        self._reserve(layer, int(n.max()) + T)
+        K, V, P = self.k[layer], self.v[layer], self.pos[layer]
+        if not self.ragged(layer):  # every head at the same length: one slice write
+            t = int(n[0])
+            K[:, t:t + T], V[:, t:t + T], P[:, t:t + T] = k.transpose(0, 1), v.transpose(0, 1), pos
+        elif T == 1:  # decode after head-wise compression: one scatter at each head's own end
+            heads, rows = self.heads, self.n_dev[layer]
+            K[heads, rows], V[heads, rows], P[heads, rows] = k[0], v[0], pos
+        else:
+            for h in range(K.shape[0]):
+                t = int(n[h])
+                K[h, t:t + T], V[h, t:t + T], P[h, t:t + T] = k[:, h], v[:, h], pos
+        self.n[layer] += T
+        self.n_dev[layer] += T
+        self.q_win[layer] = torch.cat([self.q_win[layer], q.transpose(0, 1)], dim=1)[:, -self.window:]
+
+    def attend(self, layer: int, q: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+        """(T, Hq, D): all heads of `layer` in one batched call, padding masked out."""
+        T, Hq, D = q.shape
+        Hk = self.config.num_kv_heads
+        G = Hq // Hk
+        S = self.k[layer].shape[1] if self.static else int(self.n[layer].max())
+        K, V = self.k[layer][:, :S], self.v[layer][:, :S]  # (Hk, S, D)
+        qh = q.view(T, Hk, G, D).permute(1, 2, 0, 3).reshape(Hk, G * T, D)  # (Hk, G·T, D), g major
+        att = torch.matmul(qh, K.transpose(1, 2)).float() / math.sqrt(D)  # (Hk, G·T, S)
+        mask = None
+        if self.static or self.ragged(layer):  # rows past a head's length are padding
+            mask = torch.arange(S, device=K.device)[None, :] < self.n_dev[layer][:, None]  # (Hk, S)
+            mask = mask[:, None, :]
+        if T > 1:  # causal by absolute position, as the reference
+            causal = self.pos[layer][:, None, :S] <= q_pos.repeat(G)[None, :, None]  # (Hk, G·T, S)
+            mask = causal if mask is None else mask & causal
+        if mask is not None:
+            att = att.masked_fill(~mask, float("-inf"))
+        att = torch.softmax(att, dim=-1).to(V.dtype)  # softmax in float32
+        y = torch.matmul(att, V)  # (Hk, G·T, D)
+        return y.view(Hk, G, T, D).permute(2, 0, 1, 3).reshape(T, Hq, D)
+
+    def keep(self, layer: int, rows: torch.Tensor, counts: torch.Tensor):
+        """Compress `layer` in place: rows (Hk, m) ascending row indices (padded past counts[h]),
+        counts (Hk,) how many each head keeps. Packs them to the front and trims the capacity."""
+        m = rows.shape[1]
+        idx = rows.to(self.k[layer].device)
+        D = self.k[layer].shape[2]
+        k = torch.gather(self.k[layer], 1, idx[:, :, None].expand(-1, -1, D))
+        v = torch.gather(self.v[layer], 1, idx[:, :, None].expand(-1, -1, D))
+        p = torch.gather(self.pos[layer], 1, idx)
+        cap = self.k[layer].shape[1]
+        if not m + self.spare <= cap <= m + 2 * self.spare:
+            # Trim (or grow) to the kept rows plus `spare`, plus half a `spare` of slack so the next
+            # compression, whose longest head may differ by a few rows, can reuse the storage.
+            cap = m + self.spare + self.spare // 2
+            self.k[layer] = k.new_zeros(k.shape[0], cap, D)
+            self.v[layer] = v.new_zeros(v.shape[0], cap, D)
+            self.pos[layer] = p.new_zeros(p.shape[0], cap)
+        # else: already within one spare of that size, so reuse the storage in place; its address stays,
+        # and a captured CUDA graph (GraphDecoder) stays valid across the compression.
+        self.k[layer][:, :m], self.v[layer][:, :m], self.pos[layer][:, :m] = k, v, p
+        self.n[layer] = counts.cpu()
+        self.n_dev[layer].copy_(counts)
+
+    def nbytes(self) -> int:
+        """K and V bytes held by the heads (padding excluded, to compare with KVCache.nbytes())."""
+        return int(self.n.sum()) * 2 * self.config.head_dim * self.k[0].element_size()
+
+    def allocated_bytes(self) -> int:
+        """K and V bytes of the storage, padding and spare capacity included."""
+        return sum(k.nbytes + v.nbytes for k, v in zip(self.k, self.v))
+
+
+def new_cache(model: Transformer, window: int = 8, *, spare: int = 128) -> PackedCache:
+    """An empty PackedCache in the model's dtype and device (equals model.new_cache(window))."""
+    p = model.embed.weight
+    return PackedCache(model.config, window, dtype=p.dtype, device=p.device, spare=spare)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores and selection, batched over the heads of a layer (head h holds rows [0, n_h) of (Hk, S, D))
+
+
+def window_attention(q_win, k, n_evict, *, gqa_reduce: str = "max"):
+    """Equals evict.window_attention for every head at once: (Hk, w, S); rows >= n_evict[h] masked out.
+    q_win: (Hk, G, w, D), k: (Hk, S, D), n_evict: (Hk,)."""
+    logits = torch.einsum("hgwd,htd->hgwt", q_win, k) / math.sqrt(k.shape[-1])  # (Hk, G, w, S)
+    logits = evict.reduce_group(logits, gqa_reduce, dim=1)  # (Hk, w, S)
+    evictable = torch.arange(k.shape[1], device=k.device)[None, :] < n_evict[:, None]  # (Hk, S)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.softmax(logits.masked_fill(~evictable[:, None, :], float("-inf")), dim=-1)  # (Hk, w, S)
+
+
+def snapkv_score(q_win, k, n, window, *, gqa_reduce="max", kernel=7, **_):
+    """Equals evict.snapkv_score for every head at once: (Hk, S)."""
+    att = window_attention(q_win, k, n - window, gqa_reduce=gqa_reduce).mean(dim=1)  # (Hk, S)
+    # Masked rows hold 0 after the softmax, and every real score is >= 0, so pooling across the end of a
+    # head's evictable rows gives what the per-head pooling (padded with -inf) gives.
+    return F.max_pool1d(att.nan_to_num(0.0)[:, None], kernel_size=kernel, stride=1, padding=kernel // 2)[:, 0]
+
+
+def redundancy(k, n, *, sim_threshold=0.5, zero_col0_quirk=True, chunk_elems: int = 1 << 26):
+    """Equals evict.redundancy of every head, over its n_h rows: (Hk, S). The cosine matrix is built in row
+    blocks (the newest-similar rule is per row and the column mean a sum over rows), so memory stays
+    at about chunk_elems floats however long the heads are."""
+    Hk, S, _ = k.shape
+    kn = k / (k.norm(dim=-1, keepdim=True) + 1e-8)
+    col = torch.arange(S, device=k.device)
+    valid = col[None, :] < n[:, None]  # (Hk, S)
+    colsum = torch.zeros(Hk, S, dtype=k.dtype, device=k.device)
+    step = max(1, chunk_elems // max(1, Hk * S))
+    for r0 in range(0, S, step):
+        rows = col[r0:r0 + step]  # (r,)
+        cos = kn[:, r0:r0 + step] @ kn.transpose(1, 2)  # (Hk, r, S)
+        cos = cos.masked_fill(rows[None, :, None] == col[None, None, :], 0.0)  # the diagonal
+        pair = valid[:, r0:r0 + step, None] & valid[:, None, :]  # (Hk, r, S)
+        cos = cos.masked_fill(~pair, 0.0)
+        similar = (cos > sim_threshold) & pair
+        newest = torch.where(similar, col, 0).max(dim=-1).values  # (Hk, r)
+        hit = torch.zeros_like(similar).scatter_(2, newest[..., None], True)
+        if not zero_col0_quirk:
+            hit &= similar.any(dim=-1, keepdim=True)
+        colsum += cos.masked_fill(hit, 0.0).sum(dim=1)
+    mean = colsum / n.clamp(min=1)[:, None].to(k.dtype)
+    return torch.softmax(mean.masked_fill(~valid, float("-inf")), dim=-1)  # (Hk, S)
+
+
+def rkv_score(q_win, k, n, window, *, lam=0.1, gqa_reduce="max", kernel=7, sim_threshold=0.5,
+              zero_col0_quirk=True, **_):
+    """Equals evict.rkv_score for every head at once: (Hk, S)."""
+    importance = snapkv_score(q_win, k, n, window, gqa_reduce=gqa_reduce, kernel=kernel)
+    R = redundancy(k.to(importance.dtype), n, sim_threshold=sim_threshold, zero_col0_quirk=zero_col0_quirk)
+    return lam * importance - (1 - lam) * R
+
+
+def knorm_score(q_win, k, n, window, **_):
+    """Equals evict.knorm_score for every head at once."""
+    return -k.float().norm(dim=-1)
+
+
+def streaming_score(q_win, k, n, window, *, pos, sink: int = 4, **_):
+    """Equals evict.streaming_score for every head at once."""
+    s = pos.to(torch.float32)
+    s[:, :sink] = float("inf")
+    return s
+
+
+# The batched policies; a policy without one (e.g. the seeded random baseline) runs per head through evict.POLICIES.
+PACKED = {"snapkv": snapkv_score, "rkv": rkv_score, "knorm": knorm_score, "streaming": streaming_score}
+
+
+def score_packed(cache: PackedCache, layer: int, policy: str = "rkv", **options) -> torch.Tensor:
+    """(Hk, S) scores of one layer, S its longest head; -inf where a row is not evictable (the window, or
+    padding). Row h, cut at n_h - w, equals evict.score_layer's h-th tensor."""
+    evict.get_policy(policy)
+    n_cpu = cache.n[layer]
+    S = int(n_cpu.max())
+    n = cache.n_dev[layer]
+    k = cache.k[layer][:, :S]
+    Hk, G = cache.config.num_kv_heads, cache.config.group_size
+    w = cache.window
+    if policy == "full":
+        s = torch.zeros(Hk, S, dtype=torch.float32, device=k.device)
+    elif policy in PACKED:
+        q_win = cache.q_win[layer].view(Hk, G, -1, k.shape[-1])  # (Hk, G, w, D)
+        s = PACKED[policy](q_win, k, n, w, pos=cache.pos[layer][:, :S], **options)
+    else:  # e.g. the seeded random baseline: per head, through the reference function
+        s = torch.full((Hk, S), float("-inf"), device=k.device)
+        for h, head in enumerate(cache[layer]):
+            sc = evict.POLICIES[policy](cache.window_queries(layer, h), head.k, head.v, head.pos, window=w, **options)
+            s[h, :len(sc)] = sc
+    evictable = torch.arange(S, device=k.device)[None, :] < (n - w)[:, None]
+    return s.float().masked_fill(~evictable, float("-inf"))
+
+
+def keep_rows(scores: torch.Tensor, n: torch.Tensor, budgets: torch.Tensor, window: int):
+    """Equals evict.keep_indices for every head at once. scores: (Hk, S) (-inf where not evictable), n: (Hk,)
+    rows held, budgets: (Hk,). Returns (rows (Hk, m) ascending, padded; counts (Hk,))."""
+    Hk, S = scores.shape
+    dev = scores.device
+    n, budgets = n.to(dev), budgets.to(dev)
+    if (budgets < window).any():
+        raise ValueError(f"budgets {budgets.tolist()} go below the window {window}; a head always keeps its window")
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # ties -> older row, as keep_indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(S, device=dev).expand(Hk, S))
+    row = torch.arange(S, device=dev)[None, :]
+    top = (rank < (budgets - window)[:, None]) & (row < (n - window)[:, None])
+    newest = (row >= (n - window)[:, None]) & (row < n[:, None])
+    keep = torch.where((n <= budgets)[:, None], row < n[:, None], top | newest)  # (Hk, S)
+    counts = keep.sum(dim=1)
+    rows = torch.where(keep, row, S).sort(dim=1).values[:, : int(counts.max())]
+    return rows.clamp(max=max(S - 1, 0)), counts
+
+
+def score_layer(cache: PackedCache, layer: int, policy: str = "rkv", **options) -> list[torch.Tensor]:
+    """Equals evict.score_layer: per-head scores (T_h - w,) of one layer."""
+    s = score_packed(cache, layer, policy, **options)
+    return [s[h, :max(int(t) - cache.window, 0)] for h, t in enumerate(cache.n[layer])]
+
+
+def compress_layer(cache: PackedCache, layer: int, budgets, policy: str = "rkv", *, scores=None, **options):
+    """Equals evict.compress_layer: cut every KV head of `layer` to its budget, in place, and return the
+    kept absolute positions of each head. `scores`, per-head lists from score_layer, can be reused."""
+    Hk = cache.config.num_kv_heads
+    if len(budgets) != Hk:
+        raise ValueError(f"got {len(budgets)} budgets for {Hk} KV heads in layer {layer}")
+    if policy == "full":
+        return [h.pos for h in cache[layer]]
+    if scores is None:
+        s = score_packed(cache, layer, policy, **options)
+    else:  # per-head lists, padded back to (Hk, S)
+        S = int(cache.n[layer].max())
+        s = torch.full((Hk, S), float("-inf"), device=cache.k[layer].device)
+        for h, sc in enumerate(scores):
+            s[h, :len(sc)] = sc
+    rows, counts = keep_rows(s, cache.n[layer], torch.as_tensor(budgets), cache.window)
+    cache.keep(layer, rows, counts)
+    return [cache.pos[layer][h, :int(c)] for h, c in enumerate(counts.tolist())]
+
+
+# ----------------------------------------------------------------------------------------------
+# The static decode step, captured as a CUDA graph
+
+
+class GraphDecoder:
+    """Equals one Transformer.forward decode step over a PackedCache, replayed from a CUDA graph.
+
+    Eager decode of a batch-1 model is bound by the host launching ~45 small kernels per layer, not
+    by the GPU. Here the step runs in the cache's static mode: attention spans the whole capacity with
+    the length mask, the new token is scattered at each head's length, and the window queries roll in
+    place, so every tensor keeps its shape and address from step to step and the step can be captured
+    once and replayed. A compression (or a capacity growth) moves the storage and triggers a new
+    capture. On CPU there are no graphs: the same static step runs eagerly (which is what the parity
+    test checks)."""
+
+    def __init__(self, model: Transformer, cache: PackedCache):
+        if not isinstance(cache, PackedCache):
+            raise ValueError("GraphDecoder needs a PackedCache: fast.new_cache(model, window)")
+        dev = model.embed.weight.device
+        self.model, self.cache = model, cache
+        self.token = torch.zeros(1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.use_graph = dev.type == "cuda"
+        self.graph, self.layout, self.logits, self.captures = None, None, None, 0
+
+    def _step(self) -> torch.Tensor:
+        self.cache.static = True
+        try:
+            return self.model.run(self.token, self.pos, self.cache)
+        finally:
+            self.cache.static = False
+
+    def _capture(self):
+        c = self.cache
+        saved_n, saved_q = [n.clone() for n in c.n_dev], [q.clone() for q in c.q_win]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up on a side stream before capturing, as CUDA graphs require
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        for n, old in zip(c.n_dev, saved_n):  # undo the warm-up steps (their rows lie past the lengths)
+            n.copy_(old)
+        for q, old in zip(c.q_win, saved_q):
+            q.copy_(old)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+        self.captures += 1
+
+    def __call__(self, token) -> torch.Tensor:
+        """Append `token` (an int or a 1-element tensor) and return the (1, vocab) float32 logits."""
+        c = self.cache
+        check_context(c.config, c.next_pos + 1)
+        if c.q_win[0].shape[1] < c.window:
+            raise ValueError(f"GraphDecoder needs at least window = {c.window} tokens in the cache first")
+        for layer in range(len(c)):
+            c._reserve(layer, int(c.n[layer].max()) + 2)  # room for this step (and a warm-up step)
+        self.token.copy_(torch.as_tensor(token).view(1))
+        self.pos.fill_(c.next_pos)
+        if self.use_graph:
+            layout = tuple(t.data_ptr() for t in (*c.k, *c.v, *c.pos, *c.n_dev, *c.q_win))
+            if layout != self.layout:
+                self._capture()
+                self.layout = layout
+            self.graph.replay()
+            logits = self.logits
+        else:
+            logits = self._step()
+        c.n += 1
+        c.next_pos += 1
+        return logits

@@ -1,0 +1,85 @@
+"""The tokenizer of a Hugging Face model folder, and its chat template.
+
+A `tokenizers.Tokenizer` read from tokenizer.json, plus what generation needs from tokenizer_config.json:
+the BOS / EOS tokens and the chat template, rendered in a sandboxed Jinja environment as transformers
+renders it. Nothing here depends on the rest of the project.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+class Tokenizer:
+    def __init__(self, path):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(path)
+        if not (path / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"no tokenizer.json in {path}")
+        self.tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        cfg_file = path / "tokenizer_config.json"
+        cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        token = lambda t: t.get("content") if isinstance(t, dict) else t  # noqa: E731
+        self.bos_token, self.eos_token = token(cfg.get("bos_token")), token(cfg.get("eos_token"))
+        self.chat_template = cfg.get("chat_template")
+        if isinstance(self.chat_template, list):  # a list of named templates: take "default"
+            self.chat_template = next((t["template"] for t in self.chat_template if t.get("name") == "default"), None)
+        self.add_bos = bool(cfg.get("add_bos_token", False))
+
+    @property
+    def eos_token_id(self):
+        return None if self.eos_token is None else self.tok.token_to_id(self.eos_token)
+
+    def encode(self, text: str) -> list[int]:
+        # Special tokens written in the text (from a chat template) are parsed as such.
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        bos = None if self.bos_token is None else self.tok.token_to_id(self.bos_token)
+        return [bos] + ids if self.add_bos and bos is not None and ids[:1] != [bos] else ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def render_chat(self, prompt: str, system: str | None = None) -> str:
+        """The prompt as the model's own chat template renders it (a sandboxed Jinja environment, as
+        transformers does); without a template, a plain "User: / Assistant:" layout."""
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        if not self.chat_template:
+            return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(msg):
+            raise ValueError(f"chat template error: {msg}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=True, bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "")
+
+
+def load_tokenizer(path) -> Tokenizer:
+    return Tokenizer(path)
+
+
+class TextStream:
+    """Prints generated text as it comes, decoding the whole tail so multi-byte characters that span
+    tokens are printed only once complete. Usable as a generation hook (see reasonalloc.generate)."""
+
+    def __init__(self, tokenizer: Tokenizer, out=sys.stdout):
+        self.tokenizer, self.out, self.ids, self.printed = tokenizer, out, [], 0
+
+    def put(self, token: int):
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            self.out.write(text[self.printed:])
+            self.out.flush()
+            self.printed = len(text)
+
+    def __call__(self, step, token, logits, cache):
+        if token is not None:  # step 0 is the prompt
+            self.put(token)
