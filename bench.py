@@ -250,7 +250,7 @@ def run_method(model, tok, ids, method: str, budget: int, args, profile, **kw) -
     policy, allocator = METHODS[method]
     return R.generate(model, tok, ids, budget=budget, allocator=allocator, policy=policy, profile=profile,
                       window=args.window, packed=args.packed, gamma=args.gamma, beta=args.head_beta,
-                      mu=args.head_mu, interval=interval_for(budget, args.new_tokens, args.interval), **kw)
+                      mu=args.head_mu, head_utility=args.head_utility, interval=interval_for(budget, args.new_tokens, args.interval), **kw)
 
 
 def teacher_forced(tokens: list[int], observe=None):
@@ -491,7 +491,7 @@ def speed_table(cell: dict) -> str:
 
 def settings_of(args, what: str) -> dict:
     keep = ["model", "new_tokens", "budgets", "interval", "window", "prompts", "problems", "temperature", "top_p",
-            "speed_budget", "dtype", "path", "gamma", "head_beta", "head_mu"]
+            "speed_budget", "dtype", "path", "gamma", "head_beta", "head_mu", "head_utility"]
     settings = {"measurement": what, **{k: getattr(args, k) for k in keep}}
     for k in ("prompts", "problems"):  # files of this repository by their relative path, so clones can resume
         path = Path(settings[k]).resolve()
@@ -611,6 +611,8 @@ def parser():
     p.add_argument("--gamma", type=float, default=0.5, help="layer level: robustify power γ on the wave")
     p.add_argument("--head-beta", type=float, default=0.5, help="head level: robustify power β")
     p.add_argument("--head-mu", type=float, default=0.25, help="head level: lower clip μ, as a fraction of B_l")
+    p.add_argument("--head-utility", choices=R.HEAD_UTILITIES, default="length",
+                   help="head level: how scores of heads of different lengths are pooled (reasonalloc.comparable)")
     p.add_argument("--path", choices=["fast", "reference"], default="fast",
                    help="the packed fast path (tested equal to the reference) or the per-head reference cache")
     p.add_argument("--no-peer", action="store_true", help="speed: skip the transformers FullKV peer")

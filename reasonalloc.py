@@ -155,10 +155,39 @@ def uniform_heads(scores: list[torch.Tensor], layer_budget: int, *, window: int 
     return torch.full((len(scores),), int(layer_budget), dtype=torch.long)
 
 
-def head_demand(scores: list[torch.Tensor], layer_budget: int, *, window: int = 8,
+HEAD_UTILITIES = ("length", "rank", "raw")
+
+
+def comparable(scores: list[torch.Tensor], utility: str, window: int) -> list[torch.Tensor]:
+    """Each head's scores on a scale shared by every head of the layer, so that they can be pooled.
+
+    R-KV's two terms (and SnapKV's score) are softmax-normalised within a head, so a head holding T_h
+    tokens scores ~1/T_h per token. Pooled as they are ("raw", kept for ablation), a head cut to fewer
+    tokens scores lower at every token and is cut again at the next compression: budgets drift to the
+    clips and stay there, the starvation loop the head level's floor μ only bounds.
+      "length": score × T_h (T_h = evictable + window tokens), undoing the 1/T_h of the softmax.
+      "rank":   each token's quantile within its head (1 = the head's best, → 0 = its worst)."""
+    if utility == "raw":
+        return scores
+    if utility == "length":
+        return [s.double() * (len(s) + window) for s in scores]
+    if utility == "rank":
+        out = []
+        for s in scores:
+            rank = torch.empty(len(s), dtype=torch.float64)
+            rank[torch.sort(s, descending=True, stable=True).indices] = torch.arange(len(s), dtype=torch.float64)
+            out.append(1 - rank / max(len(s), 1))
+        return out
+    raise ValueError(f"unknown head utility {utility!r}; choose one of {', '.join(HEAD_UTILITIES)}")
+
+
+def head_demand(scores: list[torch.Tensor], layer_budget: int, *, window: int = 8, utility: str = "length",
                 normalize_heads: bool = False) -> torch.Tensor:
-    """(Hk,) r_h: how many of head h's tokens are in the layer's pooled top Hk·(B_l − w) scores.
+    """(Hk,) r_h: how many of head h's tokens are in the layer's pooled top Hk·(B_l − w) utilities.
+    utility: how scores of heads of different lengths are made comparable (see `comparable`; "length" by
+    default, chosen on the calibration prompts: README, "Choices").
     normalize_heads: Ada-KV-style, first shift each head's scores to >= 0 and scale them to sum to 1."""
+    scores = comparable(scores, utility, window)
     if normalize_heads:
         scores = [(s - s.min()) / (s - s.min()).sum().clamp_min(1e-30) if len(s) else s for s in scores]
     k = len(scores) * (int(layer_budget) - window)
@@ -176,17 +205,19 @@ def head_demand(scores: list[torch.Tensor], layer_budget: int, *, window: int = 
 
 
 def head_budgets(scores: list[torch.Tensor], layer_budget: int, *, window: int = 8, beta: float = 0.5,
-                 mu: float = 0.25, hi: float = 2.0, normalize_heads: bool = False, **_) -> torch.Tensor:
+                 mu: float = 0.25, hi: float = 2.0, utility: str = "length", normalize_heads: bool = False,
+                 **_) -> torch.Tensor:
     """ReasonAlloc's head level: b_lh = robustify(r, Hk·B_l, power=β, lo=μ, hi, floor=w). (Hk,)"""
-    r = head_demand(scores, layer_budget, window=window, normalize_heads=normalize_heads)
+    r = head_demand(scores, layer_budget, window=window, utility=utility, normalize_heads=normalize_heads)
     return robustify(r, len(scores) * int(layer_budget), power=beta, lo=mu, hi=hi, floor=window)
 
 
 def adakv_head_budgets(scores: list[torch.Tensor], layer_budget: int, *, window: int = 8,
                        alpha: float = 0.2, **_) -> torch.Tensor:
     """Ada-KV's rule: c_h = head h's share of the pooled top Hk·(B − w) scores;
-    b_h = round(c_h·(1 − α) + α·(B − w)) + w, rounded by largest remainder so the total is exact."""
-    c = head_demand(scores, layer_budget, window=window).double()
+    b_h = round(c_h·(1 − α) + α·(B − w)) + w, rounded by largest remainder so the total is exact.
+    Pooled as Ada-KV pools them (its published rule, the baseline as it is): raw scores."""
+    c = head_demand(scores, layer_budget, window=window, utility="raw").double()
     Hk, bp = len(scores), int(layer_budget) - window
     if c.sum() < Hk * bp:  # fewer candidates than the budget: spread what is missing uniformly
         c = c + (Hk * bp - c.sum()) / Hk
@@ -280,7 +311,8 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator) ->
     return int(idx[torch.multinomial(p / p.sum(), 1, generator=generator)])
 
 
-def validate(*, budget, window, interval, temperature, top_p, allocator, policy, max_new_tokens, gamma, beta, mu):
+def validate(*, budget, window, interval, temperature, top_p, allocator, policy, max_new_tokens, gamma, beta, mu,
+             head_utility):
     import evict
 
     check_budget(budget, window)
@@ -297,6 +329,8 @@ def validate(*, budget, window, interval, temperature, top_p, allocator, policy,
             raise ValueError(f"{name} (a robustify power) must be a number >= 0, got {value}")
     if not 0 <= mu <= 1:
         raise ValueError(f"mu (the head level's low clip, a fraction of B_l) must be in [0, 1], got {mu}")
+    if head_utility not in HEAD_UTILITIES:
+        raise ValueError(f"unknown head utility {head_utility!r}; choose one of {', '.join(HEAD_UTILITIES)}")
     get_allocator(allocator)
     evict.get_policy(policy)
 
@@ -324,17 +358,41 @@ def compress(cache, layer_b: torch.Tensor, allocator: str = "reasonalloc", polic
     return heads_b, kept
 
 
+def compress_event(cache, step: int, layer_b: torch.Tensor, allocator: str, policy: str, *, policy_options,
+                   head_options, record_positions: bool) -> tuple[torch.Tensor, dict]:
+    """`compress`, and the record of it: (head budgets (L, Hk), the event as generate() reports it)."""
+    before = cache.lengths()
+    budgets, kept = compress(cache, layer_b, allocator, policy, policy_options=policy_options,
+                             head_options=head_options)
+    event = {"step": step, "layer_budgets": layer_b.tolist(), "head_budgets": budgets.tolist(),
+             "lengths_before": before.tolist(), "lengths_after": cache.lengths().tolist()}
+    if record_positions:
+        event["kept_positions"] = [[p.tolist() for p in layer] for layer in kept]
+    return budgets, event
+
+
+def plan(config, *, budget, allocator, policy, profile, window, gamma, beta, mu, head_utility, layer_options,
+         head_options) -> tuple[str, torch.Tensor, dict, dict]:
+    """A run's allocator, layer budgets B_l and the options of its layer and head rules."""
+    if policy == "full":  # nothing is evicted, so the split does not matter (and needs no profile)
+        allocator = "uniform"
+    layer_options = {"gamma": gamma, **(layer_options or {})}
+    head_options = {"beta": beta, "mu": mu, "utility": head_utility, **(head_options or {})}
+    layer_b = layer_budgets(allocator, config.num_layers, budget, window=window, profile=profile, **layer_options)
+    return allocator, layer_b, layer_options, head_options
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, prompt, *, budget: int, allocator: str = "reasonalloc", policy: str = "rkv",
              profile=None, interval: int = 128, window: int = 8, max_new_tokens: int = 512,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, chat: bool = True,
-             gamma: float = 0.5, beta: float = 0.5, mu: float = 0.25, layer_options=None, head_options=None,
-             policy_options=None, record_positions: bool = False, packed: bool = False, hook=None) -> Generation:
+             gamma: float = 0.5, beta: float = 0.5, mu: float = 0.25, head_utility: str = "length",
+             layer_options=None, head_options=None, policy_options=None, record_positions: bool = False, packed: bool = False, hook=None) -> Generation:
     """Generate under a KV budget of B = `budget` tokens per KV head on average.
 
     `prompt` is text (rendered with the chat template when chat=True) or a 1-D LongTensor of ids. The
     research knobs: γ (`gamma`, the layer level's power), β and μ (`beta`, `mu`, the head level's power
-    and low clip); `layer_options` / `head_options` reach the allocator's rules (e.g. {"hi": 3.0},
+    and low clip), how head scores are pooled (`head_utility`, see `comparable`); `layer_options` / `head_options` reach the allocator's rules (e.g. {"hi": 3.0},
     {"alpha": 0.1}), `policy_options` the eviction policy (e.g. {"lam": 0.2}). packed=True runs the fast
     path (fast.py), tested equal to the per-head reference cache.
 
@@ -346,18 +404,17 @@ def generate(model, tokenizer, prompt, *, budget: int, allocator: str = "reasona
     from model import check_context, encode_prompt, stop_ids
 
     validate(budget=budget, window=window, interval=interval, temperature=temperature, top_p=top_p,
-             allocator=allocator, policy=policy, max_new_tokens=max_new_tokens, gamma=gamma, beta=beta, mu=mu)
+             allocator=allocator, policy=policy, max_new_tokens=max_new_tokens, gamma=gamma, beta=beta, mu=mu,
+             head_utility=head_utility)
     cfg = model.config
     if isinstance(prompt, torch.Tensor):
         ids = prompt.long()
         check_context(cfg, ids.numel(), max_new_tokens)
     else:
         ids = encode_prompt(tokenizer, cfg, prompt, chat=chat, max_new_tokens=max_new_tokens)
-    if policy == "full":  # nothing is evicted, so the split does not matter (and needs no profile)
-        allocator = "uniform"
-    layer_options = {"gamma": gamma, **(layer_options or {})}
-    head_options = {"beta": beta, "mu": mu, **(head_options or {})}
-    layer_b = layer_budgets(allocator, cfg.num_layers, budget, window=window, profile=profile, **layer_options)
+    allocator, layer_b, layer_options, head_options = plan(
+        cfg, budget=budget, allocator=allocator, policy=policy, profile=profile, window=window, gamma=gamma,
+        beta=beta, mu=mu, head_utility=head_utility, layer_options=layer_options, head_options=head_options)
     budgets = layer_b[:, None].expand(-1, cfg.num_kv_heads).clone()  # (L, Hk) the current b_lh
     generator = torch.Generator().manual_seed(seed)
     stops = stop_ids(cfg, tokenizer)
@@ -372,15 +429,10 @@ def generate(model, tokenizer, prompt, *, budget: int, allocator: str = "reasona
         lengths = cache.lengths()
         # 3. every Δ steps (and after the prompt, step 0), once any head holds more than its budget
         if policy != "full" and step % interval == 0 and (lengths > budgets).any():
-            budgets, kept = compress(cache, layer_b, allocator, policy, policy_options=policy_options,
-                                     head_options=head_options)
-            event = {"step": step, "layer_budgets": layer_b.tolist(), "head_budgets": budgets.tolist(),
-                     "lengths_before": lengths.tolist()}
-            lengths = cache.lengths()
-            event["lengths_after"] = lengths.tolist()
-            if record_positions:
-                event["kept_positions"] = [[p.tolist() for p in layer] for layer in kept]
+            budgets, event = compress_event(cache, step, layer_b, allocator, policy, policy_options=policy_options,
+                                            head_options=head_options, record_positions=record_positions)
             events.append(event)
+            lengths = cache.lengths()
         if step > 0:
             held.append(int(lengths.sum()))
             full.append(cfg.num_layers * cfg.num_kv_heads * cache.next_pos)
@@ -406,6 +458,47 @@ def generate(model, tokenizer, prompt, *, budget: int, allocator: str = "reasona
                       policy_options=policy_options or {},
                       profile_demand=None if demand is None else [float(x) for x in demand]),
     )
+
+
+@torch.inference_mode()
+def teacher_force(model, ids: torch.Tensor, tokens: list[int], *, budget: int, allocator: str = "reasonalloc",
+                  policy: str = "rkv", profile=None, interval: int = 128, window: int = 8, gamma: float = 0.5,
+                  beta: float = 0.5, mu: float = 0.25, head_utility: str = "length", layer_options=None,
+                  head_options=None, policy_options=None, record_positions: bool = False,
+                  packed: bool = False) -> tuple[torch.Tensor, list[dict]]:
+    """Feed `tokens` after the prompt `ids` under a budget, as generate() does when a hook forces them, and
+    return (the (N, vocab) float32 logits that predict each of them, the compression events).
+
+    Each interval's tokens go through the model in one forward pass instead of one by one: between two
+    compressions the cache only grows, and attention is causal by absolute position, so one pass over the
+    Δ tokens gives the logits, the window queries and the cache of Δ single-token steps (tested equal)."""
+    import fast
+    from model import check_context
+
+    validate(budget=budget, window=window, interval=interval, temperature=0.0, top_p=1.0, allocator=allocator,
+             policy=policy, max_new_tokens=len(tokens), gamma=gamma, beta=beta, mu=mu, head_utility=head_utility)
+    cfg = model.config
+    check_context(cfg, ids.numel(), len(tokens))
+    allocator, layer_b, _, head_options = plan(
+        cfg, budget=budget, allocator=allocator, policy=policy, profile=profile, window=window, gamma=gamma,
+        beta=beta, mu=mu, head_utility=head_utility, layer_options=layer_options, head_options=head_options)
+    budgets = layer_b[:, None].expand(-1, cfg.num_kv_heads).clone()
+    device = model.embed.weight.device
+    cache = fast.new_cache(model, window, spare=interval) if packed else model.new_cache(window)
+    logits, events = [model(ids.long().to(device), cache)[-1:]], []
+    forced = torch.tensor(tokens, dtype=torch.long, device=device)
+    step = 0
+    while True:
+        if policy != "full" and step % interval == 0 and (cache.lengths() > budgets).any():
+            budgets, event = compress_event(cache, step, layer_b, allocator, policy, policy_options=policy_options,
+                                            head_options=head_options, record_positions=record_positions)
+            events.append(event)
+        if step == len(tokens):
+            break
+        end = min((step // interval + 1) * interval, len(tokens))  # the next compression step, or the end
+        logits.append(model(forced[step:end], cache))  # steps step + 1 .. end in one pass
+        step = end
+    return torch.cat(logits)[:len(tokens)], events
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,7 +533,7 @@ def run_kwargs(args) -> dict:
     """The generate() settings the CLI's flags give."""
     return dict(budget=args.budget, interval=args.interval, window=args.window, max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature, top_p=args.top_p, seed=args.seed, packed=args.fast,
-                gamma=args.gamma, beta=args.beta, mu=args.mu)
+                gamma=args.gamma, beta=args.beta, mu=args.mu, head_utility=args.head_utility)
 
 
 def compare(model, tokenizer, args, profile):
@@ -523,6 +616,8 @@ def parser():
     p.add_argument("--gamma", type=float, default=0.5, help="layer level: robustify power γ on the wave")
     p.add_argument("--beta", type=float, default=0.5, help="head level: robustify power β on the head demand")
     p.add_argument("--mu", type=float, default=0.25, help="head level: low clip μ, as a fraction of B_l")
+    p.add_argument("--head-utility", choices=HEAD_UTILITIES, default="length",
+                   help="head level: how scores of heads of different lengths are made comparable before pooling")
     p.add_argument("--events", help="write the result and compression events (with kept positions) to this JSON file")
     p.add_argument("--compare", action="store_true",
                    help="run FullKV, SnapKV, R-KV, Pyramid-RKV, wave, head, ReasonAlloc and Ada-KV on the prompt "

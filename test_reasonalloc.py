@@ -139,6 +139,42 @@ def test_head_budgets_one_head_holds_the_useful_tokens():
     assert ada.tolist() == [26, 18, 10]
 
 
+def test_pooled_shares_follow_length_when_utilities_are_alike():
+    """Two heads whose tokens have the same utility distribution, one holding three times as many: the
+    pooled top-k must split in proportion to length. Scores are built as R-KV's are sized, utility / T_h
+    (softmax-normalised within the head), with negative utilities as R-KV's redundancy term makes them.
+    Pooled raw, the longer head's scores sit nearer zero and it takes every slot."""
+    w, n = 8, (30, 90)
+    u = [-1 + 0.5 * torch.arange(m, dtype=torch.float64) / (m - 1) for m in n]  # same grid on [-1, -0.5]
+    scores = [x / (m + w) for x, m in zip(u, n)]
+    k = 40  # layer budget 28 per head: 2 * (28 - 8) = 40 pooled slots
+    for utility in ("length", "rank"):
+        r = R.head_demand(scores, 28, window=w, utility=utility)
+        assert r.sum() == k and abs(int(r[0]) - k * 30 / 120) <= 1 and abs(int(r[1]) - k * 90 / 120) <= 1, (utility, r)
+    assert R.head_demand(scores, 28, window=w, utility="raw").tolist() == [0, 40]  # the rule as first written
+
+
+@pytest.mark.parametrize("lengths", [(40, 100), (100, 40)])
+def test_head_split_spread_vs_focused_attention_in_either_length_order(lengths):
+    """Head A's attention is spread evenly over its tokens; head B's sits on 3 of them. R-KV-shaped
+    scores λ·I − (1 − λ)·R with no redundancy (R uniform): B needs 3 tokens beyond its window and A the
+    rest of the layer's 2·(23 − 8) = 30 pooled slots, whichever head holds more tokens."""
+    w, lam = 8, 0.1
+    scores = []
+    for h, T in enumerate(lengths):
+        n = T - w
+        att = torch.full((n,), 1.0 / n, dtype=torch.float64)
+        if h == 1:  # focused: 0.9 of the mass on 3 tokens
+            att = torch.full((n,), 0.1 / (n - 3), dtype=torch.float64)
+            att[[5, 17, 29]] = 0.3
+        scores.append(lam * att - (1 - lam) * torch.full((n,), 1.0 / T, dtype=torch.float64))
+    assert R.head_demand(scores, 23, window=w, utility="length").tolist() == [27, 3]
+    b = R.head_budgets(scores, 23, window=w)
+    assert b.sum() == 46 and b[0] > b[1]
+    if lengths[0] < lengths[1]:  # pooled raw, the longer focused head's idle tokens outrank A's
+        assert R.head_demand(scores, 23, window=w, utility="raw").tolist() != [27, 3]
+
+
 def test_allocators_pair_a_layer_rule_with_a_head_rule():
     A = R.ALLOCATORS
     assert A["uniform"] == R.Allocator(R.uniform_layers, R.uniform_heads)
@@ -586,9 +622,29 @@ def test_settings_record_every_knob(tiny_model):
                    head_options={"normalize_heads": True}, policy_options={"lam": 0.2})
     st = g.settings
     assert st["layer_options"] == {"gamma": 0.7, "hi": 3.0} and st["profile_demand"] == WAVE
-    assert st["head_options"] == {"beta": 0.3, "mu": 0.5, "normalize_heads": True}
+    assert st["head_options"] == {"beta": 0.3, "mu": 0.5, "utility": "length", "normalize_heads": True}
     assert st["policy_options"] == {"lam": 0.2} and st["interval"] == 8 and st["packed"] is False
     assert g.layer_budgets == R.layer_budgets("reasonalloc", 3, 16, profile=WAVE, gamma=0.7, hi=3.0).tolist()
+
+
+@pytest.mark.parametrize("allocator", ["uniform", "head", "reasonalloc"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_teacher_force_in_chunks_equals_step_by_step(tiny_model, allocator, packed):
+    """teacher_force feeds each interval's tokens in one forward pass; generate() with a forcing hook feeds
+    them one at a time. Same logits (float tolerance), and the same head budgets and kept positions at
+    every compression, through ragged head-wise budgets."""
+    force = ((torch.arange(45) * 13 + 5) % 97).tolist()  # 45 = 5 intervals of 8 and 5 tokens more
+    kw = dict(budget=14, allocator=allocator, profile=WAVE, interval=8, record_positions=True, packed=packed)
+    step_logits = []
+    g = R.generate(tiny_model, ByteTok(), TINY_PROMPT, max_new_tokens=len(force), hook=forcing(force, step_logits),
+                   **kw)
+    logits, events = R.teacher_force(tiny_model, TINY_PROMPT, force, **kw)
+    assert logits.shape == (45, 97)
+    torch.testing.assert_close(logits, torch.stack(step_logits), rtol=1e-5, atol=1e-5)
+    assert [e["step"] for e in events] == [0, 8, 16, 24, 32, 40]
+    assert events == g.events
+    if allocator != "uniform":
+        assert any(len(set(row)) > 1 for e in events for row in e["head_budgets"]), "no ragged heads"
 
 
 def test_generation_bad_inputs(tiny_model, tmp_path):
