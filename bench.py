@@ -253,6 +253,30 @@ def run_method(model, tok, ids, method: str, budget: int, args, profile, **kw) -
                       mu=args.head_mu, head_utility=args.head_utility, interval=interval_for(budget, args.new_tokens, args.interval), **kw)
 
 
+def forced_logits(model, ids, tokens, method: str, budget: int, args, profile):
+    """(logits (N, vocab) predicting each reference token, compression events) of one method."""
+    policy, allocator = METHODS[method]
+    return R.teacher_force(model, ids, tokens, budget=budget, allocator=allocator, policy=policy, profile=profile,
+                           window=args.window, packed=args.packed, gamma=args.gamma, beta=args.head_beta,
+                           mu=args.head_mu, head_utility=args.head_utility,
+                           interval=interval_for(budget, args.new_tokens, args.interval))
+
+
+def cache_tokens(config, prompt_tokens: int, steps: int, events: list[dict]) -> tuple[list[int], list[int]]:
+    """Tokens held (all layers and heads) after each of `steps` decode steps, and what a full cache would
+    hold then, from the compression events: between two events every head grows by one token a step."""
+    per_step = config.num_layers * config.num_kv_heads
+    by_step = {e["step"]: e for e in events}
+    last = by_step.get(0)  # the prompt's compression, if there was one
+    held, full = [], []
+    for s in range(1, steps + 1):
+        last = by_step.get(s, last)
+        held_then, at = (sum(map(sum, last["lengths_after"])), last["step"]) if last else (per_step * prompt_tokens, 0)
+        held.append(held_then + per_step * (s - at))
+        full.append(per_step * (prompt_tokens + s))
+    return held, full
+
+
 def teacher_forced(tokens: list[int], observe=None):
     """A generation hook that feeds `tokens` one by one; observe(i, logits) sees the logits that predict
     tokens[i] (with the cache as it stands before that token is fed)."""
@@ -280,25 +304,24 @@ def fidelity(model, tok, prompts, args, profile, store: Store, rank: int = 0, wo
         if not todo:
             continue
         ids = encode(model, tok, prompts[i], args.new_tokens)
-        full_logits = []
-        ref = R.generate(model, tok, ids, budget=args.window + 1, policy="full", max_new_tokens=args.new_tokens,
-                         packed=args.packed, hook=lambda step, t, x, c: full_logits.append(x.clone()))
-        tokens = ref.tokens
+        tokens = R.generate(model, tok, ids, budget=args.window + 1, policy="full", max_new_tokens=args.new_tokens,
+                            packed=args.packed).tokens
+        # Every method, FullKV too, replays the reference through R.teacher_force (each interval in one
+        # forward pass, equal to step-by-step decoding), so FullKV's replay is the very same computation.
+        full_logits = forced_logits(model, ids, tokens, "FullKV", args.window + 1, args, profile)[0]
         for m, b in todo:
+            logits, events = forced_logits(model, ids, tokens, m, max(b, args.window + 1), args, profile)
             sums = [0.0, 0.0, 0.0]
-
-            def compare(i, logits):
-                for k, v in enumerate(step_metrics(full_logits[i], logits, tokens[i])):
+            for j, token in enumerate(tokens):
+                for k, v in enumerate(step_metrics(full_logits[j], logits[j], token)):
                     sums[k] += v
-
-            g = run_method(model, tok, ids, m, max(b, args.window + 1), args, profile,
-                           max_new_tokens=len(tokens), hook=teacher_forced(tokens, compare))
             n = max(1, len(tokens))
+            held, full = cache_tokens(model.config, int(ids.numel()), len(tokens), events)
             store.add(f"fidelity|{i}|{m}|{b}", {
                 "prompt": i, "method": m, "budget": b, "steps": len(tokens), "prompt_tokens": int(ids.numel()),
                 "nll_increase": sums[0] / n, "top1_agreement": sums[1] / n, "kl": sums[2] / n,
-                "compressions": len(g.events), "mean_cache_tokens": statistics.fmean(g.cache_tokens or [0]),
-                "mean_full_tokens": statistics.fmean(g.full_tokens or [0]), "reference": tokens})
+                "compressions": len(events), "mean_cache_tokens": statistics.fmean(held or [0]),
+                "mean_full_tokens": statistics.fmean(full or [0]), "reference": tokens})
             prog.step(f"prompt {i} {m} B={b}")
 
 

@@ -168,6 +168,15 @@ def test_step_metrics_by_hand():
     assert kl == pytest.approx(float((p * (p / q).log()).sum())) and kl > 0
 
 
+def test_cache_tokens_from_events_match_generation(tiny_model):
+    """bench.cache_tokens rebuilds generate()'s per-step cache sizes from the compression events alone."""
+    prompt = torch.arange(3, 43) % 97
+    for budget, allocator in ((16, "head"), (500, "uniform")):  # compressing, and never compressing
+        g = R.generate(tiny_model, None, prompt, budget=budget, allocator=allocator, interval=8, max_new_tokens=30)
+        held, full = Bn.cache_tokens(tiny_model.config, 40, 30, g.events)
+        assert held == g.cache_tokens and full == g.full_tokens
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tiny_hf):
     """A tiny random llama saved as a model folder, with a character-level tokenizer and a wave profile."""
