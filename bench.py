@@ -42,7 +42,7 @@ import torch
 import fast
 import reasonalloc as R
 from convert import resolve_model_dir
-from model import DTYPES, encode_prompt, load_model
+from model import DTYPES, check_context, encode_prompt, load_model, stop_ids
 from profile import find_profile, load_profile, read_jsonl, read_prompts
 from reasonalloc import METHODS
 from tokenizer import load_tokenizer
@@ -150,18 +150,35 @@ def read_problems(path) -> list[dict]:
     return problems
 
 
+def read_sessions(path) -> list[list[str]]:
+    """Sessions from JSON Lines with `turns`, a list of user messages answered one after another."""
+    out = []
+    for n, obj in read_jsonl(path, "sessions"):
+        turns = obj.get("turns") if isinstance(obj, dict) else None
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+            raise ValueError(f"{path}, line {n}: expected {{\"turns\": [\"first user message\", ...]}} with non-empty texts")
+        out.append(turns)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Fidelity metrics
 
 
-def step_metrics(full_logits: torch.Tensor, logits: torch.Tensor, ref_token: int) -> tuple[float, float, float]:
-    """For one step: NLL increase of the reference token, top-1 agreement (0/1), KL(full ‖ compressed)."""
-    p = torch.log_softmax(full_logits.double(), -1)  # (V,)
-    q = torch.log_softmax(logits.double(), -1)
-    nll_inc = float(p[ref_token] - q[ref_token])
-    agree = float(int(full_logits.argmax()) == int(logits.argmax()))
-    kl = float((p.exp() * (p - q)).sum())
-    return nll_inc, agree, max(kl, 0.0)
+def token_metrics(full_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+                  chunk: int = 256) -> torch.Tensor:
+    """(N, 3): per reference token, the NLL increase of the token, top-1 agreement (0/1: argmax equal to the
+    full cache's argmax) and KL(full ‖ compressed), in float64, `chunk` rows at a time to bound memory."""
+    rows = []
+    for i in range(0, len(targets), chunk):
+        p = torch.log_softmax(full_logits[i:i + chunk].double(), -1)
+        q = torch.log_softmax(logits[i:i + chunk].double(), -1)
+        t = targets[i:i + chunk, None]
+        nll_inc = (p.gather(1, t) - q.gather(1, t))[:, 0]
+        agree = (p.argmax(-1) == q.argmax(-1)).double()
+        kl = (p.exp() * (p - q)).sum(-1).clamp_min(0.0)
+        rows.append(torch.stack([nll_inc, agree, kl], 1))
+    return torch.cat(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)
 
 
 def default_budgets(new_tokens: int, window: int) -> list[int]:
@@ -311,10 +328,7 @@ def fidelity(model, tok, prompts, args, profile, store: Store, rank: int = 0, wo
         full_logits = forced_logits(model, ids, tokens, "FullKV", args.window + 1, args, profile)[0]
         for m, b in todo:
             logits, events = forced_logits(model, ids, tokens, m, max(b, args.window + 1), args, profile)
-            sums = [0.0, 0.0, 0.0]
-            for j, token in enumerate(tokens):
-                for k, v in enumerate(step_metrics(full_logits[j], logits[j], token)):
-                    sums[k] += v
+            sums = token_metrics(full_logits, logits, torch.tensor(tokens)).sum(0).tolist()
             n = max(1, len(tokens))
             held, full = cache_tokens(model.config, int(ids.numel()), len(tokens), events)
             store.add(f"fidelity|{i}|{m}|{b}", {
@@ -345,6 +359,217 @@ def accuracy(model, tok, problems, args, profile, store: Store, rank: int = 0, w
                         "answer": problems[i]["answer"], "correct": answers_match(pred, problems[i]["answer"]),
                         "new_tokens": len(g.tokens), "compressions": len(g.events)})
         prog.step(f"problem {i} {m} B={b} sample {s}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Long multi-turn sessions: the paper's regime, budgets of 64-256 tokens against transcripts of 1,500+.
+# SmolLM2 loops when made to write one long answer, so a long coherent reference is built as a chat: the
+# model answers held-out problems one after another, each answer its own greedy reply with the full cache.
+
+
+def distinct_ngrams(tokens: list[int], n: int = 4) -> float:
+    """Distinct n-grams over all n-grams: near 1 for varied text, near 0 for a repetition loop."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) / max(1, len(grams))
+
+
+@torch.inference_mode()
+def session_reference(model, tok, turns: list[str], *, min_tokens: int, turn_tokens: int, packed: bool = True) -> dict:
+    """The model answers `turns` in one chat until the transcript passes `min_tokens`. Returns the first
+    turn's prompt ids, every later token (the replies and the chat template's text between them), which of
+    those are reply tokens (the scored ones), and the replies' text and distinct 4-gram ratio."""
+    cfg, device = model.config, model.embed.weight.device
+    stops = stop_ids(cfg, tok)
+    cache = fast.new_cache(model, window=8, spare=turn_tokens) if packed else model.new_cache()  # never compressed
+    messages, rendered, prompt, tokens, scored, replies = [], "", [], [], [], []
+    for turn in turns:
+        messages.append({"role": "user", "content": turn})
+        text = tok.render_messages(messages)
+        if not text.startswith(rendered):
+            raise ValueError("the chat template does not render a conversation as an extension of its shorter "
+                             "prefix, so a session cannot be built turn by turn with this model")
+        new = tok.encode(text[len(rendered):], bos=not prompt)
+        if prompt:
+            tokens += new
+            scored += [False] * len(new)
+        else:
+            prompt = new
+        check_context(cfg, len(prompt) + len(tokens), turn_tokens)
+        logits, reply = model(torch.tensor(new, device=device), cache), []
+        for _ in range(turn_tokens):
+            token = int(logits[-1].argmax())
+            if token in stops:
+                break
+            reply.append(token)
+            logits = model(torch.tensor([token], device=device), cache)
+        tokens += reply
+        scored += [True] * len(reply)
+        replies.append(reply)
+        messages.append({"role": "assistant", "content": tok.decode(reply)})
+        rendered = text + messages[-1]["content"]
+        if len(prompt) + len(tokens) >= min_tokens:
+            break
+    else:
+        raise ValueError(f"a session's {len(turns)} turns make only {len(prompt) + len(tokens)} tokens, fewer than "
+                         f"--session-tokens {min_tokens}; give it more turns or lower --session-tokens")
+    return {"prompt_ids": prompt, "tokens": tokens, "scored": scored, "turns": len(replies),
+            "distinct_4grams": distinct_ngrams([t for r in replies for t in r]),
+            "replies_at_cap": sum(len(r) == turn_tokens for r in replies),
+            "replies": [tok.decode(r) for r in replies]}
+
+
+def split_movement(events: list[dict]) -> float:
+    """How much the head split moves between consecutive compressions: the share of each layer's budget
+    that changes heads (total-variation distance between the layer's head shares), averaged over layers
+    and pairs of events. 0 for a fixed split, 1 when every slot changes head."""
+    moves = []
+    for a, b in zip(events, events[1:]):
+        sa, sb = torch.tensor(a["head_budgets"], dtype=torch.float64), torch.tensor(b["head_budgets"], dtype=torch.float64)
+        sa, sb = sa / sa.sum(1, keepdim=True), sb / sb.sum(1, keepdim=True)
+        moves.append(float(0.5 * (sa - sb).abs().sum(1).mean()))
+    return statistics.fmean(moves) if moves else 0.0
+
+
+def sessions(model, tok, sessions_turns, args, profile, store: Store, rank: int = 0, world: int = 1):
+    mine = [i for i in range(len(sessions_turns)) if i % world == rank]
+    methods = [m for m in args.methods if m != "FullKV"]  # FullKV is the reference every method is compared to
+    configs = [(m, b, d) for d in args.intervals for b in args.budgets for m in methods]
+    prog = Progress("sessions", len(mine) * (1 + len(configs)), rank)
+    for i in mine:
+        if f"reference|{i}" in store:
+            prog.step(f"session {i} reference", skipped=True)
+        else:
+            store.add(f"reference|{i}", session_reference(model, tok, sessions_turns[i], min_tokens=args.session_tokens,
+                                                          turn_tokens=args.turn_tokens, packed=args.packed))
+            prog.step(f"session {i} reference ({len(store.cells[f'reference|{i}']['tokens'])} tokens)")
+        ref = store.cells[f"reference|{i}"]
+        todo = [c for c in configs if f"session|{i}|{c[0]}|{c[1]}|{c[2]}" not in store]
+        for m, b, d in configs:
+            if (m, b, d) not in todo:
+                prog.step(f"session {i} {m} B={b} Δ={d}", skipped=True)
+        if not todo:
+            continue
+        ids, tokens = torch.tensor(ref["prompt_ids"]), ref["tokens"]
+        scored = torch.tensor(ref["scored"])
+        targets = torch.tensor(tokens)[scored]
+        full_logits = R.teacher_force(model, ids, tokens, budget=args.window + 1, policy="full", window=args.window,
+                                      interval=max(args.intervals), packed=args.packed)[0][scored]
+        for m, b, d in todo:
+            policy, allocator = METHODS[m]
+            logits, events = R.teacher_force(
+                model, ids, tokens, budget=b, allocator=allocator, policy=policy, profile=profile, interval=d,
+                window=args.window, packed=args.packed, gamma=args.gamma, beta=args.head_beta, mu=args.head_mu,
+                head_utility=args.head_utility)
+            means = token_metrics(full_logits, logits[scored], targets).mean(0).tolist()
+            cell = {"session": i, "method": m, "budget": b, "interval": d, "scored_tokens": len(targets),
+                    "nll_increase": means[0], "top1_agreement": means[1], "kl": means[2],
+                    "compressions": len(events), "split_movement": split_movement(events)}
+            if i == 0:  # one session's budget trajectories, for the picture
+                cell["trajectory"] = {"steps": [e["step"] for e in events],
+                                      "layer_budgets": events[0]["layer_budgets"] if events else [],
+                                      "head_budgets": [e["head_budgets"] for e in events]}
+            store.add(f"session|{i}|{m}|{b}|{d}", cell)
+            prog.step(f"session {i} {m} B={b} Δ={d}")
+
+
+def paired_bootstrap(diffs: list[float], reps: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of paired differences (one per session) and its 95 % percentile bootstrap interval."""
+    d = torch.tensor(diffs, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    means = d[torch.randint(len(d), (reps, len(d)), generator=g)].mean(1)
+    return float(d.mean()), float(means.quantile(0.025)), float(means.quantile(0.975))
+
+
+def sessions_table(cells: dict, methods, budgets, intervals, baseline: str = "R-KV") -> str:
+    refs = [c for k, c in cells.items() if k.startswith("reference|")]
+    out = [f"\n{len(refs)} sessions of {min(len(r['prompt_ids']) + len(r['tokens']) for r in refs)}-"
+           f"{max(len(r['prompt_ids']) + len(r['tokens']) for r in refs)} tokens "
+           f"({sum(sum(r['scored']) for r in refs)} scored reply tokens, {sum(r['turns'] for r in refs)} replies, "
+           f"{sum(r['replies_at_cap'] for r in refs)} cut at the turn cap); distinct 4-gram ratio of the replies "
+           f"{min(r['distinct_4grams'] for r in refs):.2f}-{max(r['distinct_4grams'] for r in refs):.2f}. "
+           f"Each entry: mean over sessions, and [95 % paired bootstrap interval] of its difference to {baseline}."]
+    methods = [m for m in methods if m != "FullKV"]
+    fields = [("nll_increase", "ΔNLL", "{:.3f}", 1), ("top1_agreement", "top-1 %", "{:.1f}", 100), ("kl", "KL", "{:.3f}", 1)]
+    for d in intervals:
+        for b in budgets:
+            out += [f"\nB = {b}, Δ = {d}\n", "| method | " + " | ".join(f"{t} | vs {baseline}" for _, t, _, _ in fields)
+                    + " | split moves |", "|---" * (2 * len(fields) + 2) + "|"]
+            by = {m: {c["session"]: c for c in cells.values() if c.get("method") == m and c.get("budget") == b
+                      and c.get("interval") == d} for m in methods}
+            base = by.get(baseline, {})
+            for m in methods:
+                common = sorted(set(by[m]) & set(base))
+                if not by[m]:
+                    continue
+                row = []
+                for field, _, fmt, scale in fields:
+                    row.append(fmt.format(scale * statistics.fmean(c[field] for c in by[m].values())))
+                    if m == baseline or not common:
+                        row.append("—")
+                    else:
+                        mean, lo, hi = paired_bootstrap([by[m][s][field] - base[s][field] for s in common])
+                        row.append((fmt + " [" + fmt + ", " + fmt + "]").format(scale * mean, scale * lo, scale * hi))
+                move = statistics.fmean(c["split_movement"] for c in by[m].values())
+                out.append(f"| {m} | " + " | ".join(row) + f" | {move:.1%} |".replace("%", " %"))
+    return "\n".join(out)
+
+
+def trajectory_cell(cells: dict, method: str, budget: int, interval: int) -> dict | None:
+    return cells.get(f"session|0|{method}|{budget}|{interval}")
+
+
+def trajectory_text(cell: dict, columns: int = 16) -> str:
+    """Per layer, each head's budget over the compression events as a sparkline (▁ = 0, █ = twice the layer's
+    even share), at most `columns` events evenly picked."""
+    traj = cell["trajectory"]
+    n = len(traj["steps"])
+    pick = sorted({round(j * (n - 1) / max(1, columns - 1)) for j in range(min(n, columns))})
+    lines = [f"head budgets of {cell['method']} over {n} compressions (session 0, B = {cell['budget']}, "
+             f"Δ = {cell['interval']}); per layer one sparkline per KV head, ▁ = 0 … █ = 2 × the even share; "
+             f"split moves {cell['split_movement']:.1%} of each layer's budget between consecutive compressions"]
+    for layer, bl in enumerate(traj["layer_budgets"]):
+        heads = len(traj["head_budgets"][0][layer])
+        even = bl  # B_l is the per-head budget of the layer: its heads hold heads × B_l in all
+        marks = []
+        for h in range(heads):
+            marks.append("".join("▁▂▃▄▅▆▇█"[min(7, int(4 * traj["head_budgets"][e][layer][h] / even))] for e in pick))
+        lines.append(f"layer {layer:2d} (B_l = {bl:4d})  " + "  ".join(marks))
+    return "\n".join(lines)
+
+
+def trajectory_svg(cell: dict) -> str:
+    """A heatmap: one row per (layer, KV head), one column per compression event, colour = the head's budget
+    over the layer's even share (blue below, white even, red above; log scale, ×¼ to ×4)."""
+    traj = cell["trajectory"]
+    n, L = len(traj["steps"]), len(traj["layer_budgets"])
+    heads = len(traj["head_budgets"][0][0])
+    cw, rh, left, top = max(4, 720 // max(1, n)), 4, 70, 40
+    width, height = left + cw * n + 120, top + rh * L * heads + 50
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
+           f'<text x="{left}" y="16">{cell["method"]}: head budgets over {n} compressions (session 0, B = {cell["budget"]}, '
+           f'Δ = {cell["interval"]}; split moves {cell["split_movement"]:.1%} per compression)</text>']
+    for e in range(n):
+        for layer in range(L):
+            even = traj["layer_budgets"][layer]  # per head
+            for h in range(heads):
+                r = math.log2(max(traj["head_budgets"][e][layer][h], 1e-9) / even) / 2  # -1 (¼) … 1 (4×)
+                r = max(-1.0, min(1.0, r))
+                rgb = (255, round(255 * (1 - r)), round(255 * (1 - r))) if r > 0 else (round(255 * (1 + r)), round(255 * (1 + r)), 255)
+                out.append(f'<rect x="{left + e * cw}" y="{top + (layer * heads + h) * rh}" width="{cw}" height="{rh}" '
+                           f'fill="rgb{rgb}"/>')
+    for layer in range(0, L, 5):
+        out.append(f'<text x="{left - 6}" y="{top + layer * heads * rh + 8}" text-anchor="end">layer {layer}</text>')
+    y = top + L * heads * rh
+    out.append(f'<text x="{left}" y="{y + 16}">compression event → (step {traj["steps"][0]} … {traj["steps"][-1]}); '
+               f'rows: layers top to bottom, {heads} KV heads each</text>')
+    for j, (label, rgb) in enumerate([("¼×", (0, 0, 255)), ("even", (255, 255, 255)), ("4×", (255, 0, 0))]):
+        out.append(f'<rect x="{left + cw * n + 20}" y="{top + 20 * j}" width="14" height="14" fill="rgb{rgb}" stroke="#888"/>'
+                   f'<text x="{left + cw * n + 40}" y="{top + 20 * j + 11}">{label} even share</text>')
+    return "\n".join(out + ["</svg>"]) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# Speed
 
 
 def decode_seconds(fn) -> tuple[float, object]:
@@ -515,8 +740,11 @@ def speed_table(cell: dict) -> str:
 def settings_of(args, what: str) -> dict:
     keep = ["model", "new_tokens", "budgets", "interval", "window", "prompts", "problems", "temperature", "top_p",
             "speed_budget", "dtype", "path", "gamma", "head_beta", "head_mu", "head_utility"]
+    if what == "sessions":  # its cells are keyed by method, budget and interval, so those may grow on resume
+        keep = ["model", "window", "sessions", "session_tokens", "turn_tokens", "dtype", "path", "gamma",
+                "head_beta", "head_mu", "head_utility"]
     settings = {"measurement": what, **{k: getattr(args, k) for k in keep}}
-    for k in ("prompts", "problems"):  # files of this repository by their relative path, so clones can resume
+    for k in [k for k in ("prompts", "problems", "sessions") if k in settings]:  # files of this repository by their relative path, so clones can resume
         path = Path(settings[k]).resolve()
         settings[k] = str(path.relative_to(HERE)) if path.is_relative_to(HERE) else str(path)
     return settings
@@ -542,13 +770,18 @@ def main(args):
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
         raise ValueError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
+    if args.measure == "sessions":
+        args.budgets = args.budgets or "64,128,256"
+        args.intervals = sorted({int(d) for d in args.intervals.split(",")})
+        if any(d < 1 for d in args.intervals):
+            raise ValueError(f"--intervals must all be >= 1, got {args.intervals}")
     if args.budgets:
         args.budgets = sorted({int(b) for b in args.budgets.split(",")})
         for b in args.budgets:
             R.check_budget(b, args.window)
     if args.quick:
         apply_quick(args)
-    for name in ("new_tokens", "samples", "repeats"):
+    for name in ("new_tokens", "samples", "repeats", "session_tokens", "turn_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
@@ -569,6 +802,7 @@ def main(args):
     prompts = read_prompts(args.prompts)[: args.num_prompts or None]
     what = ["fidelity", "accuracy", "speed"] if args.measure == "all" else [args.measure]
     problems = read_problems(args.problems)[: args.num_problems or None] if "accuracy" in what else []
+    session_turns = read_sessions(args.sessions)[: args.num_sessions or None] if "sessions" in what else []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if rank == 0:
@@ -580,8 +814,9 @@ def main(args):
     for m in what:
         file = out if len(what) == 1 else out.with_name(f"{out.stem}.{m}{out.suffix}")
         store = Store(file, settings_of(args, m), rank)
-        run = {"fidelity": fidelity, "accuracy": accuracy, "speed": speed}[m]
-        run(model, tok, problems if m == "accuracy" else prompts, args, profile, store, rank, world)
+        run = {"fidelity": fidelity, "accuracy": accuracy, "speed": speed, "sessions": sessions}[m]
+        units = {"accuracy": problems, "sessions": session_turns}.get(m, prompts)
+        run(model, tok, units, args, profile, store, rank, world)
         gathered = [store.new]
         if world > 1:
             gathered = [None] * world
@@ -600,10 +835,35 @@ def main(args):
             print(fidelity_table(cells, args.methods, budgets))
         elif m == "accuracy":
             print(accuracy_table(cells, args.methods, budgets))
+        elif m == "sessions":
+            print(sessions_table(cells, args.methods, budgets, args.intervals))
+            show_trajectory(cells, args, file)
         else:
             for cell in cells.values():
                 print(speed_table(cell))
         print(f"\n({m} results in {file})")
+
+
+def show_trajectory(cells: dict, args, file: Path):
+    """The head-budget trajectory of session 0 for the first method with a head level, at the budget
+    nearest 128 and the shortest interval: printed as text and written as an SVG heatmap beside `file`."""
+    heads = [m for m in args.methods if m != "FullKV" and R.get_allocator(METHODS[m][1]).heads is not R.uniform_heads]
+    if not heads:
+        return
+    b = min(args.budgets, key=lambda b: abs(b - 128))
+    cell = trajectory_cell(cells, heads[-1] if "ReasonAlloc" not in heads else "ReasonAlloc", b, min(args.intervals))
+    if cell is None or not cell["trajectory"]["steps"]:
+        return
+    print("\n" + trajectory_text(cell))
+    svg = file.with_suffix(".trajectory.svg")
+    write_atomic(svg, trajectory_svg(cell))
+    print(f"(budget trajectory picture in {svg})")
+
+
+def write_atomic(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def parser():
@@ -611,7 +871,8 @@ def parser():
         description="Fidelity, accuracy and speed of every allocator at the same total budget (see the module "
                     "docstring). Rerunning with the same options resumes; torchrun splits the work.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("measure", choices=["fidelity", "accuracy", "speed", "all"])
+    p.add_argument("measure", choices=["fidelity", "accuracy", "speed", "sessions", "all"],
+                   help="'all' is fidelity, accuracy and speed; 'sessions' (long multi-turn references) runs alone")
     p.add_argument("--model", help="Hugging Face model folder; default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--profile", help="layer-demand profile JSON (found automatically for the default model)")
     p.add_argument("--prompts", default=str(HERE / "data" / "heldout.jsonl"),
@@ -620,10 +881,18 @@ def parser():
     p.add_argument("--problems", default=str(HERE / "data" / "problems.jsonl"),
                    help="JSON Lines with 'problem' (or 'question') and 'answer', e.g. a MATH-500 or GSM8K file")
     p.add_argument("--num-problems", type=int, default=0, help="use only the first N problems (0 = all)")
+    p.add_argument("--sessions", default=str(HERE / "data" / "sessions_heldout.jsonl"),
+                   help="sessions: JSON Lines with 'turns', user messages answered one after another in one chat")
+    p.add_argument("--num-sessions", type=int, default=0, help="sessions: use only the first N (0 = all)")
+    p.add_argument("--session-tokens", type=int, default=1500,
+                   help="sessions: answer turns until the transcript passes this many tokens")
+    p.add_argument("--turn-tokens", type=int, default=400, help="sessions: longest greedy reply of one turn")
+    p.add_argument("--intervals", default="32,128", help="sessions: comma-separated compression intervals Δ")
     p.add_argument("--methods", help=f"comma-separated subset of: {', '.join(METHODS)} (default: all)")
     p.add_argument("--new-tokens", type=int, default=256,
                    help="reference continuation length N (fidelity, speed) and generation limit (accuracy)")
-    p.add_argument("--budgets", help="comma-separated budgets B (default: N/16, N/8, N/4, at least window + 1)")
+    p.add_argument("--budgets", help="comma-separated budgets B (default: N/16, N/8, N/4, at least window + 1; "
+                                     "sessions: 64,128,256)")
     p.add_argument("--interval", type=int, default=0, help="compression interval Δ (default: min(B, N/32))")
     p.add_argument("--window", type=int, default=8)
     p.add_argument("--samples", type=int, default=1, help="accuracy: samples per problem (pass@1 is their mean)")

@@ -159,13 +159,15 @@ def test_read_problems_fields_and_errors(tmp_path):
         Bn.read_problems(tmp_path / "missing.jsonl")
 
 
-def test_step_metrics_by_hand():
-    full = torch.tensor([2.0, 1.0, 0.0])
-    assert Bn.step_metrics(full, full, 0) == (0.0, 1.0, 0.0)
-    nll, agree, kl = Bn.step_metrics(full, torch.tensor([0.0, 1.0, 2.0]), 0)
-    p, q = torch.softmax(full.double(), 0), torch.softmax(torch.tensor([0.0, 1.0, 2.0]).double(), 0)
+def test_token_metrics_by_hand():
+    full = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
+    assert Bn.token_metrics(full, full, torch.tensor([0, 2])).tolist() == [[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]
+    other = torch.tensor([[0.0, 1.0, 2.0], [0.0, 0.0, 3.0]])
+    (nll, agree, kl), same = Bn.token_metrics(full, other, torch.tensor([0, 2]), chunk=1).tolist()
+    p, q = torch.softmax(full[0].double(), 0), torch.softmax(other[0].double(), 0)
     assert agree == 0.0 and nll == pytest.approx(math.log(p[0] / q[0]))
     assert kl == pytest.approx(float((p * (p / q).log()).sum())) and kl > 0
+    assert same == [0.0, 1.0, 0.0]
 
 
 def test_cache_tokens_from_events_match_generation(tiny_model):

@@ -33,11 +33,12 @@ class Tokenizer:
     def eos_token_id(self):
         return None if self.eos_token is None else self.tok.token_to_id(self.eos_token)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        """Token ids; BOS first where the tokenizer adds one (bos=False: a continuation of earlier text)."""
         # Special tokens written in the text (from a chat template) are parsed as such.
         ids = self.tok.encode(text, add_special_tokens=False).ids
-        bos = None if self.bos_token is None else self.tok.token_to_id(self.bos_token)
-        return [bos] + ids if self.add_bos and bos is not None and ids[:1] != [bos] else ids
+        bos_id = None if self.bos_token is None else self.tok.token_to_id(self.bos_token)
+        return [bos_id] + ids if bos and self.add_bos and bos_id is not None and ids[:1] != [bos_id] else ids
 
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
@@ -46,8 +47,13 @@ class Tokenizer:
         """The prompt as the model's own chat template renders it (a sandboxed Jinja environment, as
         transformers does); without a template, a plain "User: / Assistant:" layout."""
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return self.render_messages(messages)
+
+    def render_messages(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """A whole conversation ({"role", "content"} dicts) as the chat template renders it."""
         if not self.chat_template:
-            return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
+            text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
+            return text + ("Assistant:" if add_generation_prompt else "")
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(msg):
@@ -57,7 +63,7 @@ class Tokenizer:
         env.globals["raise_exception"] = raise_exception
         env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
         return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=True, bos_token=self.bos_token or "",
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
             eos_token=self.eos_token or "")
 
 
