@@ -181,7 +181,8 @@ def test_cache_tokens_from_events_match_generation(tiny_model):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tiny_hf):
-    """A tiny random llama saved as a model folder, with a character-level tokenizer and a wave profile."""
+    """A tiny random llama saved as a model folder, with a character-level tokenizer, a chat template and a
+    wave profile."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     d = tmp_path_factory.mktemp("tiny_model")
@@ -193,6 +194,9 @@ def tiny_dir(tmp_path_factory, tiny_hf):
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
     tok.decoder = decoders.Fuse()
     tok.save(str(d / "tokenizer.json"))
+    template = ("{% for m in messages %}{% if m.role == 'user' %}Q: {{ m.content }}\nA:{% else %}{{ m.content }}\n"
+                "{% endif %}{% endfor %}")  # in the characters above; a conversation extends its prefix
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
     prompts = d / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in
                                ["What is 2+3? Think.", "Count the sheep: one, two.", "Why is the sky blue?"]))
@@ -248,6 +252,73 @@ def test_torchrun_two_processes_merge_to_the_one_process_result(tiny_dir, tmp_pa
         assert a["reference"] == b["reference"] and a["compressions"] == b["compressions"]
         for f in ("nll_increase", "top1_agreement", "kl", "mean_cache_tokens"):
             assert a[f] == pytest.approx(b[f], rel=1e-5, abs=1e-9), (k, f)
+
+
+# ----------------------------------------------------------------------------------------------
+# bench.py sessions: long multi-turn references
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_session_reference_is_the_models_own_greedy_chat(tiny_dir, packed):
+    """The scored tokens of a session are the greedy replies: teacher-forcing the whole transcript with the
+    full cache predicts every one of them as its argmax; the rest is the template's text between turns."""
+    model, tok = M.load_model(tiny_dir), load_tokenizer(tiny_dir)
+    turns = ["What is 2+3?", "And 4+4?", "Why?", "Count to five.", "Stop."]
+    ref = Bn.session_reference(model, tok, turns, min_tokens=150, turn_tokens=30, packed=packed)
+    n = len(ref["prompt_ids"]) + len(ref["tokens"])
+    assert n >= 150 and len(ref["scored"]) == len(ref["tokens"]) and ref["turns"] == len(ref["replies"]) >= 2
+    assert ref["prompt_ids"] == tok.encode(tok.render_chat(turns[0]))
+    # The transcript renders as the chat: prompt + tokens decode to the template's text of the conversation.
+    messages = [m for t, r in zip(turns, ref["replies"]) for m in
+                ({"role": "user", "content": t}, {"role": "assistant", "content": r})]
+    assert tok.decode(ref["prompt_ids"] + ref["tokens"]) + "\n" == tok.render_messages(messages, add_generation_prompt=False)
+    logits, _ = R.teacher_force(model, torch.tensor(ref["prompt_ids"]), ref["tokens"], budget=9, policy="full")
+    scored = torch.tensor(ref["scored"])
+    assert scored.any() and not scored.all()
+    assert logits.argmax(-1)[scored].tolist() == torch.tensor(ref["tokens"])[scored].tolist()
+    with pytest.raises(ValueError, match="fewer than --session-tokens"):
+        Bn.session_reference(model, tok, turns[:1], min_tokens=10_000, turn_tokens=5, packed=packed)
+
+
+def test_session_statistics_by_hand():
+    assert Bn.distinct_ngrams([1, 2, 3, 4, 5]) == 1.0
+    assert Bn.distinct_ngrams([1, 2, 3, 4] * 5) == pytest.approx(4 / 17)  # a loop: 4 distinct of 17
+    # Shares (1/2, 1/2) → (3/4, 1/4): a quarter of the layer's budget changed heads; the other layer stays.
+    events = [{"head_budgets": [[2, 2], [1, 3]]}, {"head_budgets": [[3, 1], [1, 3]]}]
+    assert Bn.split_movement(events) == pytest.approx(0.125)
+    assert Bn.split_movement(events[:1]) == 0.0
+    mean, lo, hi = Bn.paired_bootstrap([0.5] * 6)
+    assert mean == lo == hi == 0.5
+    mean, lo, hi = Bn.paired_bootstrap([-1.0, 0.0, 2.0, 3.0])
+    assert lo < mean == 1.0 < hi and (lo, hi) == Bn.paired_bootstrap([-1.0, 0.0, 2.0, 3.0])[1:]
+
+
+def test_bench_sessions_cli_tables_trajectory_and_resume(tiny_dir, tmp_path):
+    sessions = tmp_path / "sessions.jsonl"
+    sessions.write_text("".join(json.dumps({"turns": t}) + "\n" for t in
+                                [["What is 2+3?", "And 4+4?", "Why?", "Count."], ["Name a colour.", "Another?", "Why?", "Go on."]]))
+    out = tmp_path / "s.json"
+    cmd = [sys.executable, "bench.py", "sessions", "--model", str(tiny_dir), "--profile", str(tiny_dir / "wave.json"),
+           "--sessions", str(sessions), "--session-tokens", "120", "--turn-tokens", "25", "--budgets", "16,24",
+           "--intervals", "4,16", "--methods", "R-KV,Head-only,ReasonAlloc", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cells = json.loads(out.read_text())["cells"]
+    runs = [c for k, c in cells.items() if k.startswith("session|")]
+    assert len(runs) == 2 * 3 * 2 * 2 and sum(k.startswith("reference|") for k in cells) == 2
+    for c in runs:
+        assert c["compressions"] > 0 and 0 <= c["top1_agreement"] <= 1 and c["kl"] >= 0
+        assert (c["split_movement"] == 0) == (c["method"] == "R-KV")  # uniform heads never move
+    assert "B = 16, Δ = 4" in r.stdout and "| ReasonAlloc |" in r.stdout and "paired bootstrap" in r.stdout
+    assert "head budgets of ReasonAlloc" in r.stdout and "layer  2" in r.stdout
+    svg = out.with_suffix(".trajectory.svg").read_text()
+    assert svg.startswith("<svg") and svg.count("<rect") > 3 * 2
+    r2 = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, env=env, timeout=300)
+    assert r2.returncode == 0 and r2.stderr.count("(done before)") == len(cells)
+    sessions.write_text('{"turns": []}\n')
+    r3 = subprocess.run(cmd[:-2] + ["--out", str(tmp_path / "t.json")], capture_output=True, text=True, cwd=HERE, env=env)
+    assert r3.returncode == 1 and "line 1" in r3.stderr and "turns" in r3.stderr
 
 
 # ----------------------------------------------------------------------------------------------
