@@ -42,7 +42,7 @@ import torch
 import fast
 import reasonalloc as R
 from convert import resolve_model_dir
-from model import DTYPES, check_context, encode_prompt, load_model, stop_ids
+from model import DTYPES, check_context, check_device, check_output, encode_prompt, load_model, stop_ids, write_atomic
 from profile import find_profile, load_profile, read_jsonl, read_prompts
 from reasonalloc import METHODS
 from tokenizer import load_tokenizer
@@ -173,7 +173,7 @@ def token_metrics(full_logits: torch.Tensor, logits: torch.Tensor, targets: torc
     for i in range(0, len(targets), chunk):
         p = torch.log_softmax(full_logits[i:i + chunk].double(), -1)
         q = torch.log_softmax(logits[i:i + chunk].double(), -1)
-        t = targets[i:i + chunk, None]
+        t = targets[i:i + chunk, None].to(p.device)
         nll_inc = (p.gather(1, t) - q.gather(1, t))[:, 0]
         agree = (p.argmax(-1) == q.argmax(-1)).double()
         kl = (p.exp() * (p - q)).sum(-1).clamp_min(0.0)
@@ -450,8 +450,8 @@ def sessions(model, tok, sessions_turns, args, profile, store: Store, rank: int 
         if not todo:
             continue
         ids, tokens = torch.tensor(ref["prompt_ids"]), ref["tokens"]
-        scored = torch.tensor(ref["scored"])
-        targets = torch.tensor(tokens)[scored]
+        scored = torch.tensor(ref["scored"], device=model.embed.weight.device)
+        targets = torch.tensor(tokens, device=scored.device)[scored]
         full_logits = R.teacher_force(model, ids, tokens, budget=args.window + 1, policy="full", window=args.window,
                                       interval=max(args.intervals), packed=args.packed)[0][scored]
         for m, b, d in todo:
@@ -858,12 +858,6 @@ def show_trajectory(cells: dict, args, file: Path):
     svg = file.with_suffix(".trajectory.svg")
     write_atomic(svg, trajectory_svg(cell))
     print(f"(budget trajectory picture in {svg})")
-
-
-def write_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def parser():

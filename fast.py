@@ -35,7 +35,9 @@ class PackedCache:
     interval and a compressed cache never reallocates between compressions). Compression packs the kept
     rows to the front and trims the capacity to the longest head plus 1.5 `spare` (reusing the storage
     while it stays between 1 and 2 `spare` above the longest head), so the memory held is the budgeted
-    tokens plus 1 to 2 intervals, padded to the longest head of each layer."""
+    tokens plus 1 to 2 intervals, padded to the longest head of each layer. The spare used is never more
+    than the rows held (or 64), so however large `spare` is, the storage grows geometrically and stays
+    within about 2.5 times what the heads hold (plus 96 rows)."""
 
     static = False  # GraphDecoder's mode: fixed shapes, lengths only on the device (see there)
 
@@ -77,11 +79,15 @@ class PackedCache:
         G = self.config.group_size
         return self.q_win[layer][kv_head * G:(kv_head + 1) * G]
 
+    def _spare(self, rows: int) -> int:
+        """Spare rows beside `rows` held: `spare`, but at most max(rows, 64), so memory follows holdings."""
+        return min(self.spare, max(rows, 64))
+
     def _reserve(self, layer: int, rows: int):
         cap = self.k[layer].shape[1]
         if rows <= cap:
             return
-        new = rows + self.spare
+        new = rows + self._spare(rows)
         for name in ("k", "v", "pos"):
             old = getattr(self, name)[layer]
             buf = old.new_zeros(old.shape[0], new, *old.shape[2:])
@@ -146,11 +152,11 @@ class PackedCache:
         k = torch.gather(self.k[layer], 1, idx[:, :, None].expand(-1, -1, D))
         v = torch.gather(self.v[layer], 1, idx[:, :, None].expand(-1, -1, D))
         p = torch.gather(self.pos[layer], 1, idx)
-        cap = self.k[layer].shape[1]
-        if not m + self.spare <= cap <= m + 2 * self.spare:
+        cap, spare = self.k[layer].shape[1], self._spare(m)
+        if not m + spare <= cap <= m + 2 * spare:
             # Trim (or grow) to the kept rows plus `spare`, plus half a `spare` of slack so the next
             # compression, whose longest head may differ by a few rows, can reuse the storage.
-            cap = m + self.spare + self.spare // 2
+            cap = m + spare + spare // 2
             self.k[layer] = k.new_zeros(k.shape[0], cap, D)
             self.v[layer] = v.new_zeros(v.shape[0], cap, D)
             self.pos[layer] = p.new_zeros(p.shape[0], cap)

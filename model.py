@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from convert import resolve_model_dir
+from convert import rebuild_hint, resolve_model_dir
 from tokenizer import TextStream, Tokenizer, load_tokenizer  # noqa: F401  (load_tokenizer: a name other code imports from here)
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -105,7 +106,12 @@ class ModelConfig:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{file} is not valid JSON: {e}") from None
             gen_file = file.parent / "generation_config.json"
-            gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+            try:
+                gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{gen_file} is not valid JSON ({e}); fix or delete it") from None
+            if not isinstance(gen, dict):
+                raise ValueError(f"{gen_file} must hold a JSON object; fix or delete it")
         if not isinstance(cfg, dict):
             raise ValueError("config.json must hold a JSON object")
 
@@ -128,10 +134,17 @@ class ModelConfig:
 
         num_heads = need("num_attention_heads")
         hidden = need("hidden_size")
+        for key, value in (("num_attention_heads", num_heads), ("hidden_size", hidden)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"config.json field {key} must be a positive integer, got {value!r}")
         # Qwen3 sets head_dim apart from hidden_size / num_heads, so read it when it is there.
         head_dim = cfg.get("head_dim") or hidden // num_heads
 
         # Two layouts in use: older top-level rope_theta + rope_scaling, newer rope_parameters.
+        for key in ("rope_parameters", "rope_scaling"):
+            if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+                raise ValueError(f"config.json field {key} must be a JSON object like "
+                                 f'{{"rope_type": "linear", "factor": 2.0}}, got {cfg[key]!r}')
         rope = dict(cfg.get("rope_parameters") or {})
         if not rope and cfg.get("rope_scaling"):
             rope = dict(cfg["rope_scaling"])
@@ -169,10 +182,58 @@ class ModelConfig:
         )
 
 
+def check_device(device) -> torch.device:
+    """A device that torch knows and this machine has, or a one-line error that says what to use."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r} ({e}); use cpu, cuda or cuda:N") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA GPU is available here; use --device cpu")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return d
+
+
+def check_output(path, what: str = "output") -> Path:
+    """Before any work: `path` names a file this process can create or replace (an empty name, a folder, a
+    missing or read-only folder, /proc or /sys fail here, not after an hour of work)."""
+    import tempfile
+
+    if not str(path).strip():
+        raise ValueError(f"{what}: the output file name is empty")
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what}: {path} is a folder; give a file name")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ValueError(f"{what}: cannot write {path}: folder {folder} does not exist")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".check"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{what}: cannot write {path} ({e.strerror}); choose another place") from None
+    return path
+
+
+def write_atomic(path, text: str):
+    """Write `text` to a temporary file beside `path`, then rename it over `path`: an interrupted write
+    leaves the old file (or none), never half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def check_context(config: ModelConfig, tokens: int, new_tokens: int = 0):
     """The one context check: a non-empty sequence whose tokens plus new_tokens fit max_position_embeddings."""
     if tokens <= 0:
         raise ValueError("the prompt is empty")
+    if new_tokens < 0:
+        raise ValueError(f"the number of new tokens must be >= 0, got {new_tokens} (--max-new-tokens)")
     if tokens + new_tokens > config.max_position_embeddings:
         more = f" + {new_tokens} new tokens" if new_tokens else ""
         raise ValueError(
@@ -425,16 +486,27 @@ def weight_map(c: ModelConfig) -> dict[str, str]:
     return m
 
 
-def safetensors_files(path: Path) -> list[Path]:
+def safetensors_files(path: Path) -> dict[Path, set[str] | None]:
+    """The checkpoint's files, each with the tensor names the index assigns to it (None: every tensor in
+    it; a single model.safetensors). A tensor is read only from the shard the index names, so a stale copy
+    left in another shard can never replace it."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [s for s in shards if not (path / s).is_file()]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
+            raise ValueError(f"{index} is not a valid index: it needs a JSON object 'weight_map' of tensor name "
+                             f"to shard file") from None
+        shards: dict[Path, set[str]] = {}
+        for name, shard in weight_map.items():
+            shards.setdefault(path / shard, set()).add(name)
+        missing = [s.name for s in shards if not s.is_file()]
         if missing:
-            raise FileNotFoundError(f"{index} lists shards that are not there: {', '.join(missing)}")
-        return [path / s for s in shards]
+            raise FileNotFoundError(f"{index} lists shards that are not there: {', '.join(sorted(missing))}")
+        return dict(sorted(shards.items()))
     if (path / "model.safetensors").is_file():
-        return [path / "model.safetensors"]
+        return {path / "model.safetensors": None}
     if list(path.glob("*.bin")) or list(path.glob("*.pt")) or list(path.glob("*.pth")):
         raise ValueError(
             f"{path} holds only pickle checkpoints (.bin/.pt); they can run arbitrary code when loaded, "
@@ -447,25 +519,35 @@ def safetensors_files(path: Path) -> list[Path]:
 
 def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
     """Build on the meta device (no memory), then assign the checkpoint's tensors in place."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    check_device(device)
     config = ModelConfig.from_hf(path)
     files = safetensors_files(path)
     with torch.device("meta"):
         model = Transformer(config)
     names = weight_map(config)
     params = dict(model.named_parameters(remove_duplicate=False))
-    state, unexpected = {}, []
-    for file in files:
-        with safe_open(file, framework="pt", device=str(device)) as f:
-            for key in f.keys():
-                if key in names:
-                    state[names[key]] = f.get_tensor(key).to(dtype)
-                elif key == "lm_head.weight" and config.tie_word_embeddings:
-                    continue  # some exports save the tied head too; it is the embedding again
-                else:
-                    unexpected.append(key)
+    state, unexpected, stale = {}, [], []
+    for file, assigned in files.items():
+        try:
+            with safe_open(file, framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    if assigned is not None and key not in assigned:
+                        stale.append(f"{key} (in {file.name})")
+                    elif key in names:
+                        state[names[key]] = f.get_tensor(key).to(dtype)
+                    elif key == "lm_head.weight" and config.tie_word_embeddings:
+                        continue  # some exports save the tied head too; it is the embedding again
+                    else:
+                        unexpected.append(key)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ValueError(f"{file} is truncated or corrupt ({str(e).splitlines()[0]}){rebuild_hint(path)}") from None
+    if stale:
+        raise ValueError(f"shards in {path} hold tensors that model.safetensors.index.json does not assign to "
+                         f"them: {', '.join(sorted(stale)[:4])}{' ...' if len(stale) > 4 else ''}; a stale copy "
+                         f"must not replace the real weights, so remove it (or fix the index)")
     missing = sorted(k for k, v in names.items() if v not in state)
     if missing or unexpected:
         raise ValueError(

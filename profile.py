@@ -41,7 +41,7 @@ run, runctx, Profile, _Utils = (_stdlib_profile.run, _stdlib_profile.runctx, _st
 import torch  # noqa: E402
 
 from convert import resolve_model_dir  # noqa: E402
-from model import encode_prompt, load_model, stop_ids  # noqa: E402
+from model import check_device, check_output, encode_prompt, load_model, stop_ids  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 FORMAT = "reasonalloc-profile/1"
@@ -85,7 +85,9 @@ def aggregate(records: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return heads.mean(dim=1), heads
 
 
-def check_settings(rho, prompts, normalize):
+def check_settings(rho, prompts, normalize, max_new_tokens: int = 1):
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1 (the wave is measured on decode steps), got {max_new_tokens}")
     if not 0 < rho <= 1:
         raise ValueError(f"rho must be in (0, 1], got {rho}")
     if len(prompts) == 0:
@@ -99,7 +101,7 @@ def measure_records(model, prompts, *, tokenizer=None, rho: float = 0.93, max_ne
                     normalize: str = "length", chat: bool = True, log=None) -> list[torch.Tensor]:
     """Decode each prompt greedily with the full cache; one (steps, L, Hk) demand tensor per prompt.
     Prompts are strings (needs the tokenizer) or 1-D LongTensors of ids."""
-    check_settings(rho, prompts, normalize)
+    check_settings(rho, prompts, normalize, max_new_tokens)
     stops = stop_ids(model.config, tokenizer)
     device = model.embed.weight.device
     records = []
@@ -168,6 +170,14 @@ def load_profile(path, config=None) -> dict:
         raise ValueError(f"profile {path} is not valid JSON: {e}") from None
     if not isinstance(profile, dict) or profile.get("format") != FORMAT or "demand" not in profile:
         raise ValueError(f"{path} is not a {FORMAT} file")
+    demand = profile["demand"]
+    if not isinstance(demand, list) or not demand or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0 for x in demand):
+        raise ValueError(f"profile {path}: 'demand' must be a list of finite numbers >= 0, one per layer; "
+                         f"remake it with python profile.py --out {path}")
+    if not isinstance(profile.get("model"), dict):
+        raise ValueError(f"profile {path} has no 'model' object saying which model it was made for; remake it "
+                         f"with python profile.py --model DIR --out {path}")
     if config is not None:
         want = identity(config)
         for key, value in want.items():
@@ -258,10 +268,11 @@ def plot(path, profile: dict):
 
 
 def main(args):
-    out = Path(args.out)
-    check_settings(args.rho, [None] * args.num_prompts, args.normalize)
-    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
-        raise ValueError(f"cannot write the profile to {out}: folder {out.parent} does not exist or is not writable")
+    check_settings(args.rho, [None] * args.num_prompts, args.normalize, args.max_new_tokens)
+    out = check_output(args.out, "--out")
+    if args.plot:
+        check_output(args.plot, "--plot")
+    check_device(args.device)
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("--plot needs matplotlib, which is not installed: pip install matplotlib (or drop --plot)")
     prompts = read_prompts(args.prompts)[: args.num_prompts]
@@ -312,5 +323,5 @@ if __name__ == "__main__":
     p.add_argument("--device", default="cpu")
     try:
         main(p.parse_args())
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")

@@ -106,7 +106,13 @@ def robustify(demand, total: int, *, power: float = 0.5, lo: float = 0.25, hi: f
 #    per-layer budgets B_l with mean B; options another rule takes are ignored, as evict.py's policies do.
 
 
+MAX_BUDGET = 10**9  # far beyond any context; the splits' float arithmetic stays exact (totals < 2^53)
+
+
 def check_budget(budget: int, window: int):
+    if budget > MAX_BUDGET:
+        raise ValueError(f"budget {budget} is beyond any context (at most {MAX_BUDGET:,}); a budget at least the "
+                         f"sequence length already keeps every token")
     if budget < window + 1:
         raise ValueError(f"budget {budget} is smaller than the window + 1 ({window + 1}); every head keeps its "
                          f"{window} newest tokens, so use --budget >= {window + 1}")
@@ -291,6 +297,8 @@ class Generation:
     events: list[dict] = field(default_factory=list)  # one per compression
     cache_tokens: list[int] = field(default_factory=list)  # tokens held after each decode step
     full_tokens: list[int] = field(default_factory=list)  # what a full cache would hold then
+    held_tokens: int = 0  # token slots held at the end (all layers and KV heads), the prompt's included
+    held_full_tokens: int = 0  # ... and what a full cache would hold then
     cache_bytes: int = 0  # K and V bytes held at the end
     full_bytes: int = 0  # ... and what a full cache would hold
     seconds: float = 0.0
@@ -304,7 +312,9 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator) ->
     """Greedy when temperature == 0; otherwise temperature then nucleus (top-p) sampling."""
     if temperature == 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.double()
+    # Shifted so the largest is 0: a tiny temperature then sends the rest to -inf (greedy), not inf - inf.
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
     p, idx = torch.sort(probs, descending=True)
     keep = p.cumsum(0) - p < top_p  # the smallest prefix whose mass reaches top_p
     p = p * keep
@@ -312,7 +322,8 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator) ->
 
 
 def validate(*, budget, window, interval, temperature, top_p, allocator, policy, max_new_tokens, gamma, beta, mu,
-             head_utility):
+             head_utility, seed=0):
+    """Every run setting checked before any work, with a message that says what to change."""
     import evict
 
     check_budget(budget, window)
@@ -324,6 +335,8 @@ def validate(*, budget, window, interval, temperature, top_p, allocator, policy,
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2^63), got {seed}")
     for name, value in (("gamma", gamma), ("beta", beta)):
         if not 0 <= value < math.inf:
             raise ValueError(f"{name} (a robustify power) must be a number >= 0, got {value}")
@@ -405,7 +418,7 @@ def generate(model, tokenizer, prompt, *, budget: int, allocator: str = "reasona
 
     validate(budget=budget, window=window, interval=interval, temperature=temperature, top_p=top_p,
              allocator=allocator, policy=policy, max_new_tokens=max_new_tokens, gamma=gamma, beta=beta, mu=mu,
-             head_utility=head_utility)
+             head_utility=head_utility, seed=seed)
     cfg = model.config
     if isinstance(prompt, torch.Tensor):
         ids = prompt.long()
@@ -421,7 +434,9 @@ def generate(model, tokenizer, prompt, *, budget: int, allocator: str = "reasona
     device = model.embed.weight.device
 
     t0 = time.perf_counter()
-    cache = fast.new_cache(model, window, spare=interval) if packed else model.new_cache(window)
+    # Spare rows: the tokens one interval adds, but never more than the run can add (memory follows holdings).
+    spare = min(interval, max_new_tokens + 1)
+    cache = fast.new_cache(model, window, spare=spare) if packed else model.new_cache(window)
     logits = model(ids.to(device), cache)  # 1. the prompt, with the full cache
     token, out, events, held, full = None, [], [], [], []
     for step in range(max_new_tokens + 1):
@@ -449,6 +464,7 @@ def generate(model, tokenizer, prompt, *, budget: int, allocator: str = "reasona
     return Generation(
         text=tokenizer.decode(out) if tokenizer is not None else "", tokens=out, prompt_tokens=int(ids.numel()),
         layer_budgets=layer_b.tolist(), events=events, cache_tokens=held, full_tokens=full,
+        held_tokens=int(cache.lengths().sum()), held_full_tokens=cfg.num_layers * cfg.num_kv_heads * cache.next_pos,
         cache_bytes=cache.nbytes(),
         full_bytes=2 * cfg.num_layers * cfg.num_kv_heads * cache.next_pos * cfg.head_dim * elem,
         seconds=seconds,
@@ -484,7 +500,8 @@ def teacher_force(model, ids: torch.Tensor, tokens: list[int], *, budget: int, a
         beta=beta, mu=mu, head_utility=head_utility, layer_options=layer_options, head_options=head_options)
     budgets = layer_b[:, None].expand(-1, cfg.num_kv_heads).clone()
     device = model.embed.weight.device
-    cache = fast.new_cache(model, window, spare=interval) if packed else model.new_cache(window)
+    spare = min(interval, len(tokens) + 1)
+    cache = fast.new_cache(model, window, spare=spare) if packed else model.new_cache(window)
     logits, events = [model(ids.long().to(device), cache)[-1:]], []
     forced = torch.tensor(tokens, dtype=torch.long, device=device)
     step = 0
@@ -512,9 +529,8 @@ def sparkline(values) -> str:
 
 
 def summary(g: Generation) -> str:
-    held = g.cache_tokens[-1] if g.cache_tokens else 0
-    full = g.full_tokens[-1] if g.full_tokens else 0
-    peak = max(g.cache_tokens, default=0)
+    held, full = g.held_tokens, g.held_full_tokens
+    peak = max(g.cache_tokens, default=held)
     lines = [
         f"generated {len(g.tokens)} tokens after a {g.prompt_tokens}-token prompt in {g.seconds:.1f} s "
         f"({len(g.tokens) / max(g.seconds, 1e-9):.1f} tokens/s); {len(g.events)} compression(s)",
@@ -551,7 +567,7 @@ def compare(model, tokenizer, args, profile):
         ref = ref or g
         same = next((i for i, (a, b) in enumerate(zip(g.tokens, ref.tokens)) if a != b), min(len(g.tokens), len(ref.tokens)))
         rows.append((allocator if policy != "full" else "FullKV", policy, len(g.tokens), same,
-                     g.cache_tokens[-1] if g.cache_tokens else 0, 100 * g.cache_bytes / max(g.full_bytes, 1),
+                     g.held_tokens, 100 * g.cache_bytes / max(g.full_bytes, 1),
                      len(g.tokens) / max(g.seconds, 1e-9), g.text))
     print(f"\nbudget {args.budget} per KV head, interval {args.interval}, window {args.window}")
     print(f"{'allocator':<12} {'policy':<7} {'tokens':>6} {'=FullKV':>7} {'cache':>7} {'mem %':>6} {'tok/s':>6}  start of text")
@@ -563,12 +579,18 @@ def compare(model, tokenizer, args, profile):
 
 def main(args):
     from convert import resolve_model_dir
-    from model import DTYPES, load_model
+    from model import DTYPES, check_device, check_output, load_model, write_atomic
     from profile import find_profile, load_profile
     from tokenizer import TextStream, load_tokenizer
 
     if args.compare and args.events:
         raise ValueError("--events records one run; --compare makes eight. Drop one of the two")
+    if args.events:
+        check_output(args.events, "--events")
+    if not args.prompt.strip():
+        raise ValueError("--prompt is empty; give the user message to answer")
+    validate(allocator=args.allocator, policy=args.policy, **{k: v for k, v in run_kwargs(args).items() if k != "packed"})
+    check_device(args.device)
     path = resolve_model_dir(args.model)
     model, tokenizer = load_model(path, dtype=DTYPES[args.dtype], device=args.device), load_tokenizer(path)
     profile = None
@@ -586,7 +608,7 @@ def main(args):
                  record_positions=bool(args.events), hook=TextStream(tokenizer), **run_kwargs(args))
     print("\n\n" + summary(g))
     if args.events:
-        Path(args.events).write_text(json.dumps(g.to_json()))
+        write_atomic(args.events, json.dumps(g.to_json()))
         print(f"events written to {args.events}")
 
 
@@ -633,5 +655,5 @@ if __name__ == "__main__":
     args = parser().parse_args()
     try:
         main(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")

@@ -19,9 +19,18 @@ class Tokenizer:
         path = Path(path)
         if not (path / "tokenizer.json").is_file():
             raise FileNotFoundError(f"no tokenizer.json in {path}")
-        self.tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        try:
+            self.tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:  # the Rust side raises a bare Exception on any malformed file
+            raise ValueError(f"{path / 'tokenizer.json'} is not a valid tokenizer file ({str(e)[:200]})") from None
         cfg_file = path / "tokenizer_config.json"
-        cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        try:
+            cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{cfg_file} is not valid JSON ({e}); fix or delete it") from None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{cfg_file} must hold a JSON object; fix or delete it")
+        self.config_file = cfg_file
         token = lambda t: t.get("content") if isinstance(t, dict) else t  # noqa: E731
         self.bos_token, self.eos_token = token(cfg.get("bos_token")), token(cfg.get("eos_token"))
         self.chat_template = cfg.get("chat_template")
@@ -35,6 +44,10 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
         """Token ids; BOS first where the tokenizer adds one (bos=False: a continuation of earlier text)."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("the text is not valid UTF-8 (undecodable bytes in the prompt or its file)") from None
         # Special tokens written in the text (from a chat template) are parsed as such.
         ids = self.tok.encode(text, add_special_tokens=False).ids
         bos_id = None if self.bos_token is None else self.tok.token_to_id(self.bos_token)
@@ -54,17 +67,23 @@ class Tokenizer:
         if not self.chat_template:
             text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
             return text + ("Assistant:" if add_generation_prompt else "")
+        from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(msg):
-            raise ValueError(f"chat template error: {msg}")
+            raise ValueError(f"the chat template in {self.config_file} refused the conversation: {msg}")
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
         env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "")
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "")
+        except (TemplateError, TypeError, OverflowError, AttributeError, KeyError, IndexError, ZeroDivisionError,
+                RecursionError, MemoryError) as e:  # SecurityError is a TemplateError
+            raise ValueError(f"the chat template in {self.config_file} failed ({type(e).__name__}: "
+                             f"{str(e)[:200]}); fix the template, or pass --no-chat where the command has it") from None
 
 
 def load_tokenizer(path) -> Tokenizer:
