@@ -197,6 +197,7 @@ class Store:
     def __init__(self, path: Path, settings: dict, rank: int = 0):
         self.path, self.settings, self.rank = Path(path), settings, rank
         self.cells: dict[str, dict] = {}
+        parts: dict[str, dict] = {}  # cells of earlier interrupted runs not yet merged into the main file
         for file in [self.path, *sorted(self.path.parent.glob(self.path.name + ".part*"))]:
             if not file.exists():
                 continue
@@ -210,7 +211,10 @@ class Store:
                 raise ValueError(f"{file} holds results made with other settings ({', '.join(diff)}); "
                                  f"rerun with the same options, or choose another --out")
             self.cells.update(data["cells"])
-        self.new: dict[str, dict] = {}
+            if file != self.path:
+                parts.update(data["cells"])
+        # Kept in this rank's part file, which it rewrites: a rerun must not overwrite unmerged cells.
+        self.new: dict[str, dict] = parts
 
     def __contains__(self, key):
         return key in self.cells
