@@ -27,6 +27,7 @@ the prompts / problems are split across processes (torch.distributed, gloo on CP
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -747,7 +748,12 @@ def settings_of(args, what: str) -> dict:
     if what == "sessions":  # its cells are keyed by method, budget and interval, so those may grow on resume
         keep = ["model", "window", "sessions", "session_tokens", "turn_tokens", "dtype", "path", "gamma",
                 "head_beta", "head_mu", "head_utility"]
+    if what == "speed":  # one cell per budget: everything that shapes its table is a setting
+        keep += ["repeats", "methods", "no_peer"]
     settings = {"measurement": what, **{k: getattr(args, k) for k in keep}}
+    # What the cells were computed from, by content: an edited prompt file or another profile is refused.
+    settings["inputs_sha256"] = getattr(args, "inputs_sha256", {}).get(what)
+    settings["profile_sha256"] = getattr(args, "profile_sha256", None)
     for k in [k for k in ("prompts", "problems", "sessions") if k in settings]:  # files of this repository by their relative path, so clones can resume
         path = Path(settings[k]).resolve()
         settings[k] = str(path.relative_to(HERE)) if path.is_relative_to(HERE) else str(path)
@@ -807,6 +813,10 @@ def main(args):
     what = ["fidelity", "accuracy", "speed"] if args.measure == "all" else [args.measure]
     problems = read_problems(args.problems)[: args.num_problems or None] if "accuracy" in what else []
     session_turns = read_sessions(args.sessions)[: args.num_sessions or None] if "sessions" in what else []
+    digest = lambda obj: hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()  # noqa: E731
+    args.profile_sha256 = None if profile is None else digest(profile)
+    args.inputs_sha256 = {"fidelity": digest(prompts), "speed": digest(prompts), "accuracy": digest(problems),
+                          "sessions": digest(session_turns)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if rank == 0:

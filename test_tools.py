@@ -341,3 +341,129 @@ def test_bench_gpu_harness_runs_on_cpu():
     assert secs > 0 and held <= c.num_layers * c.num_kv_heads * (32 + 16)
     assert BG.run_transformers(hf, ids, 5) > 0
     assert BG.weight_bytes(ours) < sum(p.numel() * 4 for p in ours.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# Reliability (issue 13): bad inputs end in one clear error, outputs are checked before the work
+
+
+def test_outputs_checked_before_work_and_written_atomically(tmp_path):
+    for bad, words in [("", "empty"), (str(tmp_path), "is a folder"), (str(tmp_path / "no" / "x.json"), "does not exist"),
+                       ("/proc/x.json", "cannot write")]:
+        with pytest.raises(ValueError, match=words):
+            M.check_output(bad, "--out")
+    out = M.check_output(tmp_path / "x.json", "--out")
+    assert not out.exists() and not list(tmp_path.iterdir())  # the check leaves nothing behind
+    M.write_atomic(out, "a")
+    M.write_atomic(out, "b")
+    assert out.read_text() == "b" and [f.name for f in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_stale_shard_copy_and_truncated_file_are_refused(tmp_path, tiny_hf):
+    from safetensors.torch import load_file, save_file
+
+    hf = tiny_hf("llama")
+    hf.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    names = sorted(state)
+    half = len(names) // 2
+    save_file({k: state[k] for k in names[:half]}, tmp_path / "a.safetensors")
+    # shard b also holds a stale (zeroed) copy of a tensor the index assigns to shard a
+    save_file({**{k: state[k] for k in names[half:]}, names[0]: torch.zeros_like(state[names[0]])}, tmp_path / "b.safetensors")
+    (tmp_path / "model.safetensors").unlink()
+    index = {"weight_map": {k: "a.safetensors" if i < half else "b.safetensors" for i, k in enumerate(names)}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="does not assign"):
+        M.load_model(tmp_path)
+    save_file({k: state[k] for k in names[half:]}, tmp_path / "b.safetensors")
+    M.load_model(tmp_path)  # without the stale copy it loads
+    data = (tmp_path / "b.safetensors").read_bytes()
+    (tmp_path / "b.safetensors").write_bytes(data[: len(data) // 2])
+    import convert
+
+    assert not convert.safetensors_intact(tmp_path / "b.safetensors")
+    assert convert.safetensors_intact(tmp_path / "a.safetensors")
+    with pytest.raises(ValueError, match="b.safetensors is truncated or corrupt"):
+        M.load_model(tmp_path)
+
+
+def test_bad_config_and_tokenizer_files_are_named(tmp_path, tiny_hf):
+    hf = tiny_hf("llama")
+    hf.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    for change, words in [({"num_attention_heads": 0}, "num_attention_heads must be a positive integer"),
+                          ({"rope_scaling": "linear"}, "rope_scaling must be a JSON object")]:
+        with pytest.raises(ValueError, match=words):
+            M.ModelConfig.from_hf({**cfg, **change})
+    (tmp_path / "generation_config.json").write_text("{oops")
+    with pytest.raises(ValueError, match="generation_config.json is not valid JSON"):
+        M.ModelConfig.from_hf(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not a tokenizer")
+    with pytest.raises(ValueError, match="tokenizer.json is not a valid tokenizer"):
+        load_tokenizer(tmp_path)
+
+
+def test_chat_template_errors_and_bad_text_are_one_line(tiny_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_dir, d)
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages.__class__.__mro__ }}{{ 1 / 0 }}"}))
+    tok = load_tokenizer(d)
+    with pytest.raises(ValueError, match="chat template in .* failed"):
+        tok.render_chat("hi")
+    with pytest.raises(ValueError, match="not valid UTF-8"):
+        tok.encode("bad \udcff byte")
+
+
+def test_run_settings_refused_up_front():
+    with pytest.raises(ValueError, match="beyond any context"):
+        R.check_budget(10**16, 8)
+    base = dict(budget=64, window=8, interval=8, temperature=0.0, top_p=1.0, allocator="reasonalloc", policy="rkv",
+                max_new_tokens=4, gamma=0.5, beta=0.5, mu=0.25, head_utility="length")
+    with pytest.raises(ValueError, match="seed"):
+        R.validate(**base, seed=2**70)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        M.check_context(M.ModelConfig.from_hf({"model_type": "llama", "vocab_size": 9, "hidden_size": 8,
+                                               "intermediate_size": 8, "num_hidden_layers": 1,
+                                               "num_attention_heads": 2}), 3, -4)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            M.check_device("cuda")
+    with pytest.raises(ValueError, match="unknown device"):
+        M.check_device("gpu0")
+
+
+def test_tiny_temperature_is_greedy_not_nan():
+    logits = torch.tensor([1.0, 3.0, 2.0])
+    g = torch.Generator().manual_seed(0)
+    assert R.sample(logits, 1e-40, 1.0, g) == 1 and R.sample(logits, 1e-40, 0.5, g) == 1
+
+
+def test_fast_cache_memory_follows_holdings_not_interval(tiny_model):
+    """A huge --interval must not reserve huge spare storage (it reserved `interval` rows per head)."""
+    big = Fa.new_cache(tiny_model, 8, spare=50_000)
+    tiny_model(torch.arange(3, 43), big)
+    held = int(big.lengths().sum()) * 2 * tiny_model.config.head_dim * 4
+    assert big.allocated_bytes() <= 3 * held + 2 * 64 * tiny_model.config.head_dim * 4 * 6
+
+
+def test_profile_with_bad_demand_or_no_model_is_refused(tmp_path):
+    good = json.loads((HERE / "profiles" / "smollm2-135m-instruct.json").read_text())
+    for change, words in [({"demand": ["a"] * 30}, "finite numbers"), ({"demand": [float("nan")] * 30}, "finite numbers"),
+                          ({"model": None}, "no 'model' object")]:
+        f = tmp_path / "p.json"
+        f.write_text(json.dumps({**good, **change}))
+        with pytest.raises(ValueError, match=words):
+            P.load_profile(f)
+
+
+def test_store_rerun_keeps_unmerged_part_cells(tmp_path):
+    out = tmp_path / "r.json"
+    a = Bn.Store(out, {"x": 1})
+    a.add("c1", {"v": 1})  # an interrupted run: only the part file exists
+    b = Bn.Store(out, {"x": 1})
+    b.add("c2", {"v": 2})  # rewrites part0: c1 must still be in it
+    assert "c1" in json.loads((tmp_path / "r.json.part0").read_text())["cells"]
+    b.merge([b.new])
+    assert set(json.loads(out.read_text())["cells"]) == {"c1", "c2"}
