@@ -326,7 +326,7 @@ def fidelity(model, tok, prompts, args, profile, store: Store, rank: int = 0, wo
         if not todo:
             continue
         ids = encode(model, tok, prompts[i], args.new_tokens)
-        tokens = R.generate(model, tok, ids, budget=args.window + 1, policy="full", max_new_tokens=args.new_tokens,
+        tokens = R.generate(model, tok, ids, budget=args.window + 1, policy="full", window=args.window, max_new_tokens=args.new_tokens,
                             packed=args.packed).tokens
         # Every method, FullKV too, replays the reference through R.teacher_force (each interval in one
         # forward pass, equal to step-by-step decoding), so FullKV's replay is the very same computation.
@@ -624,7 +624,7 @@ def speed(model, tok, prompts, args, profile, store: Store, rank: int = 0, world
     if rank != 0 or key in store:
         return
     ids = encode(model, tok, prompts[0], args.new_tokens)
-    tokens = R.generate(model, tok, ids, budget=args.window + 1, policy="full", max_new_tokens=args.new_tokens,
+    tokens = R.generate(model, tok, ids, budget=args.window + 1, policy="full", window=args.window, max_new_tokens=args.new_tokens,
                         packed=args.packed).tokens
     variants = {}  # name -> fn(observe) -> Generation or None
     full = lambda packed: lambda cb: R.generate(  # noqa: E731
