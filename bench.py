@@ -628,7 +628,7 @@ def speed(model, tok, prompts, args, profile, store: Store, rank: int = 0, world
                         packed=args.packed).tokens
     variants = {}  # name -> fn(observe) -> Generation or None
     full = lambda packed: lambda cb: R.generate(  # noqa: E731
-        model, tok, ids, budget=args.window + 1, policy="full", max_new_tokens=len(tokens),
+        model, tok, ids, budget=args.window + 1, policy="full", window=args.window, max_new_tokens=len(tokens),
         hook=teacher_forced(tokens, cb), packed=packed)
     variants["FullKV, reference path"] = full(False)
     variants["FullKV, fast path"] = full(True)
