@@ -225,9 +225,7 @@ class Store:
         self._write(Path(f"{self.path}.part{self.rank}"), self.new)
 
     def _write(self, file: Path, cells: dict):
-        tmp = file.with_name(file.name + ".tmp")
-        tmp.write_text(json.dumps({"settings": self.settings, "cells": cells}))
-        os.replace(tmp, file)
+        write_atomic(file, json.dumps({"settings": self.settings, "cells": cells}))
 
     def merge(self, gathered: list[dict]):
         """Rank 0: fold every rank's new cells into the main file and remove the parts."""
@@ -795,6 +793,9 @@ def main(args):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
+    check_device(args.device)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    check_output(args.out, "--out")  # before any work, not after it
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world > 1:

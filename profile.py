@@ -22,10 +22,8 @@ import argparse
 import importlib.util
 import json
 import math
-import os
 import sys
 import sysconfig
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,7 +39,7 @@ run, runctx, Profile, _Utils = (_stdlib_profile.run, _stdlib_profile.runctx, _st
 import torch  # noqa: E402
 
 from convert import resolve_model_dir  # noqa: E402
-from model import check_device, check_output, encode_prompt, load_model, stop_ids  # noqa: E402
+from model import check_device, check_output, encode_prompt, load_model, stop_ids, write_atomic  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 FORMAT = "reasonalloc-profile/1"
@@ -147,16 +145,8 @@ def make_profile(config, demand, head_demand, settings: dict) -> dict:
 
 
 def save_profile(profile: dict, path):
-    """Write atomically: a failed run never leaves a partial profile behind."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(profile, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write atomically (model.write_atomic): a failed run never leaves a partial profile behind."""
+    write_atomic(path, json.dumps(profile, indent=1))
 
 
 def load_profile(path, config=None) -> dict:
