@@ -43,7 +43,8 @@ import torch
 import fast
 import reasonalloc as R
 from convert import resolve_model_dir
-from model import DTYPES, check_context, check_device, check_output, encode_prompt, load_model, stop_ids, write_atomic
+from model import (DTYPES, check_context, check_device, check_output, encode_prompt, load_model, model_fingerprint,
+                   stop_ids, write_atomic)
 from profile import find_profile, load_profile, read_jsonl, read_prompts
 from reasonalloc import METHODS
 from tokenizer import load_tokenizer
@@ -179,7 +180,7 @@ def token_metrics(full_logits: torch.Tensor, logits: torch.Tensor, targets: torc
         agree = (p.argmax(-1) == q.argmax(-1)).double()
         kl = (p.exp() * (p - q)).sum(-1).clamp_min(0.0)
         rows.append(torch.stack([nll_inc, agree, kl], 1))
-    return torch.cat(rows) if rows else torch.zeros(0, 3, dtype=torch.float64)
+    return torch.cat(rows) if rows else torch.zeros(0, 3, dtype=torch.float64, device="cpu")
 
 
 def default_budgets(new_tokens: int, window: int) -> list[int]:
@@ -331,7 +332,7 @@ def fidelity(model, tok, prompts, args, profile, store: Store, rank: int = 0, wo
         full_logits = forced_logits(model, ids, tokens, "FullKV", args.window + 1, args, profile)[0]
         for m, b in todo:
             logits, events = forced_logits(model, ids, tokens, m, max(b, args.window + 1), args, profile)
-            sums = token_metrics(full_logits, logits, torch.tensor(tokens)).sum(0).tolist()
+            sums = token_metrics(full_logits, logits, torch.tensor(tokens, device=full_logits.device)).sum(0).tolist()
             n = max(1, len(tokens))
             held, full = cache_tokens(model.config, int(ids.numel()), len(tokens), events)
             store.add(f"fidelity|{i}|{m}|{b}", {
@@ -427,7 +428,7 @@ def split_movement(events: list[dict]) -> float:
     and pairs of events. 0 for a fixed split, 1 when every slot changes head."""
     moves = []
     for a, b in zip(events, events[1:]):
-        sa, sb = torch.tensor(a["head_budgets"], dtype=torch.float64), torch.tensor(b["head_budgets"], dtype=torch.float64)
+        sa, sb = torch.tensor(a["head_budgets"], dtype=torch.float64, device="cpu"), torch.tensor(b["head_budgets"], dtype=torch.float64, device="cpu")
         sa, sb = sa / sa.sum(1, keepdim=True), sb / sb.sum(1, keepdim=True)
         moves.append(float(0.5 * (sa - sb).abs().sum(1).mean()))
     return statistics.fmean(moves) if moves else 0.0
@@ -452,7 +453,7 @@ def sessions(model, tok, sessions_turns, args, profile, store: Store, rank: int 
                 prog.step(f"session {i} {m} B={b} Δ={d}", skipped=True)
         if not todo:
             continue
-        ids, tokens = torch.tensor(ref["prompt_ids"]), ref["tokens"]
+        ids, tokens = torch.tensor(ref["prompt_ids"], device="cpu"), ref["tokens"]
         scored = torch.tensor(ref["scored"], device=model.embed.weight.device)
         targets = torch.tensor(tokens, device=scored.device)[scored]
         full_logits = R.teacher_force(model, ids, tokens, budget=args.window + 1, policy="full", window=args.window,
@@ -477,9 +478,9 @@ def sessions(model, tok, sessions_turns, args, profile, store: Store, rank: int 
 
 def paired_bootstrap(diffs: list[float], reps: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
     """Mean of paired differences (one per session) and its 95 % percentile bootstrap interval."""
-    d = torch.tensor(diffs, dtype=torch.float64)
+    d = torch.tensor(diffs, dtype=torch.float64, device="cpu")
     g = torch.Generator().manual_seed(seed)
-    means = d[torch.randint(len(d), (reps, len(d)), generator=g)].mean(1)
+    means = d[torch.randint(len(d), (reps, len(d)), generator=g, device="cpu")].mean(1)
     return float(d.mean()), float(means.quantile(0.025)), float(means.quantile(0.975))
 
 
@@ -602,11 +603,12 @@ def profile_decode(model, ids, args):
     from torch.profiler import profile as tprofile
 
     cache = fast.new_cache(model, args.window, spare=args.profile_steps + 1) if args.packed else model.new_cache(args.window)
-    model(ids, cache)
-    model(torch.tensor([0]), cache)  # warm-up
+    device = model.embed.weight.device
+    model(ids.to(device), cache)
+    model(torch.tensor([0], device=device), cache)  # warm-up
     with tprofile(activities=[ProfilerActivity.CPU]) as prof:
         for t in range(args.profile_steps):
-            model(torch.tensor([t]), cache)
+            model(torch.tensor([t], device=device), cache)
     print(f"\ntorch.profiler: {args.profile_steps} FullKV decode steps, {'fast' if args.packed else 'reference'} path\n")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
@@ -741,10 +743,10 @@ def speed_table(cell: dict) -> str:
 
 
 def settings_of(args, what: str) -> dict:
-    keep = ["model", "new_tokens", "budgets", "interval", "window", "prompts", "problems", "temperature", "top_p",
+    keep = ["model_sha256", "new_tokens", "budgets", "interval", "window", "prompts", "problems", "temperature", "top_p",
             "speed_budget", "dtype", "path", "gamma", "head_beta", "head_mu", "head_utility"]
     if what == "sessions":  # its cells are keyed by method, budget and interval, so those may grow on resume
-        keep = ["model", "window", "sessions", "session_tokens", "turn_tokens", "dtype", "path", "gamma",
+        keep = ["model_sha256", "window", "sessions", "session_tokens", "turn_tokens", "dtype", "path", "gamma",
                 "head_beta", "head_mu", "head_utility"]
     if what == "speed":  # one cell per budget: everything that shapes its table is a setting
         keep += ["repeats", "methods", "no_peer"]
@@ -756,6 +758,14 @@ def settings_of(args, what: str) -> dict:
         path = Path(settings[k]).resolve()
         settings[k] = str(path.relative_to(HERE)) if path.is_relative_to(HERE) else str(path)
     return settings
+
+
+def int_list(text: str, option: str) -> list[int]:
+    """A comma-separated list of integers from the command line, or a one-line error naming the option."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()] or [int("")]
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated whole numbers, e.g. 64,128; got {text!r}") from None
 
 
 def apply_quick(args):
@@ -774,19 +784,27 @@ def apply_quick(args):
 def main(args):
     args.methods_given = args.methods is not None
     args.packed = args.path == "fast"
-    args.methods = args.methods.split(",") if args.methods else list(METHODS)
+    if args.methods is not None and not args.methods.strip(","):
+        raise ValueError(f"--methods is empty; give a comma-separated subset of: {', '.join(METHODS)}")
+    args.methods = [m for m in args.methods.split(",") if m] if args.methods else list(METHODS)
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
         raise ValueError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
     if args.measure == "sessions":
         args.budgets = args.budgets or "64,128,256"
-        args.intervals = sorted({int(d) for d in args.intervals.split(",")})
+        args.intervals = sorted(set(int_list(args.intervals, "--intervals")))
         if any(d < 1 for d in args.intervals):
             raise ValueError(f"--intervals must all be >= 1, got {args.intervals}")
     if args.budgets:
-        args.budgets = sorted({int(b) for b in args.budgets.split(",")})
-        for b in args.budgets:
-            R.check_budget(b, args.window)
+        args.budgets = sorted(set(int_list(args.budgets, "--budgets")))
+    # every run setting checked before the model loads, as reasonalloc.py does (bench --window 0 included)
+    if args.interval < 0:
+        raise ValueError(f"--interval must be >= 1 (or 0: automatic), got {args.interval}")
+    R.validate(budget=max(args.budgets or [args.window + 1]), window=args.window, interval=args.interval or 1,
+               temperature=args.temperature, top_p=args.top_p, allocator="reasonalloc", policy="rkv", max_new_tokens=0,
+               gamma=args.gamma, beta=args.head_beta, mu=args.head_mu, head_utility=args.head_utility)
+    for b in args.budgets or []:
+        R.check_budget(b, args.window)
     if args.quick:
         apply_quick(args)
     for name in ("new_tokens", "samples", "repeats", "session_tokens", "turn_tokens"):
@@ -805,6 +823,7 @@ def main(args):
     torch.manual_seed(0)
     path = resolve_model_dir(args.model)
     model, tok = load_model(path, dtype=DTYPES[args.dtype], device=args.device), load_tokenizer(path)
+    args.model_sha256 = model_fingerprint(path)  # results are keyed by the model's contents, not its folder
     profile = None
     if args.profile:
         profile = load_profile(args.profile, model.config)

@@ -50,7 +50,7 @@ class PackedCache:
         self.k = [torch.empty(Hk, 0, D, dtype=dtype, device=device) for _ in range(L)]
         self.v = [torch.empty(Hk, 0, D, dtype=dtype, device=device) for _ in range(L)]
         self.pos = [torch.empty(Hk, 0, dtype=torch.long, device=device) for _ in range(L)]
-        self.n = torch.zeros(L, Hk, dtype=torch.long)  # tokens held, on the CPU (no device sync to read)
+        self.n = torch.zeros(L, Hk, dtype=torch.long, device="cpu")  # tokens held, on the CPU (no device sync to read)
         self.n_dev = [torch.zeros(Hk, dtype=torch.long, device=device) for _ in range(L)]  # the same, on device
         self.q_win = [torch.empty(config.num_heads, 0, D, dtype=dtype, device=device) for _ in range(L)]
         self.next_pos = 0
@@ -317,7 +317,7 @@ def compress_layer(cache: PackedCache, layer: int, budgets, policy: str = "rkv",
         s = torch.full((Hk, S), float("-inf"), device=cache.k[layer].device)
         for h, sc in enumerate(scores):
             s[h, :len(sc)] = sc
-    rows, counts = keep_rows(s, cache.n[layer], torch.as_tensor(budgets), cache.window)
+    rows, counts = keep_rows(s, cache.n[layer], torch.as_tensor(budgets, device=s.device), cache.window)
     cache.keep(layer, rows, counts)
     return [cache.pos[layer][h, :int(c)] for h, c in enumerate(counts.tolist())]
 
@@ -380,7 +380,7 @@ class GraphDecoder:
             raise ValueError(f"GraphDecoder needs at least window = {c.window} tokens in the cache first")
         for layer in range(len(c)):
             c._reserve(layer, int(c.n[layer].max()) + 2)  # room for this step (and a warm-up step)
-        self.token.copy_(torch.as_tensor(token).view(1))
+        self.token.copy_(torch.as_tensor(token, device=self.token.device).view(1))
         self.pos.fill_(c.next_pos)
         if self.use_graph:
             layout = tuple(t.data_ptr() for t in (*c.k, *c.v, *c.pos, *c.n_dev, *c.q_win))

@@ -291,7 +291,7 @@ class KVCache:
 
     def lengths(self) -> torch.Tensor:
         """(L, Hk) number of tokens each head holds."""
-        return torch.tensor([[len(h.pos) for h in layer] for layer in self.layers], dtype=torch.long)
+        return torch.tensor([[len(h.pos) for h in layer] for layer in self.layers], dtype=torch.long, device="cpu")
 
     def window_queries(self, layer: int, kv_head: int) -> torch.Tensor:
         """(G, w, D): the window queries of the G query heads that share `kv_head`."""
@@ -486,6 +486,28 @@ def weight_map(c: ModelConfig) -> dict[str, str]:
     return m
 
 
+def model_fingerprint(path: Path, *, samples: int = 16, sample_bytes: int = 1 << 16) -> str:
+    """A short identity of a model folder's contents, for keying saved results: sha256 over config.json,
+    the tokenizer files, and each weight file's size, header (every tensor's name, dtype, shape and offset)
+    and `samples` slices of its data spread evenly over the file. Any re-conversion, fine-tune or swapped
+    shard changes it; hashing every byte instead would take minutes on a multi-GB checkpoint."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        h.update(name.encode() + b"\0" + ((path / name).read_bytes() if (path / name).is_file() else b"-") + b"\0")
+    for file in safetensors_files(path):
+        size = file.stat().st_size
+        h.update(f"{file.name}:{size}\0".encode())
+        with open(file, "rb") as f:
+            head = f.read(8)
+            header_len = int.from_bytes(head, "little") if len(head) == 8 else 0
+            h.update(head + f.read(min(header_len, size)))
+            for i in range(samples):
+                f.seek(size * i // samples)
+                h.update(f.read(sample_bytes))
+    return h.hexdigest()[:16]
+
+
 def safetensors_files(path: Path) -> dict[Path, set[str] | None]:
     """The checkpoint's files, each with the tensor names the index assigns to it (None: every tensor in
     it; a single model.safetensors). A tensor is read only from the shard the index names, so a stale copy
@@ -585,7 +607,7 @@ def encode_prompt(tokenizer: Tokenizer, config: ModelConfig, prompt: str, *, cha
     text = tokenizer.render_chat(prompt) if chat else prompt
     ids = tokenizer.encode(text)
     check_context(config, len(ids), max_new_tokens)
-    return torch.tensor(ids, dtype=torch.long)
+    return torch.tensor(ids, dtype=torch.long, device="cpu")
 
 
 @torch.inference_mode()
@@ -608,6 +630,11 @@ def generate_full(model: Transformer, tokenizer: Tokenizer, prompt: str, *, max_
 
 
 def main(args):
+    if not args.prompt.strip():
+        raise ValueError("--prompt is empty; give the user message to answer")
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    check_device(args.device)  # before the weights load, not after
     path = resolve_model_dir(args.model)
     model, tokenizer = load_model(path, dtype=DTYPES[args.dtype], device=args.device), load_tokenizer(path)
     out = generate_full(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
@@ -624,4 +651,8 @@ if __name__ == "__main__":
     p.add_argument("--no-chat", action="store_true", help="feed the prompt as raw text, without the chat template")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--device", default="cpu")
-    main(p.parse_args())
+    args = p.parse_args()
+    try:
+        main(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        sys.exit(f"error: {e}")

