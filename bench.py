@@ -950,5 +950,5 @@ if __name__ == "__main__":
     args = parser().parse_args()
     try:
         main(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {e}")

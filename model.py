@@ -486,28 +486,6 @@ def weight_map(c: ModelConfig) -> dict[str, str]:
     return m
 
 
-def model_fingerprint(path: Path, *, samples: int = 16, sample_bytes: int = 1 << 16) -> str:
-    """A short identity of a model folder's contents, for keying saved results: sha256 over config.json,
-    the tokenizer files, and each weight file's size, header (every tensor's name, dtype, shape and offset)
-    and `samples` slices of its data spread evenly over the file. Any re-conversion, fine-tune or swapped
-    shard changes it; hashing every byte instead would take minutes on a multi-GB checkpoint."""
-    path = Path(path)
-    h = hashlib.sha256()
-    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
-        h.update(name.encode() + b"\0" + ((path / name).read_bytes() if (path / name).is_file() else b"-") + b"\0")
-    for file in safetensors_files(path):
-        size = file.stat().st_size
-        h.update(f"{file.name}:{size}\0".encode())
-        with open(file, "rb") as f:
-            head = f.read(8)
-            header_len = int.from_bytes(head, "little") if len(head) == 8 else 0
-            h.update(head + f.read(min(header_len, size)))
-            for i in range(samples):
-                f.seek(size * i // samples)
-                h.update(f.read(sample_bytes))
-    return h.hexdigest()[:16]
-
-
 def safetensors_files(path: Path) -> dict[Path, set[str] | None]:
     """The checkpoint's files, each with the tensor names the index assigns to it (None: every tensor in
     it; a single model.safetensors). A tensor is read only from the shard the index names, so a stale copy
@@ -537,6 +515,28 @@ def safetensors_files(path: Path) -> dict[Path, set[str] | None]:
             f"checking that you trust the file"
         )
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+
+
+def model_fingerprint(path: Path, *, samples: int = 16, sample_bytes: int = 1 << 16) -> str:
+    """A short identity of a model folder's contents, for keying saved results: sha256 over config.json,
+    the tokenizer files, and each weight file's size, header (every tensor's name, dtype, shape and offset)
+    and `samples` slices of its data spread evenly over the file. Any re-conversion, fine-tune or swapped
+    shard changes it; hashing every byte instead would take minutes on a multi-GB checkpoint."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        h.update(name.encode() + b"\0" + ((path / name).read_bytes() if (path / name).is_file() else b"-") + b"\0")
+    for file in safetensors_files(path):
+        size = file.stat().st_size
+        h.update(f"{file.name}:{size}\0".encode())
+        with open(file, "rb") as f:
+            head = f.read(8)
+            header_len = int.from_bytes(head, "little") if len(head) == 8 else 0
+            h.update(head + f.read(min(header_len, size)))
+            for i in range(samples):
+                f.seek(size * i // samples)
+                h.update(f.read(sample_bytes))
+    return h.hexdigest()[:16]
 
 
 def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
