@@ -1,6 +1,8 @@
 """Fixtures shared by test_reasonalloc.py (the spec's tests) and test_tools.py (benchmarks, CLIs, the
 default model): tiny random Hugging Face models of every supported family, and our model built from one."""
 
+import json
+
 import pytest
 import torch
 
@@ -79,3 +81,31 @@ def default_model():
 
     path = resolve_model_dir(None)
     return M.load_model(path), load_tokenizer(path), path
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tiny_hf):
+    """A tiny random llama saved as a model folder, with a character-level tokenizer, a chat template and a
+    wave profile."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    d = tmp_path_factory.mktemp("tiny_model")
+    hf = tiny_hf("llama")
+    hf.config.max_position_embeddings = 512
+    hf.save_pretrained(d)
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:;?!+-*/=()'\n"
+    tok = Tokenizer(models.WordLevel({c: i + 3 for i, c in enumerate(chars)} | {"<unk>": 0}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    tok.decoder = decoders.Fuse()
+    tok.save(str(d / "tokenizer.json"))
+    template = ("{% for m in messages %}{% if m.role == 'user' %}Q: {{ m.content }}\nA:{% else %}{{ m.content }}\n"
+                "{% endif %}{% endfor %}")  # in the characters above; a conversation extends its prefix
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    prompts = d / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in
+                               ["What is 2+3? Think.", "Count the sheep: one, two.", "Why is the sky blue?"]))
+    cfg = M.ModelConfig.from_hf(d)
+    import profile as P  # this project's profile.py
+
+    P.save_profile(P.make_profile(cfg, torch.tensor([0.5, 0.2, 0.3]), torch.ones(3, 2), {}), d / "wave.json")
+    return d

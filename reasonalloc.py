@@ -307,6 +307,7 @@ class Generation:
     full_bytes: int = 0  # ... and what a full cache would hold
     seconds: float = 0.0
     settings: dict = field(default_factory=dict)  # every knob of the run, so the events say how they were made
+    prompt_ids: list[int] = field(default_factory=list)  # the prompt as the model saw it
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -477,6 +478,7 @@ def generate(model, tokenizer, prompt, *, budget: int, allocator: str = "reasona
                       packed=packed, layer_options=layer_options, head_options=head_options,
                       policy_options=policy_options or {},
                       profile_demand=None if demand is None else [float(x) for x in demand]),
+        prompt_ids=ids.tolist(),
     )
 
 
@@ -611,9 +613,13 @@ def main(args):
     g = generate(model, tokenizer, args.prompt, allocator=args.allocator, policy=args.policy, profile=profile,
                  record_positions=bool(args.events), hook=TextStream(tokenizer), **run_kwargs(args))
     print("\n\n" + summary(g))
-    if args.events:
-        write_atomic(args.events, json.dumps(g.to_json()))
-        print(f"events written to {args.events}")
+    if args.events:  # the versioned events document (conformance.py, events.schema.json)
+        import conformance
+        from model import model_fingerprint
+
+        doc = conformance.events_document(model, g, source={"fingerprint": model_fingerprint(path)})
+        write_atomic(args.events, json.dumps({**doc, "text": g.text}))
+        print(f"events written to {args.events} (check a backend's with: python reasonalloc.py check FILE)")
 
 
 def parser():
@@ -656,6 +662,10 @@ def parser():
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["check"]:  # python reasonalloc.py check EVENTS.json: the replay checker
+        import conformance
+
+        sys.exit(conformance.check_main(sys.argv[2:]))
     args = parser().parse_args()
     try:
         main(args)

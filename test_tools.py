@@ -181,32 +181,6 @@ def test_cache_tokens_from_events_match_generation(tiny_model):
         assert held == g.cache_tokens and full == g.full_tokens
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tiny_hf):
-    """A tiny random llama saved as a model folder, with a character-level tokenizer, a chat template and a
-    wave profile."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-
-    d = tmp_path_factory.mktemp("tiny_model")
-    hf = tiny_hf("llama")
-    hf.config.max_position_embeddings = 512
-    hf.save_pretrained(d)
-    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,:;?!+-*/=()'\n"
-    tok = Tokenizer(models.WordLevel({c: i + 3 for i, c in enumerate(chars)} | {"<unk>": 0}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
-    tok.decoder = decoders.Fuse()
-    tok.save(str(d / "tokenizer.json"))
-    template = ("{% for m in messages %}{% if m.role == 'user' %}Q: {{ m.content }}\nA:{% else %}{{ m.content }}\n"
-                "{% endif %}{% endfor %}")  # in the characters above; a conversation extends its prefix
-    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
-    prompts = d / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in
-                               ["What is 2+3? Think.", "Count the sheep: one, two.", "Why is the sky blue?"]))
-    cfg = M.ModelConfig.from_hf(d)
-    P.save_profile(P.make_profile(cfg, torch.tensor([0.5, 0.2, 0.3]), torch.ones(3, 2), {}), d / "wave.json")
-    return d
-
-
 def run_bench(tiny_dir, out, *extra, torchrun=False, new_tokens=24, expect_ok=True):
     """Run bench.py fidelity on the tiny model folder; returns (cells or None, the finished process)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"] if torchrun else [sys.executable]

@@ -1,0 +1,169 @@
+"""The golden reference (conformance.py): events documents, the replay checker, the conformance vectors."""
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import conformance as C
+import reasonalloc as R
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    return C.recipe_model(C.TINY_CONFIG, 0)
+
+
+def document(model, *, packed=False, allocator="reasonalloc", policy="rkv"):
+    prompt = torch.tensor([(5 * i + 1) % 96 for i in range(30)])
+    g = R.generate(model, None, prompt, budget=12, window=4, interval=6, max_new_tokens=30, allocator=allocator,
+                   policy=policy, profile=[0.3, 0.5, 0.2], record_positions=True, packed=packed)
+    return C.events_document(model, g, source={"recipe": "lcg64", "seed": 0, "config": C.TINY_CONFIG})
+
+
+def check_lines(doc, model):
+    lines = []
+    return C.check(doc, model, out=lines.append), "\n".join(lines)
+
+
+def test_vectors_regenerate_byte_for_byte(tmp_path):
+    """The committed vectors are what `python conformance.py vectors` writes, to the byte."""
+    written = C.write_vectors(tmp_path)
+    committed = sorted(p.relative_to(HERE / "vectors") for p in (HERE / "vectors").rglob("*.json"))
+    assert sorted(p.relative_to(tmp_path) for p in written) == committed
+    for rel in committed:
+        assert (tmp_path / rel).read_bytes() == (HERE / "vectors" / rel).read_bytes(), f"vectors/{rel} changed"
+
+
+def test_vectors_cover_the_adversarial_cases():
+    cases = {name: json.loads((HERE / "vectors" / f"{name}.json").read_text())["cases"]
+             for name in ("robustify", "layer_budgets", "head_budgets", "keep_indices", "scores")}
+    for c in cases["robustify"]:  # exact totals, floors held
+        assert sum(c["output"]) == c["inputs"]["total"] and min(c["output"]) >= c["inputs"]["floor"]
+    assert {c["inputs"]["allocator"] for c in cases["layer_budgets"]} == set(R.ALLOCATORS)
+    kinds = {c["inputs"]["case"] for c in cases["head_budgets"]}
+    assert {"ties", "shorter_than_window", "one_head_starved"} <= kinds
+    starved = [c for c in cases["head_budgets"] if c["inputs"]["case"] == "one_head_starved"
+               and c["inputs"]["rule"] == "head_budgets"]
+    assert any(c["output"][0] == 4 for c in starved)  # a head at the floor w = 4 (raw pooling)
+    assert {c["inputs"]["policy"] for c in cases["scores"]} == {"rkv", "snapkv"}
+    for c in cases["keep_indices"]:  # the window is always kept, and ties go to the older token
+        n = len(c["inputs"]["scores"]) + c["inputs"]["window"]
+        assert c["output"][-c["inputs"]["window"]:] == list(range(n - c["inputs"]["window"], n))
+    tie_case = next(c for c in cases["keep_indices"] if c["inputs"]["scores"] == [1.0, 2.0, 2.0, 1.0, 2.0])
+    assert tie_case["output"] == [1, 2, 4, 5, 6, 7]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("allocator, policy", [("reasonalloc", "rkv"), ("uniform", "snapkv"), ("adakv", "rkv")])
+def test_check_passes_on_reference_and_fast_path_events(recipe, tmp_path, packed, allocator, policy):
+    doc = document(recipe, packed=packed, allocator=allocator, policy=policy)
+    assert doc["settings"]["path"] == ("fast" if packed else "reference") and len(doc["events"]) >= 4
+    f = tmp_path / "ev.json"
+    f.write_text(json.dumps(doc))
+    assert C.read_events(f) == doc
+    ok, text = check_lines(doc, recipe)
+    assert ok and f"all {len(doc['events'])} compression events agree" in text
+
+
+def test_committed_event_files_pass_check_from_the_cli():
+    for f in sorted((HERE / "vectors" / "events").glob("*.json")):
+        r = subprocess.run([sys.executable, "reasonalloc.py", "check", str(f)], capture_output=True, text=True,
+                           cwd=HERE, timeout=120)
+        assert r.returncode == 0 and "compression events agree" in r.stdout, r.stdout + r.stderr
+
+
+def test_check_names_a_moved_position_a_budget_and_a_tie(recipe):
+    doc = document(recipe)
+    # 1. one kept position swapped for one the reference evicted
+    bad = copy.deepcopy(doc)
+    e = bad["events"][2]
+    kept, before = e["kept_positions"][1][0], bad["events"][1]["kept_positions"][1][0]
+    held = set(before) | set(range(max(before) + 1, 30 + e["step"]))  # held just before this event
+    dropped = min(held - set(kept))  # one the reference evicted here
+    kept[0] = dropped  # in place of its oldest kept token (never one of the window's)
+    kept.sort()
+    ok, text = check_lines(bad, recipe)
+    assert not ok and "event 2 (step 12), layer 1, KV head 0: kept positions differ" in text
+    assert f"kept only by the backend:   [{dropped}]" in text and "not a tie" in text
+    assert "event 1 (step 6): agrees" in text
+    # 2. one head budget moved to the other head of its layer (the layer total still holds)
+    bad = copy.deepcopy(doc)
+    hb = bad["events"][1]["head_budgets"][2]
+    theirs, ours = hb[0] + 1, hb[0]
+    hb[0], hb[1] = hb[0] + 1, hb[1] - 1
+    ok, text = check_lines(bad, recipe)
+    assert not ok and f"event 1 (step 6), layer 2, KV head 0: head_budgets {theirs} in the backend, {ours} in the reference" in text
+    # 3. a tie broken the other way: SnapKV's max-pooling makes equal scores
+    snap = document(recipe, allocator="uniform", policy="snapkv")
+    for i, e in enumerate(snap["events"]):
+        _, scores = C.replay(recipe, snap, at_step=e["step"], layer=0)
+        pos, sc = scores[0]
+        kept = e["kept_positions"][0][0]
+        pair = next(((a, b) for a, sa in zip(pos, sc) for b, sb in zip(pos, sc)
+                     if a in kept and b not in kept and sa == sb), None)
+        if pair:
+            break
+    assert pair, "no tie found to test with"
+    bad = copy.deepcopy(snap)
+    kept = bad["events"][i]["kept_positions"][0][0]
+    kept[kept.index(pair[0])] = pair[1]
+    kept.sort()
+    ok, text = check_lines(bad, recipe)
+    assert not ok and f"event {i} (step {e['step']}), layer 0, KV head 0: kept positions differ" in text
+    assert "a tie: these scores are equal within rtol" in text
+
+
+def test_check_refuses_bad_files_with_one_line(recipe, tmp_path):
+    doc = document(recipe)
+    cases = {
+        "another model": ({**doc, "model": {**doc["model"], "config_hash": "0123456789abcdef"}},
+                          "made for another model \\(config_hash"),
+        "old": ({k: v for k, v in doc.items() if k not in ("schema", "version")}, "before the format was versioned"),
+        "unknown version": ({**doc, "version": 99}, "version 99; this reasonalloc reads version 1 only"),
+        "bad sum": (None, "head budgets .* sum to"),
+        "bad layer sum": (None, "layer budgets sum to"),
+        "schema": ({**doc, "tokens": "abc"}, "\\$.tokens must be array"),
+    }
+    bad = copy.deepcopy(doc)
+    bad["events"][1]["head_budgets"][0][0] += 1
+    cases["bad sum"] = (bad, cases["bad sum"][1])
+    bad = copy.deepcopy(doc)
+    bad["events"][0]["layer_budgets"][0] += 1
+    cases["bad layer sum"] = (bad, cases["bad layer sum"][1])
+    for name, (d, words) in cases.items():
+        f = tmp_path / f"{name}.json"
+        f.write_text(json.dumps(d))
+        r = subprocess.run([sys.executable, "reasonalloc.py", "check", str(f)], capture_output=True, text=True,
+                           cwd=HERE, timeout=120)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (name, r.stderr)
+        assert r.stderr.count("\n") == 1 and __import__("re").search(words, r.stderr), (name, r.stderr)
+    f = tmp_path / "truncated.json"
+    f.write_text(json.dumps(doc)[:500])
+    with pytest.raises(ValueError, match="not valid JSON .* truncated"):
+        C.read_events(f)
+    with pytest.raises(FileNotFoundError, match="no events file"):
+        C.read_events(tmp_path / "none.json")
+
+
+def test_cli_events_file_is_versioned_and_passes_check(tiny_dir, tmp_path):
+    """`reasonalloc.py --events` writes the versioned document, with the model's fingerprint, and `check`
+    with --model accepts it (and refuses it against other weights)."""
+    ev = tmp_path / "ev.json"
+    run = [sys.executable, "reasonalloc.py", "--model", str(tiny_dir), "--prompt", "What is 2+3?", "--budget", "12",
+           "--window", "4", "--interval", "6", "--max-new-tokens", "30", "--profile", str(tiny_dir / "wave.json"),
+           "--events", str(ev)]
+    r = subprocess.run(run, capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert r.returncode == 0, r.stderr
+    doc = C.read_events(ev)
+    assert doc["version"] == 1 and "fingerprint" in doc["model"]["source"] and doc["events"]
+    assert doc["settings"]["policy_options"]["lam"] == 0.1 and doc["settings"]["head_options"]["mu"] == 0.25
+    r = subprocess.run([sys.executable, "reasonalloc.py", "check", str(ev), "--model", str(tiny_dir)],
+                       capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert r.returncode == 0 and "compression events agree" in r.stdout, r.stdout + r.stderr
