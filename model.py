@@ -629,6 +629,53 @@ def generate_full(model: Transformer, tokenizer: Tokenizer, prompt: str, *, max_
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# Weights any language can rebuild from a seed (the conformance vectors' tiny model)
+
+LCG_A, LCG_C = 6364136223846793005, 1442695040888963407  # Knuth's MMIX 64-bit linear congruential generator
+
+
+def lcg_uniform(n: int, seed: int) -> list[float]:
+    """n values in [-1, 1): x ← (A·x + C) mod 2^64 from x = seed, each value 2·(x >> 40)/2^24 − 1."""
+    x, out = seed % 2**64, []
+    for _ in range(n):
+        x = (LCG_A * x + LCG_C) % 2**64
+        out.append(2 * (x >> 40) / 2**24 - 1)
+    return out
+
+
+def recipe_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors (Hugging Face names) from `seed`, reproducible in any language:
+    for the names in byte order, every norm weight is 1; every other tensor is filled row-major from one
+    stream x ← (6364136223846793005·x + 1442695040888963407) mod 2^64 (x starts at `seed`), each value
+    (2·u − 1)/√(columns) with u = (x >> 40) / 2^24, then rounded to float32."""
+    cfg = ModelConfig.from_hf(config)
+    with torch.device("meta"):  # shapes only
+        params = Transformer(cfg).state_dict()
+    shapes = {hf: params[ours].shape for hf, ours in weight_map(cfg).items()}
+    drawn = [name for name in sorted(shapes) if not name.endswith("norm.weight")]
+    stream = lcg_uniform(sum(math.prod(shapes[name]) for name in drawn), seed)
+    out, start = {}, 0
+    for name in sorted(shapes):
+        shape = shapes[name]
+        if name not in drawn:
+            out[name] = torch.ones(shape, dtype=torch.float32, device="cpu")
+            continue
+        values = torch.tensor(stream[start:start + math.prod(shape)], dtype=torch.float64, device="cpu")
+        start += math.prod(shape)
+        out[name] = (values / math.sqrt(shape[-1])).float().view(shape)
+    return out
+
+
+def recipe_model(config: dict, seed: int, dtype=torch.float64) -> Transformer:
+    """A model with `recipe_weights`, for conformance tests (float64 by default: choices far from float noise)."""
+    cfg = ModelConfig.from_hf(config)
+    model = Transformer(cfg)
+    names = weight_map(cfg)
+    model.load_state_dict({names[k]: v for k, v in recipe_weights(config, seed).items()}, strict=False)
+    return model.to(dtype).eval()
+
+
 def main(args):
     if not args.prompt.strip():
         raise ValueError("--prompt is empty; give the user message to answer")

@@ -16,22 +16,25 @@ The baselines it is compared with (uniform R-KV / SnapKV, PyramidKV, Ada-KV) are
 two kinds, and `ALLOCATORS` names each pair.
 
 Standing alone: sections 1-3 (robustify, the layer rules, the head rules, ALLOCATORS, METHODS) need
-nothing but torch, so this file can be copied into another project by itself. Section 4 (generation)
-and the CLI import the project's other modules (model.py, evict.py, fast.py, profile.py) where they
-are used.
+nothing but torch, so this file can be copied into another project by itself. Sections 4 (generation)
+and 5 (the events format and its replay checker) and the CLI import the project's other modules
+(model.py, evict.py, fast.py, profile.py) where they are used.
 
 Run it:  python reasonalloc.py --prompt "..."        (defaults: policy rkv, allocator reasonalloc)
          python reasonalloc.py --prompt "..." --compare
+         python reasonalloc.py check EVENTS.json [--model DIR]     (section 5: replay another backend's run)
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -525,6 +528,297 @@ def teacher_force(model, ids: torch.Tensor, tokens: list[int], *, budget: int, a
 
 
 # ----------------------------------------------------------------------------------------------
+# 5. The events document and the replay checker: the golden reference for other backends.
+#
+# A backend (vLLM, SGLang, a custom kernel) that implements these allocators writes, for one run, what it
+# decided at each compression in the versioned format of events.schema.json: B_l, b_lh, the lengths before
+# and after, and the absolute positions each head kept. `python reasonalloc.py check EVENTS.json` replays
+# the run on the per-head reference path with the same tokens forced and reports the first difference,
+# with the reference's scores of the tokens involved. Budgets and kept positions must be equal; scores
+# only explain a difference: two within rtol·max(|a|, |b|) + atol are a tie (or float noise), and the
+# reference breaks ties toward the older token (a stable sort). conformance.py writes test vectors.
+
+SCHEMA_NAME, SCHEMA_VERSION = "reasonalloc-events", 1
+SCHEMA_FILE = Path(__file__).resolve().parent / "events.schema.json"
+RTOL, ATOL = 1e-3, 1e-6  # scores this close are a tie when a difference is explained (bfloat16 keeps ~3 digits)
+
+
+def resolved_options(fn, given: dict | None, skip=("window", "profile")) -> dict:
+    """Every keyword option `fn` takes, with its default unless `given` sets it: the complete record."""
+    params = inspect.signature(fn).parameters.values()
+    out = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name not in skip}
+    return out | {k: v for k, v in (given or {}).items() if k in out}
+
+
+def model_identity(model, *, source: dict) -> dict:
+    c = model.config
+    return {"architecture": c.model_type, "num_layers": c.num_layers, "num_heads": c.num_heads,
+            "num_kv_heads": c.num_kv_heads, "head_dim": c.head_dim, "vocab_size": c.vocab_size,
+            "config_hash": c.config_hash, "source": source}
+
+
+def events_document(model, g: Generation, *, source: dict) -> dict:
+    """One run as a versioned events document. `source`: where the weights come from, {"fingerprint": ...}
+    of a model folder (`model.model_fingerprint`) or {"recipe": "lcg64", "seed": s, "config": {...}}."""
+    import evict
+
+    s = g.settings
+    alloc = get_allocator(s["allocator"])
+    settings = {
+        "budget": s["budget"], "allocator": s["allocator"], "policy": s["policy"], "interval": s["interval"],
+        "window": s["window"],
+        "layer_options": resolved_options(alloc.layers, s["layer_options"]),
+        "head_options": resolved_options(alloc.heads, s["head_options"]),
+        "policy_options": resolved_options(evict.get_policy(s["policy"]), s["policy_options"]),
+        "profile_demand": s["profile_demand"], "max_new_tokens": s["max_new_tokens"],
+        "temperature": s["temperature"], "top_p": s["top_p"], "seed": s["seed"], "chat": s["chat"],
+        "dtype": str(model.embed.weight.dtype).removeprefix("torch."), "path": "fast" if s["packed"] else "reference",
+    }
+    events = [{k: e[k] for k in ("step", "layer_budgets", "head_budgets", "lengths_before", "lengths_after",
+                                 "kept_positions")} for e in g.events]
+    return {"schema": SCHEMA_NAME, "version": SCHEMA_VERSION, "model": model_identity(model, source=source),
+            "settings": settings, "prompt_ids": g.prompt_ids, "tokens": g.tokens, "events": events}
+
+
+def schema_errors(value, schema: dict, where: str = "$") -> list[str]:
+    """The subset of JSON Schema that events.schema.json uses (type, const, enum, minimum, required,
+    properties, additionalProperties, items), so no validator package is needed."""
+    types = schema.get("type")
+    if types is not None:
+        ok = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
+        names = types if isinstance(types, list) else [types]
+        good = any(isinstance(value, ok[t]) if t in ok else
+                   (isinstance(value, int) and not isinstance(value, bool)) if t == "integer" else
+                   (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+                   for t in names)
+        if not good:
+            return [f"{where} must be {' or '.join(names)}, got {json.dumps(value)[:40]}"]
+    if "const" in schema and value != schema["const"]:
+        return [f"{where} must be {json.dumps(schema['const'])}, got {json.dumps(value)[:40]}"]
+    if "enum" in schema and value not in schema["enum"]:
+        return [f"{where} must be one of {', '.join(map(str, schema['enum']))}, got {json.dumps(value)[:40]}"]
+    if "minimum" in schema and value < schema["minimum"]:
+        return [f"{where} must be >= {schema['minimum']}, got {value}"]
+    errors = []
+    if isinstance(value, dict):
+        errors += [f"{where} lacks {k!r}" for k in schema.get("required", []) if k not in value]
+        props = schema.get("properties", {})
+        for k, v in value.items():
+            if k in props:
+                errors += schema_errors(v, props[k], f"{where}.{k}")
+            elif schema.get("additionalProperties") is False:
+                errors.append(f"{where} has an unknown key {k!r}")
+    if isinstance(value, list) and "items" in schema:
+        for i, v in enumerate(value):
+            errors += schema_errors(v, schema["items"], f"{where}[{i}]")
+            if len(errors) > 5:
+                break
+    return errors
+
+
+def check_totals(doc: dict, path) -> None:
+    """Shapes and totals: Σ B_l = L·B, Σ_h b_lh = Hk·B_l, each head keeps lengths_after[l][h] positions."""
+    L, Hk, B = doc["model"]["num_layers"], doc["model"]["num_kv_heads"], doc["settings"]["budget"]
+    for e in doc["events"]:
+        at = f"{path}: event at step {e['step']}"
+        lb, hb = e["layer_budgets"], e["head_budgets"]
+        shapes = [len(lb) == L, len(hb) == L and all(len(r) == Hk for r in hb),
+                  all(len(e[k]) == L and all(len(r) == Hk for r in e[k]) for k in ("lengths_before", "lengths_after")),
+                  len(e["kept_positions"]) == L and all(len(r) == Hk for r in e["kept_positions"])]
+        if not all(shapes):
+            raise ValueError(f"{at}: every per-layer list needs {L} entries of {Hk} heads (the model's L and Hk)")
+        if sum(lb) != L * B:
+            raise ValueError(f"{at}: the layer budgets sum to {sum(lb)}, not L·B = {L}·{B} = {L * B}")
+        for l in range(L):
+            if sum(hb[l]) != Hk * lb[l]:
+                raise ValueError(f"{at}: layer {l}'s head budgets {hb[l]} sum to {sum(hb[l])}, not Hk·B_l = "
+                                 f"{Hk}·{lb[l]} = {Hk * lb[l]}")
+            for h in range(Hk):
+                if len(e["kept_positions"][l][h]) != e["lengths_after"][l][h]:
+                    raise ValueError(f"{at}: layer {l} head {h} keeps {len(e['kept_positions'][l][h])} positions "
+                                     f"but lengths_after says {e['lengths_after'][l][h]}")
+
+
+def read_events(path) -> dict:
+    """An events file, checked: JSON, the format and its version, the schema, and every budget's total."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no events file {path}")
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({getattr(e, 'msg', e)}); is it truncated? Write it again") from None
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA_NAME:
+        old = isinstance(doc, dict) and "events" in doc and "version" not in doc
+        raise ValueError(f"{path} is not a {SCHEMA_NAME} file" + (
+            ": it is an events file from before the format was versioned (no 'version'); write it again with "
+            "python reasonalloc.py --events FILE" if old else ""))
+    if doc.get("version") != SCHEMA_VERSION:
+        raise ValueError(f"{path} has {SCHEMA_NAME} version {doc.get('version')!r}; this reasonalloc reads version "
+                         f"{SCHEMA_VERSION} only (see events.schema.json): write the file again in version "
+                         f"{SCHEMA_VERSION}")
+    errors = schema_errors(doc, json.loads(SCHEMA_FILE.read_text()))
+    if errors:
+        raise ValueError(f"{path} does not follow events.schema.json: " + "; ".join(errors[:5]))
+    check_totals(doc, path)
+    return doc
+
+
+def load_for(doc: dict, model_dir=None, device="cpu"):
+    """The model an events document names: its recipe, or a model folder (default: the embedded model)."""
+    from convert import resolve_model_dir
+    from model import load_model, model_fingerprint, recipe_model
+
+    src, dtype = doc["model"]["source"], getattr(torch, doc["settings"]["dtype"])
+    if "recipe" in src and model_dir is None:
+        if src["recipe"] != "lcg64":
+            raise ValueError(f"unknown weight recipe {src['recipe']!r}; this reasonalloc knows 'lcg64'")
+        model = recipe_model(src["config"], src["seed"], dtype)
+    else:
+        path = resolve_model_dir(model_dir)
+        model = load_model(path, dtype=dtype, device=device)
+        fp = model_fingerprint(path)
+        if src.get("fingerprint") not in (None, fp):
+            raise ValueError(f"the events were made with other weights (fingerprint {src['fingerprint']}) than "
+                             f"{path} (fingerprint {fp}); pass the model they were made with as --model DIR")
+    ident = model_identity(model, source=src)
+    diff = [k for k in ident if k != "source" and ident[k] != doc["model"].get(k)]
+    if diff:
+        there = doc["model"]
+        what = ", ".join(f"{k} {there.get(k)!r} in the file, {ident[k]!r} here" for k in diff)
+        raise ValueError(f"the events file was made for another model ({what}); pass the model it was made "
+                         f"with as --model DIR")
+    return model
+
+
+def replay(model, doc: dict, *, at_step=None, layer=None):
+    """Rerun the document's run on the per-head reference path with its tokens forced. With `at_step`, also
+    return the scores every head of `layer` had just before the compression at that step:
+    [(positions the head holds, the scores of its evictable rows: all but the last w)] per head."""
+    import evict
+
+    s, tokens = doc["settings"], doc["tokens"]
+    seen = {}
+
+    def hook(step, token, logits, cache):
+        if step == at_step:
+            scores = evict.score_layer(cache, layer, s["policy"], **s["policy_options"])
+            seen["scores"] = [(cache[layer][h].pos.tolist(), sc.double().tolist()) for h, sc in enumerate(scores)]
+        return tokens[step] if step < len(tokens) else None
+
+    g = generate(model, None, torch.tensor(doc["prompt_ids"], dtype=torch.long, device="cpu"),
+                   budget=s["budget"], allocator=s["allocator"], policy=s["policy"], interval=s["interval"],
+                   window=s["window"], max_new_tokens=len(tokens), profile=s["profile_demand"],
+                   layer_options=s["layer_options"], head_options=s["head_options"],
+                   policy_options=s["policy_options"], record_positions=True, hook=hook)
+    return g, seen.get("scores")
+
+
+def first_difference(theirs: list[dict], ours: list[dict]) -> dict | None:
+    """The first (event, field, layer, head) where the two event lists differ, or None."""
+    for i, (a, b) in enumerate(zip(theirs, ours)):
+        for key in ("step", "layer_budgets", "lengths_before", "head_budgets", "lengths_after", "kept_positions"):
+            x, y = a[key], b[key]
+            if x == y:
+                continue
+            found = {"event": i, "step": b["step"], "field": key, "theirs": x, "ours": y, "layer": None, "head": None}
+            if key == "layer_budgets":
+                found["layer"] = next(l for l in range(len(x)) if x[l] != y[l])
+            elif key != "step":
+                found["layer"], found["head"] = next((l, h) for l in range(len(x)) for h in range(len(x[l]))
+                                                     if x[l][h] != y[l][h])
+                found["theirs"], found["ours"] = x[found["layer"]][found["head"]], y[found["layer"]][found["head"]]
+            return found
+    if len(theirs) != len(ours):
+        i = min(len(theirs), len(ours))
+        step = (theirs if len(theirs) > i else ours)[i]["step"]
+        return {"event": i, "step": step, "field": "count", "theirs": len(theirs), "ours": len(ours),
+                "layer": None, "head": None}
+    return None
+
+
+def tie(a: float, b: float, rtol: float = RTOL, atol: float = ATOL) -> bool:
+    return abs(a - b) <= atol + rtol * max(abs(a), abs(b))
+
+
+def explain(d: dict, scores, policy: str, policy_options: dict, rtol: float = RTOL, atol: float = ATOL) -> list[str]:
+    """Lines that say what differs at the first difference `d`, with the reference's scores."""
+    where = f"event {d['event']} (step {d['step']})"
+    if d["field"] == "count":
+        return [f"{where}: the backend has {d['theirs']} compression events, the reference {d['ours']}"]
+    if d["field"] == "kept_positions":
+        head = f"{where}, layer {d['layer']}, KV head {d['head']}"
+        pos, sc = scores[d["head"]]
+        score_of = dict(zip(pos, sc))  # the evictable rows; the last w rows are the window
+
+        def label(p):
+            return round(score_of[p], 8) if p in score_of else "window" if p in pos else "not held (evicted before)"
+
+        only_theirs = sorted(set(d["theirs"]) - set(d["ours"]))
+        only_ours = sorted(set(d["ours"]) - set(d["theirs"]))
+        lines = [f"{head}: kept positions differ",
+                 f"  kept only by the backend:   {only_theirs} (reference scores {[label(p) for p in only_theirs]})",
+                 f"  kept only by the reference: {only_ours} (reference scores {[label(p) for p in only_ours]})"]
+        pairs = [(score_of.get(a), score_of.get(b)) for a in only_theirs for b in only_ours]
+        if pairs and all(a is not None and b is not None and tie(a, b, rtol, atol) for a, b in pairs):
+            lines.append(f"  a tie: these scores are equal within rtol {rtol:g}, atol {atol:g}. The reference "
+                         f"keeps the older token among equal scores (stable sort); check the backend's tie rule "
+                         f"or its score precision")
+        else:
+            lines.append(f"  not a tie: the backend kept tokens the reference scores lower or does not hold; check "
+                         f"the score function ({policy} with {policy_options}) or the selection")
+        return lines
+    if d["head"] is not None:
+        return [f"{where}, layer {d['layer']}, KV head {d['head']}: {d['field']} {d['theirs']} in the backend, "
+                f"{d['ours']} in the reference"]
+    if d["layer"] is not None:
+        return [f"{where}, layer {d['layer']}: layer budget {d['theirs'][d['layer']]} in the backend, "
+                f"{d['ours'][d['layer']]} in the reference (layer budgets {d['theirs']} vs {d['ours']})"]
+    return [f"{where}: {d['field']} {d['theirs']} in the backend, {d['ours']} in the reference"]
+
+
+def check(doc: dict, model, *, rtol: float = RTOL, atol: float = ATOL, out=print) -> bool:
+    """Replay `doc` and compare it event by event; print agreement or the first difference. True if all agree."""
+    g, _ = replay(model, doc)
+    theirs, ours = doc["events"], g.events
+    d = first_difference(theirs, ours)
+    agree = len(theirs) if d is None else d["event"]
+    for i in range(agree):
+        out(f"event {i} (step {ours[i]['step']}): agrees ({sum(map(sum, ours[i]['lengths_after']))} tokens kept)")
+    if d is None:
+        out(f"all {len(ours)} compression events agree: budgets and kept positions are equal")
+        return True
+    scores = None
+    if d["field"] == "kept_positions":
+        _, scores = replay(model, doc, at_step=d["step"], layer=d["layer"])
+    for line in explain(d, scores, doc["settings"]["policy"], doc["settings"]["policy_options"], rtol, atol):
+        out(line)
+    return False
+
+
+def check_main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="reasonalloc.py check",
+        description="Replay an events file on the per-head reference path with the same tokens forced and compare "
+                    "every compression event: layer and head budgets, lengths and kept positions must be equal. "
+                    "On the first difference it prints the event, layer and head, and the reference's scores of "
+                    "the tokens that differ. Exit status 0 only when every event agrees.")
+    p.add_argument("events", help=f"an events file ({SCHEMA_NAME} version {SCHEMA_VERSION}, events.schema.json)")
+    p.add_argument("--model", help="the model folder the events were made with (default: the weight recipe named in "
+                                   "the file, or else the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--rtol", type=float, default=RTOL, help="relative tolerance under which two scores are a tie")
+    p.add_argument("--atol", type=float, default=ATOL, help="absolute tolerance under which two scores are a tie")
+    args = p.parse_args(argv)
+    try:
+        doc = read_events(args.events)
+        model = load_for(doc, args.model)
+        return 0 if check(doc, model, rtol=args.rtol, atol=args.atol) else 1
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+# ----------------------------------------------------------------------------------------------
 # CLI
 
 
@@ -614,10 +908,9 @@ def main(args):
                  record_positions=bool(args.events), hook=TextStream(tokenizer), **run_kwargs(args))
     print("\n\n" + summary(g))
     if args.events:  # the versioned events document (conformance.py, events.schema.json)
-        import conformance
         from model import model_fingerprint
 
-        doc = conformance.events_document(model, g, source={"fingerprint": model_fingerprint(path)})
+        doc = events_document(model, g, source={"fingerprint": model_fingerprint(path)})
         write_atomic(args.events, json.dumps({**doc, "text": g.text}))
         print(f"events written to {args.events} (check a backend's with: python reasonalloc.py check FILE)")
 
@@ -628,7 +921,8 @@ def parser():
 
     p = argparse.ArgumentParser(
         description="Generate under a KV-cache budget with ReasonAlloc (or a baseline allocator), streaming the "
-                    "text, then summarise what the cache did.",
+                    "text, then summarise what the cache did. `python reasonalloc.py check EVENTS.json` replays an "
+                    "events file instead (check --help).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--prompt", required=True, help="user message, rendered with the model's chat template")
     p.add_argument("--model", help="Hugging Face model folder (llama / qwen2 / qwen3, safetensors); default: the "
@@ -662,10 +956,8 @@ def parser():
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["check"]:  # python reasonalloc.py check EVENTS.json: the replay checker
-        import conformance
-
-        sys.exit(conformance.check_main(sys.argv[2:]))
+    if sys.argv[1:2] == ["check"]:  # python reasonalloc.py check EVENTS.json: the replay checker (section 5)
+        sys.exit(check_main(sys.argv[2:]))
     args = parser().parse_args()
     try:
         main(args)
