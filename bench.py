@@ -217,12 +217,14 @@ class Store:
                 parts.update(data["cells"])
         # Kept in this rank's part file, which it rewrites: a rerun must not overwrite unmerged cells.
         self.new: dict[str, dict] = parts
+        self.added = 0  # cells this process computed in this run
 
     def __contains__(self, key):
         return key in self.cells
 
     def add(self, key: str, cell: dict):
         self.cells[key] = self.new[key] = cell
+        self.added += 1
         self._write(Path(f"{self.path}.part{self.rank}"), self.new)
 
     def _write(self, file: Path, cells: dict):
@@ -760,6 +762,23 @@ def settings_of(args, what: str) -> dict:
     return settings
 
 
+def process_device(device: str, world: int) -> tuple[torch.device, str]:
+    """This process's device and the torch.distributed backend. Under torchrun with --device cuda, each
+    process takes the GPU of its LOCAL_RANK and the ranks talk over NCCL; when there are more processes
+    than GPUs they share them round-robin and talk over gloo (NCCL allows one rank per GPU); on CPU, gloo."""
+    device = torch.device(device)
+    if device.type != "cuda" or world == 1:
+        return device, "gloo"
+    local, per_node = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    count = torch.cuda.device_count()
+    if device.index is not None:  # --device cuda:N: every process on that GPU
+        torch.cuda.set_device(device)
+        return device, "gloo"
+    device = torch.device("cuda", local % count)
+    torch.cuda.set_device(device)
+    return device, "nccl" if per_node <= count else "gloo"
+
+
 def int_list(text: str, option: str) -> list[int]:
     """A comma-separated list of integers from the command line, or a one-line error naming the option."""
     try:
@@ -816,13 +835,15 @@ def main(args):
     check_output(args.out, "--out")  # before any work, not after it
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    device, backend = process_device(args.device, world)
     if world > 1:
         import torch.distributed as dist
 
-        dist.init_process_group("gloo")
+        dist.init_process_group(backend)
     torch.manual_seed(0)
+    t0 = time.perf_counter()
     path = resolve_model_dir(args.model)
-    model, tok = load_model(path, dtype=DTYPES[args.dtype], device=args.device), load_tokenizer(path)
+    model, tok = load_model(path, dtype=DTYPES[args.dtype], device=device), load_tokenizer(path)
     args.model_sha256 = model_fingerprint(path)  # results are keyed by the model's contents, not its folder
     profile = None
     if args.profile:
@@ -851,15 +872,19 @@ def main(args):
         run = {"fidelity": fidelity, "accuracy": accuracy, "speed": speed, "sessions": sessions}[m]
         units = {"accuracy": problems, "sessions": session_turns}.get(m, prompts)
         run(model, tok, units, args, profile, store, rank, world)
-        gathered = [store.new]
+        gathered, shares = [store.new], [(rank, str(device), store.added, time.perf_counter() - t0)]
         if world > 1:
-            gathered = [None] * world
+            gathered, shares = [None] * world, shares * world
             dist.all_gather_object(gathered, store.new)
+            dist.all_gather_object(shares, shares[0])
         if rank == 0:
             store.merge(gathered)
             results[m] = (store.cells, file)
+            if world > 1:  # each process's share of the work
+                for r, dev, n, s in shares:
+                    print(f"[{m}] process {r} on {dev} ({backend}): {n} new cells, {s:.1f} s", file=sys.stderr)
     if world > 1:
-        dist.barrier()  # nobody tears gloo down while another rank is still inside a collective
+        dist.barrier()  # nobody tears the group down while another rank is still inside a collective
         dist.destroy_process_group()
     if rank != 0:
         return

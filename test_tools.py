@@ -222,6 +222,7 @@ def test_torchrun_two_processes_merge_to_the_one_process_result(tiny_dir, tmp_pa
     one, _ = run_bench(tiny_dir, tmp_path / "one.json", "--methods", "FullKV,R-KV,ReasonAlloc")
     two, r = run_bench(tiny_dir, tmp_path / "two.json", "--methods", "FullKV,R-KV,ReasonAlloc", torchrun=True)
     assert "rank 1]" in r.stderr  # both processes did work
+    assert "process 1 on cpu (gloo): 5 new cells" in r.stderr  # each process's share is reported
     assert not list(tmp_path.glob("two.json.part*"))  # parts merged and removed
     assert one.keys() == two.keys()
     for k in one:
@@ -229,6 +230,25 @@ def test_torchrun_two_processes_merge_to_the_one_process_result(tiny_dir, tmp_pa
         assert a["reference"] == b["reference"] and a["compressions"] == b["compressions"]
         for f in ("nll_increase", "top1_agreement", "kl", "mean_cache_tokens"):
             assert a[f] == pytest.approx(b[f], rel=1e-5, abs=1e-9), (k, f)
+
+
+def test_torchrun_a_failing_process_fails_the_run_and_a_rerun_resumes(tiny_dir, tmp_path):
+    """A process that fails makes the whole run fail with its error (the other one is stopped, not left
+    waiting in a collective), keeping the cells already written; a rerun of an interrupted run computes
+    only the cells its part files lack."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "What is 2+3?"}) + "\n" + json.dumps({"prompt": "why " * 200}) + "\n")
+    out, same = tmp_path / "r.json", ["--methods", "FullKV,R-KV", "--prompts", str(prompts)]
+    _, r = run_bench(tiny_dir, out, *same, torchrun=True, expect_ok=False)
+    assert "exceeds the model's context of 512 tokens" in r.stderr, r.stderr[-2000:]
+    assert not out.exists() and json.loads((tmp_path / "r.json.part0").read_text())["cells"]  # process 0's cells kept
+    # An interrupted run: process 0 had written two of its three cells.
+    one, _ = run_bench(tiny_dir, tmp_path / "one.json", "--methods", "FullKV,R-KV")
+    part = json.loads((tmp_path / "one.json").read_text())
+    part["cells"] = dict(sorted((k, v) for k, v in part["cells"].items() if v["prompt"] == 0)[:2])
+    (tmp_path / "two.json.part0").write_text(json.dumps(part))
+    two, r = run_bench(tiny_dir, tmp_path / "two.json", "--methods", "FullKV,R-KV", torchrun=True)
+    assert r.stderr.count("(done before)") == 2 and two.keys() == one.keys()
 
 
 # ----------------------------------------------------------------------------------------------
