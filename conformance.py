@@ -11,6 +11,7 @@ allocator. `python conformance.py vectors` regenerates them; a test checks they 
 equal, and `python reasonalloc.py check vectors/events/FILE` replays each.
 
 Run it:  python conformance.py vectors [--out vectors]
+         python conformance.py random-model --out DIR [--seed 0]    (a random Llama folder, for GPU runs)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -130,11 +132,47 @@ def write_vectors(out: Path) -> list[Path]:
     return files
 
 
+def write_random_model(out: Path, *, seed: int = 0, layers: int = 4, hidden: int = 256, heads: int = 8,
+                       kv_heads: int = 2, context: int = 4096) -> Path:
+    """A random Llama model folder made on the spot (weights: `model.recipe_weights` from `seed`), with a
+    byte-level tokenizer (256 bytes + <|im_start|>, <|im_end|>) and a ChatML template: for runs where the
+    default model cannot go, e.g. a GPU machine reachable only through a 64 MiB file transfer."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": tok.get_vocab_size(),
+              "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
+              "num_attention_heads": heads, "num_key_value_heads": kv_heads, "max_position_embeddings": context,
+              "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (out / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    save_file(M.recipe_weights(config, seed), out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Regenerate the conformance vectors (see the module docstring).")
-    p.add_argument("what", choices=["vectors"])
-    p.add_argument("--out", default=str(HERE / "vectors"), help="folder to write them to (default: vectors/)")
+    p = argparse.ArgumentParser(description="Regenerate the conformance vectors, or write a random model folder "
+                                            "(see the module docstring).")
+    p.add_argument("what", choices=["vectors", "random-model"])
+    p.add_argument("--out", help="folder to write to (default for vectors: vectors/)")
+    p.add_argument("--seed", type=int, default=0, help="random-model: the weights' seed")
+    p.add_argument("--layers", type=int, default=4, help="random-model: layers")
+    p.add_argument("--hidden", type=int, default=256, help="random-model: hidden size (8 heads, 2 KV heads)")
     args = p.parse_args()
-    torch.set_num_threads(1)  # one summation order for the float64 reductions
-    for f in write_vectors(Path(args.out)):
-        print(f)
+    if args.what == "random-model":
+        if not args.out:
+            sys.exit("error: random-model needs --out DIR")
+        print(write_random_model(Path(args.out), seed=args.seed, layers=args.layers, hidden=args.hidden))
+    else:
+        torch.set_num_threads(1)  # one summation order for the float64 reductions
+        for f in write_vectors(Path(args.out or HERE / "vectors")):
+            print(f)
