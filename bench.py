@@ -839,7 +839,7 @@ def main(args):
     if world > 1:
         import torch.distributed as dist
 
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     path = resolve_model_dir(args.model)
