@@ -128,6 +128,14 @@ class PackedCache:
         G = Hq // Hk
         S = self.k[layer].shape[1] if self.static else int(self.n[layer].max())
         K, V = self.k[layer][:, :S], self.v[layer][:, :S]  # (Hk, S, D)
+        if T > 1 and not self.static and not self.ragged(layer):
+            # A prefill or a teacher-forced chunk: fused attention, so no (Hk, G·T, S) float32 score block
+            # is made (at a 32k context that block alone was 8 GiB). Causal by absolute position, as below.
+            visible = self.pos[layer][:, None, :S] <= q_pos[None, :, None]  # (Hk, T, S)
+            qg = q.view(T, Hk, G, D).permute(1, 2, 0, 3)  # (Hk, G, T, D): batch Hk, G heads sharing one K/V
+            y = F.scaled_dot_product_attention(qg, K[:, None].expand(Hk, G, S, D), V[:, None].expand(Hk, G, S, D),
+                                               attn_mask=visible[:, None])  # (Hk, G, T, D)
+            return y.permute(2, 0, 1, 3).reshape(T, Hq, D)
         qh = q.view(T, Hk, G, D).permute(1, 2, 0, 3).reshape(Hk, G * T, D)  # (Hk, G·T, D), g major
         att = torch.matmul(qh, K.transpose(1, 2)).float() / math.sqrt(D)  # (Hk, G·T, S)
         mask = None
