@@ -80,9 +80,11 @@ def sync(device):
 
 
 @torch.inference_mode()
-def run_ours(model, ids, steps, *, budget=None, interval=128, window=8, chunk=2048, profile=None, graph=False):
+def run_ours(model, ids, steps, *, budget=None, interval=128, window=8, chunk=2048, profile=None, graph=False,
+             compile=False):
     """Prefill `ids` in chunks (compressing after each when over budget), then decode `steps` greedy
-    tokens. Returns (decode seconds, mean K/V tokens held while decoding, cache bytes allocated)."""
+    tokens. Returns (decode seconds, mean K/V tokens held while decoding, cache bytes allocated,
+    (graph captures, seconds spent capturing and compiling) inside the decode time)."""
     cfg = model.config
     cache = fast.new_cache(model, window, spare=interval if budget else max(steps, chunk))
     layer_b = None
@@ -95,7 +97,7 @@ def run_ours(model, ids, steps, *, budget=None, interval=128, window=8, chunk=20
             budgets = R.compress(cache, layer_b, "reasonalloc", "rkv")[0]
     token = logits[-1].argmax()
     held = []
-    step_fn = fast.GraphDecoder(model, cache) if graph else (lambda t: model(t.view(1), cache))
+    step_fn = fast.GraphDecoder(model, cache, compile=compile) if graph else (lambda t: model(t.view(1), cache))
     sync(ids.device)
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
@@ -105,7 +107,8 @@ def run_ours(model, ids, steps, *, budget=None, interval=128, window=8, chunk=20
             budgets = R.compress(cache, layer_b, "reasonalloc", "rkv")[0]
         held.append(int(cache.n.sum()))
     sync(ids.device)
-    return time.perf_counter() - t0, statistics.fmean(held), cache.allocated_bytes()
+    captures = (step_fn.captures, step_fn.capture_seconds) if graph else (0, 0.0)
+    return time.perf_counter() - t0, statistics.fmean(held), cache.allocated_bytes(), captures
 
 
 @torch.inference_mode()
@@ -138,6 +141,8 @@ def main(args):
     name = torch.cuda.get_device_name() if torch.device(device).type == "cuda" else "cpu"
     bw = args.bandwidth * 1e9 if args.bandwidth else next((v for k, v in BANDWIDTH.items() if k in name), None)
     model, hf, cfg = build(LLAMA_31_8B, device, dtype, layers=args.layers)
+    if args.compile:  # each storage layout is one compile; the default limit of 8 would fall back to eager
+        torch._dynamo.config.cache_size_limit = 64
     # A made-up layer-demand wave (high at the first and last layers): a random model has no real one, and
     # the allocator's cost does not depend on its values.
     x = torch.linspace(0, 1, cfg.num_layers)
@@ -151,19 +156,22 @@ def main(args):
     budgets = [int(b) for b in args.budgets.split(",")]
     for ctx in [int(c) for c in args.contexts.split(",")]:
         ids = torch.randint(0, cfg.vocab_size, (ctx,), device=device)
-        variants = [("transformers FullKV", None, False), ("ours FullKV, eager", 0, False),
-                    ("ours FullKV, CUDA graph", 0, True)]
-        variants += [(f"ours ReasonAlloc B={b}, {'CUDA graph' if g else 'eager'}", b, g)
-                     for b in budgets for g in ((False, True) if args.eager_too else (True,))]
-        for label, budget, graph in variants:
+        modes = [(True, False)] + ([(True, True)] if args.compile else [])  # (CUDA graph, compiled step)
+        variants = [("transformers FullKV", None, False, False), ("ours FullKV, eager", 0, False, False)]
+        variants += [(f"ours FullKV, {'compiled + ' if c else ''}CUDA graph", 0, g, c) for g, c in modes]
+        variants += [(f"ours ReasonAlloc B={b}, {'compiled + ' if c else ''}{'CUDA graph' if g else 'eager'}", b, g, c)
+                     for b in budgets for g, c in ([(False, False)] if args.eager_too else []) + modes]
+        for label, budget, graph, compiled in variants:
             if torch.device(device).type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            run = (lambda n: (run_transformers(hf, ids, n), ctx + n / 2, None)) if budget is None else \
+            run = (lambda n: (run_transformers(hf, ids, n), ctx + n / 2, None, (0, 0.0))) if budget is None else \
                 (lambda n: run_ours(model, ids, n, budget=budget, interval=args.interval, chunk=args.chunk,
-                                    profile=profile, graph=graph))
-            run(8)  # warm-up (allocator, kernels)
-            secs, held, alloc = run(args.steps)
+                                    profile=profile, graph=graph, compile=compiled))
+            t_warm = time.perf_counter()
+            run(8)  # warm-up (allocator, kernels; compiled: the first layout's compile)
+            t_warm = time.perf_counter() - t_warm
+            secs, held, alloc, (captures, capture_s) = run(args.steps)
             peak = torch.cuda.max_memory_allocated() if torch.device(device).type == "cuda" else 0
             held_tokens = held * (cfg.num_layers * cfg.num_kv_heads if budget is None else 1)  # the peer: per-head length
             step_bytes = wbytes + held_tokens * kv_token
@@ -172,10 +180,12 @@ def main(args):
                    "kv_held_mib": held_tokens * kv_token / 2**20,
                    "cache_alloc_mib": None if alloc is None else alloc / 2**20,
                    "roofline_tokens_per_s": bw / step_bytes if bw else None,
-                   "roofline_fraction": tps * step_bytes / bw if bw else None}
+                   "roofline_fraction": tps * step_bytes / bw if bw else None,
+                   "warmup_s": t_warm, "captures": captures, "capture_s": capture_s}
             rows.append(row)
             print(f"  ctx {ctx:6d}  {label:26s} {tps:8.1f} tok/s  peak {row['peak_gib']:6.2f} GiB  "
-                  f"K/V held {row['kv_held_mib']:8.1f} MiB  roofline {row['roofline_fraction'] or 0:.1%}",
+                  f"K/V held {row['kv_held_mib']:8.1f} MiB  roofline {row['roofline_fraction'] or 0:.1%}  "
+                  f"warm-up {t_warm:.1f} s, {captures} capture(s) {capture_s:.1f} s",
                   file=sys.stderr, flush=True)
     print(table(rows, name, bw, args))
     if args.out:
@@ -189,7 +199,8 @@ def table(rows, name, bw, args) -> str:
     out = [f"\n{name}, bfloat16, batch 1, {args.steps} decode steps per cell, roofline at {bw / 1e12:.2f} TB/s\n"
            if bw else f"\n{name}\n",
            "| context | implementation | tokens/s | vs transformers | peak GPU memory | K/V held | "
-           "roofline tokens/s | fraction of roofline |", "|---|---|---|---|---|---|---|---|"]
+           "roofline tokens/s | fraction of roofline | warm-up (compile) | captures in the timed decode |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for ctx in dict.fromkeys(r["context"] for r in rows):
         group = [r for r in rows if r["context"] == ctx]
         peer = next(r for r in group if r["variant"].startswith("transformers"))
@@ -197,7 +208,8 @@ def table(rows, name, bw, args) -> str:
             out.append(f"| {ctx} | {r['variant']} | {r['tokens_per_s']:.1f} | "
                        f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}× | {r['peak_gib']:.2f} GiB | "
                        f"{r['kv_held_mib']:.0f} MiB | {r['roofline_tokens_per_s'] or 0:.1f} | "
-                       f"{(r['roofline_fraction'] or 0):.1%} |".replace("%", " %"))
+                       f"{(r['roofline_fraction'] or 0):.1%} |".replace("%", " %")
+                       + f" {r['warmup_s']:.1f} s | {r['captures']} ({r['capture_s']:.1f} s) |")
     return "\n".join(out)
 
 
@@ -233,6 +245,8 @@ def parser():
     p.add_argument("--dtype", choices=list(M.DTYPES), default="bfloat16")
     p.add_argument("--profile-steps", type=int, default=0, help="also profile this many decode steps")
     p.add_argument("--eager-too", action="store_true", help="also time ReasonAlloc without CUDA graphs")
+    p.add_argument("--compile", action="store_true", help="also time the static step compiled with torch.compile "
+                                                          "(Inductor) inside the CUDA graph")
     p.add_argument("--out", help="write the rows as JSON")
     return p
 

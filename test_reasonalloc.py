@@ -870,6 +870,28 @@ def test_graph_decoder_static_step_equals_eager_packed(tiny_model):
         Fa.GraphDecoder(tiny_model, tiny_model.new_cache(8))
 
 
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("cl") is None,
+                    reason="torch.compile's CPU backend needs a C++ compiler")
+def test_compiled_static_step_equals_eager(tiny_model):
+    """GraphDecoder(compile=True): the static step through torch.compile gives the eager step's logits,
+    through a compression that moves the storage (a new layout, compiled again)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    force = ((torch.arange(12) * 7 + 3) % 97).tolist()
+    logits = []
+    for compiled in (False, True):
+        cache = Fa.new_cache(tiny_model, 8, spare=4)
+        tiny_model(TINY_PROMPT, cache)
+        step, out = Fa.GraphDecoder(tiny_model, cache, compile=compiled), []
+        for i, t in enumerate(force, 1):
+            out.append(step(t)[-1])
+            if i == 6:
+                R.compress(cache, torch.tensor([14, 10, 12]), "reasonalloc", "rkv")
+        logits.append(torch.stack(out))
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------
 # 7. The code's shape: each spec module reads top to bottom, and the imports run one way
 
