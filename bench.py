@@ -534,11 +534,9 @@ def trajectory_text(cell: dict, columns: int = 16) -> str:
              f"Δ = {cell['interval']}); per layer one sparkline per KV head, ▁ = 0 … █ = 2 × the even share; "
              f"split moves {cell['split_movement']:.1%} of each layer's budget between consecutive compressions"]
     for layer, bl in enumerate(traj["layer_budgets"]):
-        heads = len(traj["head_budgets"][0][layer])
-        even = bl  # B_l is the per-head budget of the layer: its heads hold heads × B_l in all
-        marks = []
-        for h in range(heads):
-            marks.append("".join("▁▂▃▄▅▆▇█"[min(7, int(4 * traj["head_budgets"][e][layer][h] / even))] for e in pick))
+        heads = len(traj["head_budgets"][0][layer])  # B_l is a head's even share of the layer
+        marks = ["".join("▁▂▃▄▅▆▇█"[min(7, int(4 * traj["head_budgets"][e][layer][h] / bl))] for e in pick)
+                 for h in range(heads)]
         lines.append(f"layer {layer:2d} (B_l = {bl:4d})  " + "  ".join(marks))
     return "\n".join(lines)
 
@@ -859,7 +857,6 @@ def main(args):
     args.inputs_sha256 = {"fidelity": digest(prompts), "speed": digest(prompts), "accuracy": digest(problems),
                           "sessions": digest(session_turns)}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         print(f"bench: {', '.join(what)} on {path.name} ({model.config.num_layers} layers × {model.config.num_kv_heads} "
               f"KV heads), {args.new_tokens} new tokens, budgets "

@@ -141,7 +141,7 @@ def main(args):
     name = torch.cuda.get_device_name() if torch.device(device).type == "cuda" else "cpu"
     bw = args.bandwidth * 1e9 if args.bandwidth else next((v for k, v in BANDWIDTH.items() if k in name), None)
     model, hf, cfg = build(LLAMA_31_8B, device, dtype, layers=args.layers)
-    if args.compile:  # each storage layout is one compile; the default limit of 8 would fall back to eager
+    if args.compile:  # headroom for recompiles across contexts and budgets; past the limit dynamo runs eagerly
         torch._dynamo.config.cache_size_limit = 64
     # A made-up layer-demand wave (high at the first and last layers): a random model has no real one, and
     # the allocator's cost does not depend on its values.

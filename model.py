@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from convert import rebuild_hint, resolve_model_dir
-from tokenizer import TextStream, Tokenizer, load_tokenizer  # noqa: F401  (load_tokenizer: a name other code imports from here)
+from tokenizer import TextStream, Tokenizer, load_tokenizer, read_json_object  # noqa: F401  (load_tokenizer: a name other code imports from here)
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # the --dtype choices of every CLI
@@ -105,13 +105,7 @@ class ModelConfig:
                 cfg = json.loads(raw)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{file} is not valid JSON: {e}") from None
-            gen_file = file.parent / "generation_config.json"
-            try:
-                gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{gen_file} is not valid JSON ({e}); fix or delete it") from None
-            if not isinstance(gen, dict):
-                raise ValueError(f"{gen_file} must hold a JSON object; fix or delete it")
+            gen = read_json_object(file.parent / "generation_config.json")
         if not isinstance(cfg, dict):
             raise ValueError("config.json must hold a JSON object")
 

@@ -550,8 +550,8 @@ def resolved_options(fn, given: dict | None, skip=("window", "profile")) -> dict
     return out | {k: v for k, v in (given or {}).items() if k in out}
 
 
-def model_identity(model, *, source: dict) -> dict:
-    c = model.config
+def model_identity(c, *, source: dict) -> dict:
+    """What an events document says about its model (`c`: a model.ModelConfig)."""
     return {"architecture": c.model_type, "num_layers": c.num_layers, "num_heads": c.num_heads,
             "num_kv_heads": c.num_kv_heads, "head_dim": c.head_dim, "vocab_size": c.vocab_size,
             "config_hash": c.config_hash, "source": source}
@@ -576,7 +576,7 @@ def events_document(model, g: Generation, *, source: dict) -> dict:
     }
     events = [{k: e[k] for k in ("step", "layer_budgets", "head_budgets", "lengths_before", "lengths_after",
                                  "kept_positions")} for e in g.events]
-    return {"schema": SCHEMA_NAME, "version": SCHEMA_VERSION, "model": model_identity(model, source=source),
+    return {"schema": SCHEMA_NAME, "version": SCHEMA_VERSION, "model": model_identity(model.config, source=source),
             "settings": settings, "prompt_ids": g.prompt_ids, "tokens": g.tokens, "events": events}
 
 
@@ -667,28 +667,28 @@ def read_events(path) -> dict:
 def load_for(doc: dict, model_dir=None, device="cpu"):
     """The model an events document names: its recipe, or a model folder (default: the embedded model)."""
     from convert import resolve_model_dir
-    from model import load_model, model_fingerprint, recipe_model
+    from model import ModelConfig, load_model, model_fingerprint, recipe_model
 
     src, dtype = doc["model"]["source"], getattr(torch, doc["settings"]["dtype"])
-    if "recipe" in src and model_dir is None:
-        if src["recipe"] != "lcg64":
-            raise ValueError(f"unknown weight recipe {src['recipe']!r}; this reasonalloc knows 'lcg64'")
-        model = recipe_model(src["config"], src["seed"], dtype)
-    else:
-        path = resolve_model_dir(model_dir)
-        model = load_model(path, dtype=dtype, device=device)
-        fp = model_fingerprint(path)
-        if src.get("fingerprint") not in (None, fp):
-            raise ValueError(f"the events were made with other weights (fingerprint {src['fingerprint']}) than "
-                             f"{path} (fingerprint {fp}); pass the model they were made with as --model DIR")
-    ident = model_identity(model, source=src)
+    recipe = "recipe" in src and model_dir is None
+    if recipe and src["recipe"] != "lcg64":
+        raise ValueError(f"unknown weight recipe {src['recipe']!r}; this reasonalloc knows 'lcg64'")
+    path = None if recipe else resolve_model_dir(model_dir)
+    config = ModelConfig.from_hf(src["config"] if recipe else path)
+    ident = model_identity(config, source=src)  # checked before any weights are read
     diff = [k for k in ident if k != "source" and ident[k] != doc["model"].get(k)]
     if diff:
         there = doc["model"]
         what = ", ".join(f"{k} {there.get(k)!r} in the file, {ident[k]!r} here" for k in diff)
         raise ValueError(f"the events file was made for another model ({what}); pass the model it was made "
                          f"with as --model DIR")
-    return model
+    if recipe:
+        return recipe_model(src["config"], src["seed"], dtype)
+    fp = model_fingerprint(path)
+    if src.get("fingerprint") not in (None, fp):
+        raise ValueError(f"the events were made with other weights (fingerprint {src['fingerprint']}) than "
+                         f"{path} (fingerprint {fp}); pass the model they were made with as --model DIR")
+    return load_model(path, dtype=dtype, device=device)
 
 
 def replay(model, doc: dict, *, at_step=None, layer=None):

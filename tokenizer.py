@@ -12,6 +12,18 @@ import sys
 from pathlib import Path
 
 
+def read_json_object(file: Path) -> dict:
+    """An optional JSON-object file (tokenizer_config.json, generation_config.json): {} when absent, a
+    one-line error naming the file when it is not a JSON object."""
+    try:
+        obj = json.loads(file.read_text()) if file.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON ({e}); fix or delete it") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{file} must hold a JSON object; fix or delete it")
+    return obj
+
+
 class Tokenizer:
     def __init__(self, path):
         from tokenizers import Tokenizer as HFTokenizer
@@ -24,12 +36,7 @@ class Tokenizer:
         except Exception as e:  # the Rust side raises a bare Exception on any malformed file
             raise ValueError(f"{path / 'tokenizer.json'} is not a valid tokenizer file ({str(e)[:200]})") from None
         cfg_file = path / "tokenizer_config.json"
-        try:
-            cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{cfg_file} is not valid JSON ({e}); fix or delete it") from None
-        if not isinstance(cfg, dict):
-            raise ValueError(f"{cfg_file} must hold a JSON object; fix or delete it")
+        cfg = read_json_object(cfg_file)
         self.config_file = cfg_file
         token = lambda t: t.get("content") if isinstance(t, dict) else t  # noqa: E731
         self.bos_token, self.eos_token = token(cfg.get("bos_token")), token(cfg.get("eos_token"))
