@@ -64,10 +64,17 @@ def build(config: dict, device, dtype, *, layers: int | None = None):
     cfg = M.ModelConfig.from_hf(config)
     with torch.device("meta"):
         ours = M.Transformer(cfg)
-    hf_sd = hf.state_dict()
-    ours.load_state_dict({ours_name: hf_sd[hf_name] for hf_name, ours_name in M.weight_map(cfg).items()},
-                         strict=False, assign=True)
+    ours.load_state_dict(M.fuse_checkpoint(hf.state_dict(), cfg), strict=False, assign=True)
     ours.inv_freq = M.rope_inv_freq(cfg).to(device)
+    # The peer's q/k/v and gate/up become row slices (views) of our fused weights, so one copy is held.
+    for i, block in enumerate(ours.blocks):
+        layer = hf.model.layers[i]
+        for fused, sizes, parts in ((block.attn.wqkv.weight, block.attn.split,
+                                     (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)),
+                                    (block.mlp.w_gate_up.weight, (cfg.intermediate_size,) * 2,
+                                     (layer.mlp.gate_proj, layer.mlp.up_proj))):
+            for linear, rows in zip(parts, fused.split(sizes)):
+                linear.weight = torch.nn.Parameter(rows, requires_grad=False)
     for name, p in ours.named_parameters():
         if p.is_meta:
             raise AssertionError(f"{name} was not shared from the peer")
@@ -80,8 +87,8 @@ def sync(device):
 
 
 @torch.inference_mode()
-def run_ours(model, ids, steps, *, budget=None, interval=128, window=8, chunk=2048, profile=None, graph=False,
-             compile=False):
+def run_ours(model, ids, steps, *, budget=None, allocator="reasonalloc", interval=128, window=8, chunk=2048,
+             profile=None, graph=False, compile=False):
     """Prefill `ids` in chunks (compressing after each when over budget), then decode `steps` greedy
     tokens. Returns (decode seconds, mean K/V tokens held while decoding, cache bytes allocated,
     (graph captures, seconds spent capturing and compiling) inside the decode time)."""
@@ -89,12 +96,12 @@ def run_ours(model, ids, steps, *, budget=None, interval=128, window=8, chunk=20
     cache = fast.new_cache(model, window, spare=interval if budget else max(steps, chunk))
     layer_b = None
     if budget:
-        layer_b = R.layer_budgets("reasonalloc", cfg.num_layers, budget, window=window, profile=profile)
+        layer_b = R.layer_budgets(allocator, cfg.num_layers, budget, window=window, profile=profile)
         budgets = layer_b[:, None].expand(-1, cfg.num_kv_heads)
     for s in range(0, ids.numel(), chunk):
         logits = model(ids[s:s + chunk], cache)
         if budget and (cache.lengths() > budgets).any():
-            budgets = R.compress(cache, layer_b, "reasonalloc", "rkv")[0]
+            budgets = R.compress(cache, layer_b, allocator, "rkv")[0]
     token = logits[-1].argmax()
     held = []
     step_fn = fast.GraphDecoder(model, cache, compile=compile) if graph else (lambda t: model(t.view(1), cache))
@@ -104,7 +111,7 @@ def run_ours(model, ids, steps, *, budget=None, interval=128, window=8, chunk=20
         logits = step_fn(token)
         token = logits[-1].argmax()
         if budget and step % interval == 0 and (cache.lengths() > budgets).any():
-            budgets = R.compress(cache, layer_b, "reasonalloc", "rkv")[0]
+            budgets = R.compress(cache, layer_b, allocator, "rkv")[0]
         held.append(int(cache.n.sum()))
     sync(ids.device)
     captures = (step_fn.captures, step_fn.capture_seconds) if graph else (0, 0.0)
@@ -126,6 +133,66 @@ def run_transformers(hf, ids, steps):
     return time.perf_counter() - t0
 
 
+class CompiledFullKV(torch.nn.Module):
+    """The plain compiled FullKV peer, in the style of gpt-fast (written for this project): a static cache of
+    `max_len` rows per KV head, the new token written at its position, attention by
+    scaled_dot_product_attention over the whole cache with a length mask, and the decode step under
+    torch.compile(mode="reduce-overhead") (Inductor's kernels replayed from a CUDA graph). It runs our model's
+    weights (q/k/v and gate/up fused) through its own forward pass, without our cache or policies: the
+    fastest a FullKV decoder in plain PyTorch gets, to hold ours against."""
+
+    def __init__(self, model: M.Transformer, max_len: int):
+        super().__init__()
+        c, p = model.config, model.embed.weight
+        self.model, self.max_len = model, max_len
+        shape = (c.num_layers, c.num_kv_heads, max_len, c.head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=p.dtype, device=p.device))
+        self.register_buffer("v", torch.zeros(shape, dtype=p.dtype, device=p.device))
+        self.decode = torch.compile(self.forward, mode="reduce-overhead", fullgraph=True)
+
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """tokens, pos: (T,) -> (T, vocab) float32 logits; rows pos of the cache are written."""
+        m, c = self.model, self.model.config
+        T, Hq, Hk, D = tokens.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
+        G = Hq // Hk
+        x = m.embed(tokens)
+        rope = M.rope_cos_sin(pos, m.inv_freq, x.dtype)
+        # Row g·T + t of a KV head's queries is query head g of token t, which sees cache rows <= pos[t].
+        mask = (torch.arange(self.max_len, device=pos.device)[None, :] <= pos[:, None]).repeat(G, 1)  # (G·T, max_len)
+        for i, block in enumerate(m.blocks):
+            h = block.attn_norm(x)
+            q, k, v = block.attn.wqkv(h).split(block.attn.split, dim=-1)
+            q = M.apply_rope(q.view(T, Hq, D), *rope)
+            k = M.apply_rope(k.view(T, Hk, D), *rope)
+            self.k[i].index_copy_(1, pos, k.transpose(0, 1))
+            self.v[i].index_copy_(1, pos, v.view(T, Hk, D).transpose(0, 1))
+            qg = q.view(T, Hk, G, D).permute(1, 2, 0, 3).reshape(1, Hk, G * T, D)
+            y = torch.nn.functional.scaled_dot_product_attention(qg, self.k[i][None], self.v[i][None],
+                                                                 attn_mask=mask[None, None])  # (1, Hk, G·T, D)
+            y = y.view(Hk, G, T, D).permute(2, 0, 1, 3).reshape(T, Hq * D)
+            x = x + block.attn.wo(y)
+            x = x + block.mlp(block.mlp_norm(x))
+        return m.lm_head(m.norm(x)).float()
+
+
+@torch.inference_mode()
+def run_peer(peer: CompiledFullKV, ids, steps, *, chunk=2048):
+    """Prefill eagerly in chunks, then time `steps` compiled greedy decode steps."""
+    dev = ids.device
+    for s in range(0, ids.numel(), chunk):
+        logits = peer(ids[s:s + chunk], torch.arange(s, min(s + chunk, ids.numel()), device=dev))
+    token = logits[-1:].argmax(dim=-1)
+    pos = torch.tensor([ids.numel()], device=dev)
+    sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        logits = peer.decode(token, pos)
+        token = logits.argmax(dim=-1)  # stays on the GPU: no host sync inside the loop
+        pos = pos + 1
+    sync(dev)
+    return time.perf_counter() - t0
+
+
 def weight_bytes(model) -> int:
     """Bytes a decode step must read: every parameter, except the embedding table (one row is read)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -133,7 +200,47 @@ def weight_bytes(model) -> int:
     return total - emb.numel() * emb.element_size() + emb.shape[1] * emb.element_size()
 
 
+MODES = {"eager": (False, False), "graph": (True, False), "compiled": (True, True)}  # (CUDA graph, torch.compile)
+MODE_LABEL = {"eager": "eager", "graph": "CUDA graph", "compiled": "compiled + CUDA graph"}
+ROWS = ("transformers", "peer", "full", "reasonalloc", "rkv")
+
+
+def variants(args, budgets) -> list[dict]:
+    """The cells of one context, in table order."""
+    rows, modes = args.rows.split(","), args.modes.split(",")
+    out = []
+    if "transformers" in rows:
+        out.append(dict(label="transformers FullKV", kind="transformers", budget=None))
+    if "peer" in rows:
+        out.append(dict(label="plain compiled FullKV (peer)", kind="peer", budget=None))
+    for mode in modes if "full" in rows else []:
+        out.append(dict(label=f"ours FullKV, {MODE_LABEL[mode]}", kind="ours", budget=None, mode=mode))
+    for b in budgets:
+        for name, allocator in (("ReasonAlloc", "reasonalloc"), ("R-KV", "uniform")):
+            if allocator == "reasonalloc" and "reasonalloc" in rows or allocator == "uniform" and "rkv" in rows:
+                out += [dict(label=f"ours {name} B={b}, {MODE_LABEL[m]}", kind="ours", budget=b, allocator=allocator,
+                             mode=m) for m in modes]
+    return out
+
+
+def check_args(args):
+    for name, allowed in (("modes", MODES), ("rows", ROWS)):
+        bad = [x for x in getattr(args, name).split(",") if x not in allowed]
+        if bad or not getattr(args, name):
+            raise ValueError(f"--{name} takes a comma-separated list of {', '.join(allowed)}; got {getattr(args, name)!r}")
+    for name in ("contexts", "budgets"):
+        try:
+            values = [int(x) for x in getattr(args, name).split(",")]
+        except ValueError:
+            raise ValueError(f"--{name} must be comma-separated integers, got {getattr(args, name)!r}") from None
+        if any(v < 1 for v in values):
+            raise ValueError(f"--{name} must be positive, got {getattr(args, name)!r}")
+    if args.steps < 1 or args.repeats < 1:
+        raise ValueError("--steps and --repeats must be >= 1")
+
+
 def main(args):
+    check_args(args)
     device = args.device
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError("no CUDA device; run with --device cpu --layers 2 for a smoke test")
@@ -141,8 +248,8 @@ def main(args):
     name = torch.cuda.get_device_name() if torch.device(device).type == "cuda" else "cpu"
     bw = args.bandwidth * 1e9 if args.bandwidth else next((v for k, v in BANDWIDTH.items() if k in name), None)
     model, hf, cfg = build(LLAMA_31_8B, device, dtype, layers=args.layers)
-    if args.compile:  # headroom for recompiles across contexts and budgets; past the limit dynamo runs eagerly
-        torch._dynamo.config.cache_size_limit = 64
+    # Headroom for recompiles across contexts and budgets; past the limit dynamo runs eagerly.
+    torch._dynamo.config.cache_size_limit = 64
     # A made-up layer-demand wave (high at the first and last layers): a random model has no real one, and
     # the allocator's cost does not depend on its values.
     x = torch.linspace(0, 1, cfg.num_layers)
@@ -152,61 +259,90 @@ def main(args):
     print(f"bench_gpu: {name}, {cfg.num_layers} layers, {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params "
           f"({wbytes / 1e9:.2f} GB read per step), bandwidth {bw / 1e12 if bw else float('nan'):.2f} TB/s",
           file=sys.stderr)
-    rows = []
+    cuda = torch.device(device).type == "cuda"
+    rows, ratios = [], []
     budgets = [int(b) for b in args.budgets.split(",")]
     for ctx in [int(c) for c in args.contexts.split(",")]:
         ids = torch.randint(0, cfg.vocab_size, (ctx,), device=device)
-        modes = [(True, False)] + ([(True, True)] if args.compile else [])  # (CUDA graph, compiled step)
-        variants = [("transformers FullKV", None, False, False), ("ours FullKV, eager", 0, False, False)]
-        variants += [(f"ours FullKV, {'compiled + ' if c else ''}CUDA graph", 0, g, c) for g, c in modes]
-        variants += [(f"ours ReasonAlloc B={b}, {'compiled + ' if c else ''}{'CUDA graph' if g else 'eager'}", b, g, c)
-                     for b in budgets for g, c in ([(False, False)] if args.eager_too else []) + modes]
-        for label, budget, graph, compiled in variants:
-            if torch.device(device).type == "cuda":
+        cells = variants(args, budgets)
+        peer = CompiledFullKV(model, ctx + args.steps + 1) if any(v["kind"] == "peer" for v in cells) else None
+
+        def run(v, n):
+            """(seconds, mean K/V tokens held, cache bytes allocated, (captures, capture seconds)) of n steps."""
+            if v["kind"] == "transformers":
+                return run_transformers(hf, ids, n), cfg.num_layers * cfg.num_kv_heads * (ctx + n / 2), None, (0, 0.0)
+            if v["kind"] == "peer":
+                return run_peer(peer, ids, n, chunk=args.chunk), cfg.num_layers * cfg.num_kv_heads * (ctx + n / 2), \
+                    None, (0, 0.0)
+            graph, compiled = MODES[v["mode"]]
+            return run_ours(model, ids, n, budget=v["budget"], allocator=v.get("allocator", "reasonalloc"),
+                            interval=args.interval, chunk=args.chunk, profile=profile, graph=graph, compile=compiled)
+
+        for v in cells:  # warm-up (allocator, kernels; compiled: the first compile of a layout) and peak memory
+            if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            run = (lambda n: (run_transformers(hf, ids, n), ctx + n / 2, None, (0, 0.0))) if budget is None else \
-                (lambda n: run_ours(model, ids, n, budget=budget, interval=args.interval, chunk=args.chunk,
-                                    profile=profile, graph=graph, compile=compiled))
-            t_warm = time.perf_counter()
-            run(8)  # warm-up (allocator, kernels; compiled: the first layout's compile)
-            t_warm = time.perf_counter() - t_warm
-            secs, held, alloc, (captures, capture_s) = run(args.steps)
-            peak = torch.cuda.max_memory_allocated() if torch.device(device).type == "cuda" else 0
-            held_tokens = held * (cfg.num_layers * cfg.num_kv_heads if budget is None else 1)  # the peer: per-head length
-            step_bytes = wbytes + held_tokens * kv_token
+            t = time.perf_counter()
+            run(v, 8)
+            v["warmup_s"] = time.perf_counter() - t
+            v["times"] = []
+        for rep in range(args.repeats):  # the timed runs, interleaved over the cells
+            for v in cells:
+                if cuda:
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                secs, held, alloc, (captures, capture_s) = run(v, args.steps)
+                v["times"].append(secs)
+                v.update(held=held, alloc=alloc, captures=captures, capture_s=capture_s,
+                         peak=max(v.get("peak", 0), torch.cuda.max_memory_allocated() if cuda else 0))
+        for v in cells:
+            secs = statistics.median(v["times"])
+            step_bytes = wbytes + v["held"] * kv_token
             tps = args.steps / secs
-            row = {"context": ctx, "variant": label, "tokens_per_s": tps, "peak_gib": peak / 2**30,
-                   "kv_held_mib": held_tokens * kv_token / 2**20,
-                   "cache_alloc_mib": None if alloc is None else alloc / 2**20,
+            row = {"context": ctx, "variant": v["label"], "tokens_per_s": tps,
+                   "tokens_per_s_all": [args.steps / t for t in v["times"]], "peak_gib": v["peak"] / 2**30,
+                   "kv_held_mib": v["held"] * kv_token / 2**20,
+                   "cache_alloc_mib": None if v["alloc"] is None else v["alloc"] / 2**20,
                    "roofline_tokens_per_s": bw / step_bytes if bw else None,
                    "roofline_fraction": tps * step_bytes / bw if bw else None,
-                   "warmup_s": t_warm, "captures": captures, "capture_s": capture_s}
+                   "warmup_s": v["warmup_s"], "captures": v["captures"], "capture_s": v["capture_s"]}
             rows.append(row)
-            print(f"  ctx {ctx:6d}  {label:26s} {tps:8.1f} tok/s  peak {row['peak_gib']:6.2f} GiB  "
+            print(f"  ctx {ctx:6d}  {v['label']:42s} {tps:8.1f} tok/s  peak {row['peak_gib']:6.2f} GiB  "
                   f"K/V held {row['kv_held_mib']:8.1f} MiB  roofline {row['roofline_fraction'] or 0:.1%}  "
-                  f"warm-up {t_warm:.1f} s, {captures} capture(s) {capture_s:.1f} s",
+                  f"warm-up {v['warmup_s']:.1f} s, {v['captures']} capture(s) {v['capture_s']:.1f} s",
                   file=sys.stderr, flush=True)
+        for b in budgets:  # ReasonAlloc's time per token over uniform R-KV's, same budget and mode, per repeat
+            for mode in args.modes.split(","):
+                pair = [next((v for v in cells if v["label"] == f"ours {n} B={b}, {MODE_LABEL[mode]}"), None)
+                        for n in ("ReasonAlloc", "R-KV")]
+                if None not in pair:
+                    r = sorted(a / u for a, u in zip(pair[0]["times"], pair[1]["times"]))
+                    ratios.append({"context": ctx, "budget": b, "mode": mode, "ratios": r})
     print(table(rows, name, bw, args))
+    for r in ratios:
+        print(f"ReasonAlloc / R-KV time per token, context {r['context']}, B={r['budget']}, {MODE_LABEL[r['mode']]}: "
+              f"median {statistics.median(r['ratios']):.3f} (range {r['ratios'][0]:.3f}-{r['ratios'][-1]:.3f} over "
+              f"{len(r['ratios'])} interleaved repeats)")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"gpu": name, "bandwidth": bw, "args": vars(args), "rows": rows}, f, indent=1)
+            json.dump({"gpu": name, "bandwidth": bw, "args": vars(args), "rows": rows, "time_ratios": ratios}, f,
+                      indent=1)
     if args.profile_steps:
         profile_decode(model, args, profile, cfg, device, budgets[-1])
 
 
 def table(rows, name, bw, args) -> str:
-    out = [f"\n{name}, bfloat16, batch 1, {args.steps} decode steps per cell, roofline at {bw / 1e12:.2f} TB/s\n"
-           if bw else f"\n{name}\n",
+    out = [f"\n{name}, bfloat16, batch 1, {args.steps} decode steps per cell, median of {args.repeats} interleaved "
+           f"repeat(s), roofline at {bw / 1e12:.2f} TB/s\n" if bw else f"\n{name}\n",
            "| context | implementation | tokens/s | vs transformers | peak GPU memory | K/V held | "
            "roofline tokens/s | fraction of roofline | warm-up (compile) | captures in the timed decode |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for ctx in dict.fromkeys(r["context"] for r in rows):
         group = [r for r in rows if r["context"] == ctx]
-        peer = next(r for r in group if r["variant"].startswith("transformers"))
+        peer = next((r for r in group if r["variant"].startswith("transformers")), None)
         for r in group:
-            out.append(f"| {ctx} | {r['variant']} | {r['tokens_per_s']:.1f} | "
-                       f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}× | {r['peak_gib']:.2f} GiB | "
+            vs = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}×" if peer else "-"
+            out.append(f"| {ctx} | {r['variant']} | {r['tokens_per_s']:.1f} | {vs} | {r['peak_gib']:.2f} GiB | "
                        f"{r['kv_held_mib']:.0f} MiB | {r['roofline_tokens_per_s'] or 0:.1f} | "
                        f"{(r['roofline_fraction'] or 0):.1%} |".replace("%", " %")
                        + f" {r['warmup_s']:.1f} s | {r['captures']} ({r['capture_s']:.1f} s) |")
@@ -223,9 +359,9 @@ def profile_decode(model, args, profile, cfg, device, budget):
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
     with tprofile(activities=acts) as prof:
         run_ours(model, ids, args.profile_steps, budget=budget, interval=args.interval, chunk=args.chunk,
-                 profile=profile, graph=True)
+                 profile=profile, graph=True, compile="compiled" in args.modes.split(","))
     key = "self_cuda_time_total" if torch.device(device).type == "cuda" else "self_cpu_time_total"
-    print(f"\ntorch.profiler, ReasonAlloc B={budget} with CUDA graphs, context {ctx}, {args.profile_steps} decode steps "
+    print(f"\ntorch.profiler, ReasonAlloc B={budget} with CUDA graphs{' (compiled)' if 'compiled' in args.modes else ''}, context {ctx}, {args.profile_steps} decode steps "
           f"(prefill included):\n")
     print(prof.key_averages().table(sort_by=key, row_limit=15))
 
@@ -244,9 +380,14 @@ def parser():
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", choices=list(M.DTYPES), default="bfloat16")
     p.add_argument("--profile-steps", type=int, default=0, help="also profile this many decode steps")
-    p.add_argument("--eager-too", action="store_true", help="also time ReasonAlloc without CUDA graphs")
-    p.add_argument("--compile", action="store_true", help="also time the static step compiled with torch.compile "
-                                                          "(Inductor) inside the CUDA graph")
+    p.add_argument("--modes", default="graph,compiled",
+                   help="how our fast path runs, comma-separated: eager (op by op), graph (the static step in a CUDA "
+                        "graph), compiled (the static step through torch.compile, in a CUDA graph)")
+    p.add_argument("--rows", default=",".join(ROWS),
+                   help="which implementations, comma-separated: transformers, peer (plain compiled FullKV), full "
+                        "(our FullKV), reasonalloc, rkv (uniform R-KV at the same budgets)")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per cell, interleaved over the cells; the "
+                                                          "table gives the median")
     p.add_argument("--out", help="write the rows as JSON")
     return p
 

@@ -69,7 +69,7 @@ def tiny_model():
     hf = make_tiny_hf("llama")
     cfg = M.ModelConfig.from_hf({**hf.config.to_dict(), "max_position_embeddings": 512, "eos_token_id": None})
     ours = M.Transformer(cfg)
-    ours.load_state_dict({M.weight_map(cfg)[k]: v for k, v in hf.state_dict().items()}, strict=False)
+    ours.load_state_dict(M.fuse_checkpoint(hf.state_dict(), cfg), strict=False)
     return ours.eval()
 
 

@@ -123,34 +123,30 @@ class PackedCache:
         self.q_win[layer] = torch.cat([self.q_win[layer], q.transpose(0, 1)], dim=1)[:, -self.window:]
 
     def attend(self, layer: int, q: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
-        """(T, Hq, D): all heads of `layer` in one batched call, padding masked out."""
+        """(T, Hq, D): all heads of `layer` in one fused attention call (scaled_dot_product_attention, softmax
+        in float32 inside), padding and the future masked out. No (Hk, G·T, S) score block is made: at a 32k
+        context that block alone was 8 GiB in a prefill, and in a decode step the fused kernel reads K and V
+        once per KV head."""
         T, Hq, D = q.shape
         Hk = self.config.num_kv_heads
         G = Hq // Hk
         S = self.k[layer].shape[1] if self.static else int(self.n[layer].max())
-        K, V = self.k[layer][:, :S], self.v[layer][:, :S]  # (Hk, S, D)
-        if T > 1 and not self.static and not self.ragged(layer):
-            # A prefill or a teacher-forced chunk: fused attention, so no (Hk, G·T, S) float32 score block
-            # is made (at a 32k context that block alone was 8 GiB). Causal by absolute position, as below.
-            visible = self.pos[layer][:, None, :S] <= q_pos[None, :, None]  # (Hk, T, S)
-            qg = q.view(T, Hk, G, D).permute(1, 2, 0, 3)  # (Hk, G, T, D): batch Hk, G heads sharing one K/V
-            y = F.scaled_dot_product_attention(qg, K[:, None].expand(Hk, G, S, D), V[:, None].expand(Hk, G, S, D),
-                                               attn_mask=visible[:, None])  # (Hk, G, T, D)
-            return y.permute(2, 0, 1, 3).reshape(T, Hq, D)
-        qh = q.view(T, Hk, G, D).permute(1, 2, 0, 3).reshape(Hk, G * T, D)  # (Hk, G·T, D), g major
-        att = torch.matmul(qh, K.transpose(1, 2)).float() / math.sqrt(D)  # (Hk, G·T, S)
-        mask = None
-        if self.static or self.ragged(layer):  # rows past a head's length are padding
-            mask = torch.arange(S, device=K.device)[None, :] < self.n_dev[layer][:, None]  # (Hk, S)
-            mask = mask[:, None, :]
-        if T > 1:  # causal by absolute position, as the reference
-            causal = self.pos[layer][:, None, :S] <= q_pos.repeat(G)[None, :, None]  # (Hk, G·T, S)
-            mask = causal if mask is None else mask & causal
-        if mask is not None:
-            att = att.masked_fill(~mask, float("-inf"))
-        att = torch.softmax(att, dim=-1).to(V.dtype)  # softmax in float32
-        y = torch.matmul(att, V)  # (Hk, G·T, D)
-        return y.view(Hk, G, T, D).permute(2, 0, 1, 3).reshape(T, Hq, D)
+        K, V = self.k[layer][:, None, :S], self.v[layer][:, None, :S]  # (Hk, 1, S, D)
+        padded = self.static or self.ragged(layer)  # rows past a head's length are padding
+        held = (torch.arange(S, device=K.device)[None, :] < self.n_dev[layer][:, None]) if padded else None  # (Hk, S)
+        if T == 1:  # a decode step: the G query heads of a group are the G query rows of one KV head
+            y = F.scaled_dot_product_attention(q.view(Hk, 1, G, D), K, V,
+                                               attn_mask=None if held is None else held[:, None, None, :])
+            return y.view(1, Hq, D)
+        # A prefill or a teacher-forced chunk: causal by absolute position, as the reference. Batch Hk, the G
+        # heads of a group sharing one (expanded, not copied) K and V.
+        visible = self.pos[layer][:, None, :S] <= q_pos[None, :, None]  # (Hk, T, S)
+        if held is not None:
+            visible &= held[:, None, :]
+        qg = q.view(T, Hk, G, D).permute(1, 2, 0, 3)  # (Hk, G, T, D)
+        y = F.scaled_dot_product_attention(qg, K.expand(Hk, G, S, D), V.expand(Hk, G, S, D),
+                                           attn_mask=visible[:, None])  # (Hk, G, T, D)
+        return y.permute(2, 0, 1, 3).reshape(T, Hq, D)
 
     def keep(self, layer: int, rows: torch.Tensor, counts: torch.Tensor):
         """Compress `layer` in place: rows (Hk, m) ascending row indices (padded past counts[h]),

@@ -368,9 +368,10 @@ class Attention(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.c = c
-        self.wq = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias)
-        self.wk = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
-        self.wv = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
+        # q, k and v in one projection (their checkpoint rows concatenated at load, see fuse_checkpoint): one
+        # matrix-vector product per layer instead of three, which is what a batch-1 decode step is made of.
+        self.split = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim)
+        self.wqkv = nn.Linear(c.hidden_size, sum(self.split), bias=c.qkv_bias)
         self.wo = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
@@ -378,9 +379,10 @@ class Attention(nn.Module):
 
     def forward(self, x, pos, rope, cache: KVCache, layer: int):
         T, c = x.shape[0], self.c
-        q = self.wq(x).view(T, c.num_heads, c.head_dim)  # (T, Hq, D)
-        k = self.wk(x).view(T, c.num_kv_heads, c.head_dim)  # (T, Hk, D)
-        v = self.wv(x).view(T, c.num_kv_heads, c.head_dim)  # (T, Hk, D)
+        q, k, v = self.wqkv(x).split(self.split, dim=-1)
+        q = q.view(T, c.num_heads, c.head_dim)  # (T, Hq, D)
+        k = k.view(T, c.num_kv_heads, c.head_dim)  # (T, Hk, D)
+        v = v.view(T, c.num_kv_heads, c.head_dim)  # (T, Hk, D)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -392,12 +394,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
-        self.w_gate = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.w_up = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
+        self.w_gate_up = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=c.mlp_bias)  # gate rows, then up rows
         self.w_down = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
     def forward(self, x):
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))  # SwiGLU
+        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
+        return self.w_down(F.silu(gate) * up)  # SwiGLU
 
 
 class Block(nn.Module):
@@ -457,7 +459,9 @@ class Transformer(nn.Module):
 
 
 def weight_map(c: ModelConfig) -> dict[str, str]:
-    """{checkpoint tensor name: parameter name in Transformer}. Exactly these tensors must be present."""
+    """{checkpoint tensor name: parameter name in Transformer}. Exactly these tensors must be present. Several
+    names map to one fused parameter (a layer's q/k/v to attn.wqkv, gate/up to mlp.w_gate_up): its rows are
+    theirs concatenated in the order listed here (fuse_checkpoint), so checkpoints stay Hugging Face files."""
     m = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight"}
     if not c.tie_word_embeddings:
         m["lm_head.weight"] = "lm_head.weight"
@@ -465,19 +469,47 @@ def weight_map(c: ModelConfig) -> dict[str, str]:
         hf, me = f"model.layers.{i}.", f"blocks.{i}."
         m[hf + "input_layernorm.weight"] = me + "attn_norm.weight"
         m[hf + "post_attention_layernorm.weight"] = me + "mlp_norm.weight"
-        for hf_name, my_name, bias in (("q_proj", "wq", c.qkv_bias), ("k_proj", "wk", c.qkv_bias),
-                                       ("v_proj", "wv", c.qkv_bias), ("o_proj", "wo", c.o_bias)):
+        for hf_name, my_name, bias in (("q_proj", "wqkv", c.qkv_bias), ("k_proj", "wqkv", c.qkv_bias),
+                                       ("v_proj", "wqkv", c.qkv_bias), ("o_proj", "wo", c.o_bias)):
             m[f"{hf}self_attn.{hf_name}.weight"] = f"{me}attn.{my_name}.weight"
             if bias:
                 m[f"{hf}self_attn.{hf_name}.bias"] = f"{me}attn.{my_name}.bias"
         if c.qk_norm:
             m[hf + "self_attn.q_norm.weight"] = me + "attn.q_norm.weight"
             m[hf + "self_attn.k_norm.weight"] = me + "attn.k_norm.weight"
-        for hf_name, my_name in (("gate_proj", "w_gate"), ("up_proj", "w_up"), ("down_proj", "w_down")):
+        for hf_name, my_name in (("gate_proj", "w_gate_up"), ("up_proj", "w_gate_up"), ("down_proj", "w_down")):
             m[f"{hf}mlp.{hf_name}.weight"] = f"{me}mlp.{my_name}.weight"
             if c.mlp_bias:
                 m[f"{hf}mlp.{hf_name}.bias"] = f"{me}mlp.{my_name}.bias"
     return m
+
+
+def checkpoint_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """{checkpoint tensor name: its shape}, for every name in weight_map."""
+    D, d, I = c.head_dim, c.hidden_size, c.intermediate_size
+    out = {"q_proj": c.num_heads * D, "k_proj": c.num_kv_heads * D, "v_proj": c.num_kv_heads * D, "o_proj": d,
+           "gate_proj": I, "up_proj": I, "down_proj": d}  # rows of each projection
+    cols = {"o_proj": c.num_heads * D, "down_proj": I}
+    shapes = {}
+    for name in weight_map(c):
+        proj = name.split(".")[-2]
+        if name.endswith("embed_tokens.weight") or name == "lm_head.weight":
+            shapes[name] = (c.vocab_size, d)
+        elif proj in out:
+            shapes[name] = (out[proj],) if name.endswith(".bias") else (out[proj], cols.get(proj, d))
+        else:  # a norm
+            shapes[name] = (D,) if proj in ("q_norm", "k_norm") else (d,)
+    return shapes
+
+
+def fuse_checkpoint(tensors: dict[str, torch.Tensor], c: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our state dict from checkpoint tensors named as in weight_map (a tied lm_head.weight is ignored): the
+    tensors of a fused parameter are concatenated along their rows in weight_map's order."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for name, mine in weight_map(c).items():
+        if name in tensors:
+            parts.setdefault(mine, []).append(tensors[name])
+    return {mine: ts[0] if len(ts) == 1 else torch.cat(ts, dim=0) for mine, ts in parts.items()}
 
 
 def safetensors_files(path: Path) -> dict[Path, set[str] | None]:
@@ -543,9 +575,8 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
     files = safetensors_files(path)
     with torch.device("meta"):
         model = Transformer(config)
-    names = weight_map(config)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    state, unexpected, stale = {}, [], []
+    names, shapes = weight_map(config), checkpoint_shapes(config)
+    tensors, unexpected, stale = {}, [], []
     for file, assigned in files.items():
         try:
             with safe_open(file, framework="pt", device=str(device)) as f:
@@ -553,7 +584,7 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
                     if assigned is not None and key not in assigned:
                         stale.append(f"{key} (in {file.name})")
                     elif key in names:
-                        state[names[key]] = f.get_tensor(key).to(dtype)
+                        tensors[key] = f.get_tensor(key).to(dtype)
                     elif key == "lm_head.weight" and config.tie_word_embeddings:
                         continue  # some exports save the tied head too; it is the embedding again
                     else:
@@ -564,7 +595,7 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
         raise ValueError(f"shards in {path} hold tensors that model.safetensors.index.json does not assign to "
                          f"them: {', '.join(sorted(stale)[:4])}{' ...' if len(stale) > 4 else ''}; a stale copy "
                          f"must not replace the real weights, so remove it (or fix the index)")
-    missing = sorted(k for k, v in names.items() if v not in state)
+    missing = sorted(k for k in names if k not in tensors)
     if missing or unexpected:
         raise ValueError(
             f"checkpoint in {path} does not match its config ({config.model_type}, {config.num_layers} layers): "
@@ -572,10 +603,11 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
             + (f"unexpected tensors: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}."
                if unexpected else "")
         )
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(params[name].shape):
-            raise ValueError(f"tensor for {name} has shape {tuple(tensor.shape)}, config expects "
-                             f"{tuple(params[name].shape)}")
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != shapes[name]:
+            raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, config expects {shapes[name]}")
+    state = fuse_checkpoint(tensors, config)
+    del tensors  # the fused copies replace the separate q/k/v and gate/up tensors
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
@@ -644,9 +676,7 @@ def recipe_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
     stream x ← (6364136223846793005·x + 1442695040888963407) mod 2^64 (x starts at `seed`), each value
     (2·u − 1)/√(columns) with u = (x >> 40) / 2^24, then rounded to float32."""
     cfg = ModelConfig.from_hf(config)
-    with torch.device("meta"):  # shapes only
-        params = Transformer(cfg).state_dict()
-    shapes = {hf: params[ours].shape for hf, ours in weight_map(cfg).items()}
+    shapes = checkpoint_shapes(cfg)
     drawn = [name for name in sorted(shapes) if not name.endswith("norm.weight")]
     stream = lcg_uniform(sum(math.prod(shapes[name]) for name in drawn), seed)
     out, start = {}, 0
@@ -665,8 +695,7 @@ def recipe_model(config: dict, seed: int, dtype=torch.float64) -> Transformer:
     """A model with `recipe_weights`, for conformance tests (float64 by default: choices far from float noise)."""
     cfg = ModelConfig.from_hf(config)
     model = Transformer(cfg)
-    names = weight_map(cfg)
-    model.load_state_dict({names[k]: v for k, v in recipe_weights(config, seed).items()}, strict=False)
+    model.load_state_dict(fuse_checkpoint(recipe_weights(config, seed), cfg), strict=False)
     return model.to(dtype).eval()
 
 

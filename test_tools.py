@@ -338,6 +338,29 @@ def test_bench_gpu_harness_runs_on_cpu():
     assert secs > 0 and held <= c.num_layers * c.num_kv_heads * (32 + 16) and captures == 0  # no graphs on CPU
     assert BG.run_transformers(hf, ids, 5) > 0
     assert BG.weight_bytes(ours) < sum(p.numel() * 4 for p in ours.parameters())
+    # One copy of the weights: the peer's q/k/v and gate/up are row slices of our fused tensors.
+    fused = ours.blocks[1].attn.wqkv.weight
+    assert hf.model.layers[1].self_attn.v_proj.weight.data_ptr() == fused[-c.num_kv_heads * c.head_dim:].data_ptr()
+    # The plain compiled FullKV peer computes what our model computes (its forward, eagerly: prefill, then a step).
+    peer = BG.CompiledFullKV(ours, 320)
+    with torch.inference_mode():
+        cache = Fa.new_cache(ours)
+        torch.testing.assert_close(peer(ids[:200], torch.arange(200)), ours(ids[:200], cache), rtol=1e-4, atol=1e-4)
+        peer(ids[200:], torch.arange(200, 300)), ours(ids[200:], cache)
+        torch.testing.assert_close(peer(ids[:1], torch.tensor([300])), ours(ids[:1], cache), rtol=1e-4, atol=1e-4)
+
+
+def test_bench_gpu_rows_and_bad_options():
+    import bench_gpu as BG
+
+    args = BG.parser().parse_args(["--budgets", "512", "--rows", "peer,reasonalloc,rkv", "--modes", "compiled"])
+    assert [v["label"] for v in BG.variants(args, [512])] == [
+        "plain compiled FullKV (peer)", "ours ReasonAlloc B=512, compiled + CUDA graph",
+        "ours R-KV B=512, compiled + CUDA graph"]
+    for bad, words in [(["--modes", "fast"], "--modes"), (["--rows", ""], "--rows"), (["--contexts", "2k"], "integers"),
+                       (["--budgets", "0"], "positive"), (["--repeats", "0"], "--repeats")]:
+        with pytest.raises(ValueError, match=words):
+            BG.check_args(BG.parser().parse_args(bad))
 
 
 # ----------------------------------------------------------------------------------------------
