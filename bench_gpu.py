@@ -2,15 +2,22 @@
 
 The model has Llama-3.1-8B's shapes (32 layers, 32 query / 8 KV heads, head dim 128, hidden 4096, MLP
 14336, vocab 128256, llama3 RoPE) and random bfloat16 weights made on the GPU, so nothing is carried
-or downloaded. Hugging Face transformers' LlamaForCausalLM on the *same* weight tensors is the peer.
-For each context length (tokens already in the sequence when decoding starts) it times batch-1 greedy
-decoding of --steps tokens:
+or downloaded. For each context length (tokens already in the sequence when decoding starts) it times
+batch-1 greedy decoding of --steps tokens, for each of (--rows):
 
-  transformers FullKV | this project FullKV (fast path) | ReasonAlloc (fast path, R-KV policy) at each budget
+  transformers FullKV     Hugging Face LlamaForCausalLM, eager, on the *same* weight tensors
+  peer                    a plain compiled FullKV decoder (CompiledFullKV, gpt-fast style) on the same weights
+  full                    this project's FullKV (fast path)
+  reasonalloc, rkv        ReasonAlloc and uniform R-KV (fast path, R-KV policy) at each budget
 
-Long prompts are prefilled in chunks (--chunk), and ReasonAlloc compresses after every chunk that leaves
-a head over budget, so the cache never holds more than the budget plus a chunk. Decode then compresses
-every --interval tokens, as generation does; compression time is inside the decode time.
+and our fast path in each of --modes: eager, the static step in a CUDA graph, or that step compiled by
+torch.compile inside the graph. Every cell is warmed up once (the compile time shows there), then timed
+--repeats times, interleaved over the cells; the table gives the median, and ReasonAlloc's time per token
+over R-KV's is printed per repeat.
+
+Long prompts are prefilled in chunks (--chunk), and the compressed methods compress after every chunk that
+leaves a head over budget, so the cache never holds more than the budget plus a chunk. Decode then
+compresses every --interval tokens, as generation does; compression time is inside the decode time.
 
 Roofline: a decode step must at least read every weight once (the embedding table excepted: one row)
 and the K/V the heads hold; tokens/s ≤ bandwidth / those bytes. The fraction reported is measured
@@ -145,31 +152,31 @@ class CompiledFullKV(torch.nn.Module):
         super().__init__()
         c, p = model.config, model.embed.weight
         self.model, self.max_len = model, max_len
-        shape = (c.num_layers, c.num_kv_heads, max_len, c.head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=p.dtype, device=p.device))
-        self.register_buffer("v", torch.zeros(shape, dtype=p.dtype, device=p.device))
+        self.caches = torch.nn.ModuleList(torch.nn.Module() for _ in range(c.num_layers))  # one K/V pair per layer
+        for cache in self.caches:
+            for name in ("k", "v"):
+                cache.register_buffer(name, torch.zeros(1, c.num_kv_heads, max_len, c.head_dim, dtype=p.dtype,
+                                                        device=p.device))
         self.decode = torch.compile(self.forward, mode="reduce-overhead", fullgraph=True)
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """tokens, pos: (T,) -> (T, vocab) float32 logits; rows pos of the cache are written."""
         m, c = self.model, self.model.config
         T, Hq, Hk, D = tokens.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
-        G = Hq // Hk
         x = m.embed(tokens)
         rope = M.rope_cos_sin(pos, m.inv_freq, x.dtype)
-        # Row g·T + t of a KV head's queries is query head g of token t, which sees cache rows <= pos[t].
-        mask = (torch.arange(self.max_len, device=pos.device)[None, :] <= pos[:, None]).repeat(G, 1)  # (G·T, max_len)
+        mask = torch.arange(self.max_len, device=pos.device)[None, :] <= pos[:, None]  # (T, max_len): causal
         for i, block in enumerate(m.blocks):
             h = block.attn_norm(x)
             q, k, v = block.attn.wqkv(h).split(block.attn.split, dim=-1)
             q = M.apply_rope(q.view(T, Hq, D), *rope)
             k = M.apply_rope(k.view(T, Hk, D), *rope)
-            self.k[i].index_copy_(1, pos, k.transpose(0, 1))
-            self.v[i].index_copy_(1, pos, v.view(T, Hk, D).transpose(0, 1))
-            qg = q.view(T, Hk, G, D).permute(1, 2, 0, 3).reshape(1, Hk, G * T, D)
-            y = torch.nn.functional.scaled_dot_product_attention(qg, self.k[i][None], self.v[i][None],
-                                                                 attn_mask=mask[None, None])  # (1, Hk, G·T, D)
-            y = y.view(Hk, G, T, D).permute(2, 0, 1, 3).reshape(T, Hq * D)
+            cache = self.caches[i]
+            cache.k[:, :, pos] = k.transpose(0, 1)[None]  # (1, Hk, T, D) written in place at the positions
+            cache.v[:, :, pos] = v.view(T, Hk, D).transpose(0, 1)[None]
+            y = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], cache.k, cache.v, attn_mask=mask[None, None], enable_gqa=True)  # (1, Hq, T, D)
+            y = y[0].transpose(0, 1).reshape(T, Hq * D)
             x = x + block.attn.wo(y)
             x = x + block.mlp(block.mlp_norm(x))
         return m.lm_head(m.norm(x)).float()
@@ -318,15 +325,15 @@ def main(args):
                 if None not in pair:
                     r = sorted(a / u for a, u in zip(pair[0]["times"], pair[1]["times"]))
                     ratios.append({"context": ctx, "budget": b, "mode": mode, "ratios": r})
+        if args.out:  # after every context, so a run cut short keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump({"gpu": name, "bandwidth": bw, "args": vars(args), "rows": rows, "time_ratios": ratios}, f,
+                          indent=1)
     print(table(rows, name, bw, args))
     for r in ratios:
         print(f"ReasonAlloc / R-KV time per token, context {r['context']}, B={r['budget']}, {MODE_LABEL[r['mode']]}: "
               f"median {statistics.median(r['ratios']):.3f} (range {r['ratios'][0]:.3f}-{r['ratios'][-1]:.3f} over "
               f"{len(r['ratios'])} interleaved repeats)")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"gpu": name, "bandwidth": bw, "args": vars(args), "rows": rows, "time_ratios": ratios}, f,
-                      indent=1)
     if args.profile_steps:
         profile_decode(model, args, profile, cfg, device, budgets[-1])
 
