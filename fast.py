@@ -13,6 +13,7 @@ reasonalloc.generate(..., packed=True) (`--fast` on the CLI) runs generation on 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -41,6 +42,7 @@ class PackedCache:
     within about 2.5 times what the heads hold (plus 96 rows)."""
 
     static = False  # GraphDecoder's mode: fixed shapes, lengths only on the device (see there)
+    batch = 1  # sequences held (BatchCache holds several)
 
     def __init__(self, config: ModelConfig, window: int = 8, *, dtype=torch.float32, device="cpu",
                  spare: int = 128):
@@ -63,6 +65,14 @@ class PackedCache:
     def lengths(self) -> torch.Tensor:
         """(L, Hk) number of tokens each head holds, as KVCache.lengths()."""
         return self.n.clone()
+
+    def positions(self) -> torch.Tensor:
+        """(batch,) the position of each sequence's next token, on the CPU."""
+        return torch.tensor([self.next_pos], device="cpu")
+
+    def advance(self):
+        """Count one decoded token in every sequence."""
+        self.next_pos += 1
 
     def ragged(self, layer: int) -> bool:
         n = self.n[layer]
@@ -96,16 +106,19 @@ class PackedCache:
             getattr(self, name)[layer] = buf
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, pos: torch.Tensor):
-        """Append T new tokens to every head of `layer`. k, v: (T, Hk, D); q: (T, Hq, D); pos: (T,)."""
+        """Append T new tokens to every head of `layer`. k, v: (T, Hk, D); q: (T, Hq, D); pos: (T,), or (Hk, T)
+        when the heads' positions differ (BatchCache: each sequence at its own position)."""
         K, V, P = self.k[layer], self.v[layer], self.pos[layer]
+        T = k.shape[0]
+        pos = pos.expand(K.shape[0], T) if pos.dim() == 1 else pos  # (Hk, T)
         if self.static:  # one token, scattered at each head's length; nothing read back to the host
             heads, rows = self.heads, self.n_dev[layer]
-            K[heads, rows], V[heads, rows], P[heads, rows] = k[0], v[0], pos.expand(K.shape[0])
+            K[heads, rows], V[heads, rows], P[heads, rows] = k[0], v[0], pos[:, 0]
             self.n_dev[layer] += 1
             qw = self.q_win[layer]
             qw.copy_(torch.cat([qw[:, 1:], q.transpose(0, 1)], dim=1))
             return
-        T, n = k.shape[0], self.n[layer]
+        n = self.n[layer]
         self._reserve(layer, int(n.max()) + T)
         K, V, P = self.k[layer], self.v[layer], self.pos[layer]
         if not self.ragged(layer):  # every head at the same length: one slice write
@@ -113,11 +126,11 @@ class PackedCache:
             K[:, t:t + T], V[:, t:t + T], P[:, t:t + T] = k.transpose(0, 1), v.transpose(0, 1), pos
         elif T == 1:  # decode after head-wise compression: one scatter at each head's own end
             heads, rows = self.heads, self.n_dev[layer]
-            K[heads, rows], V[heads, rows], P[heads, rows] = k[0], v[0], pos
+            K[heads, rows], V[heads, rows], P[heads, rows] = k[0], v[0], pos[:, 0]
         else:
             for h in range(K.shape[0]):
                 t = int(n[h])
-                K[h, t:t + T], V[h, t:t + T], P[h, t:t + T] = k[:, h], v[:, h], pos
+                K[h, t:t + T], V[h, t:t + T], P[h, t:t + T] = k[:, h], v[:, h], pos[h]
         self.n[layer] += T
         self.n_dev[layer] += T
         self.q_win[layer] = torch.cat([self.q_win[layer], q.transpose(0, 1)], dim=1)[:, -self.window:]
@@ -187,6 +200,124 @@ def new_cache(model: Transformer, window: int = 8, *, spare: int = 128) -> Packe
     """An empty PackedCache in the model's dtype and device (equals model.new_cache(window))."""
     p = model.embed.weight
     return PackedCache(model.config, window, dtype=p.dtype, device=p.device, spare=spare)
+
+
+# ----------------------------------------------------------------------------------------------
+# Many sequences at once
+
+
+class BatchCache(PackedCache):
+    """n sequences decoded together, one token each per step: a PackedCache over n·Hk heads per layer, where
+    sequence i owns KV heads [i·Hk, (i+1)·Hk) and query heads [i·Hq, (i+1)·Hq). Every (sequence, layer, KV
+    head) is its own ragged head, so budgets and compressions are per sequence exactly as in n separate
+    runs; `config` is the model's with the head counts multiplied by n (what the packed functions read), and
+    `model_config` the model's own. A decode step's n tokens are appended as one token of n·Hk heads, each
+    at its own sequence's position."""
+
+    def __init__(self, config: ModelConfig, n: int, window: int = 8, *, dtype=torch.float32, device="cpu",
+                 spare: int = 128):
+        if n < 1:
+            raise ValueError(f"a batch needs at least one sequence, got {n}")
+        self.model_config, self.batch = config, n
+        super().__init__(self._wide(n), window, dtype=dtype, device=device, spare=spare)
+        self.seq_pos = torch.zeros(n, dtype=torch.long, device="cpu")  # each sequence's next position
+
+    def _wide(self, n: int) -> ModelConfig:
+        c = self.model_config
+        return dataclasses.replace(c, num_heads=n * c.num_heads, num_kv_heads=n * c.num_kv_heads)
+
+    @classmethod
+    def stack(cls, caches: list[PackedCache]) -> "BatchCache":
+        """One BatchCache holding the sequences of batch-1 PackedCaches (e.g. each after its own prefill),
+        in order; every head keeps its rows, positions and window queries."""
+        if not caches:
+            raise ValueError("no sequences to batch")
+        c0 = caches[0]
+        config, Hk, D = c0.config, c0.config.num_kv_heads, c0.config.head_dim
+        short = [i for i, c in enumerate(caches) if c.q_win[0].shape[1] < c.window]
+        if short:
+            raise ValueError(f"sequence(s) {short} hold fewer than window = {c0.window} tokens; a batched step "
+                             f"needs every sequence's observation window full (give longer prompts or a smaller "
+                             f"window)")
+        dev = c0.k[0].device
+        b = cls(config, len(caches), c0.window, dtype=c0.k[0].dtype, device=dev, spare=c0.spare)
+        for l in range(config.num_layers):
+            S = max(int(c.n[l].max()) for c in caches)
+            cap = S + b._spare(S)
+            b.k[l] = c0.k[l].new_zeros(len(caches) * Hk, cap, D)
+            b.v[l] = c0.v[l].new_zeros(len(caches) * Hk, cap, D)
+            b.pos[l] = c0.pos[l].new_zeros(len(caches) * Hk, cap)
+            for i, c in enumerate(caches):
+                t = int(c.n[l].max())
+                heads = slice(i * Hk, (i + 1) * Hk)
+                b.k[l][heads, :t], b.v[l][heads, :t], b.pos[l][heads, :t] = c.k[l][:, :t], c.v[l][:, :t], c.pos[l][:, :t]
+            b.n[l] = torch.cat([c.n[l] for c in caches])
+            b.n_dev[l] = torch.cat([c.n_dev[l] for c in caches])
+            b.q_win[l] = torch.cat([c.q_win[l] for c in caches])
+        b.seq_pos = torch.tensor([c.next_pos for c in caches], dtype=torch.long, device="cpu")
+        return b
+
+    def positions(self) -> torch.Tensor:
+        return self.seq_pos.clone()
+
+    def advance(self):
+        self.seq_pos += 1
+
+    def seq_heads(self, i: int) -> slice:
+        """The KV heads of sequence i (a slice of lengths()' columns)."""
+        Hk = self.model_config.num_kv_heads
+        return slice(i * Hk, (i + 1) * Hk)
+
+    def select(self, seqs: list[int]):
+        """Keep only sequences `seqs` (in that order), freeing the others' memory, e.g. once they stopped."""
+        if not seqs:
+            raise ValueError("select needs at least one sequence to keep")
+        c = self.model_config
+        idx = torch.tensor(seqs, dtype=torch.long, device="cpu")
+        kv = (idx[:, None] * c.num_kv_heads + torch.arange(c.num_kv_heads)).flatten()
+        qh = (idx[:, None] * c.num_heads + torch.arange(c.num_heads)).flatten()
+        dev = self.k[0].device
+        for l in range(c.num_layers):
+            S = int(self.n[l, kv].max())
+            cap = S + self._spare(S) + self._spare(S) // 2
+            for name in ("k", "v", "pos"):
+                getattr(self, name)[l] = getattr(self, name)[l][kv.to(dev), :cap].contiguous()
+            self.q_win[l] = self.q_win[l][qh.to(dev)]
+            self.n_dev[l] = self.n_dev[l][kv.to(dev)]
+        self.n = self.n[:, kv]
+        self.seq_pos = self.seq_pos[idx]
+        self.batch = len(seqs)
+        self.config = self._wide(self.batch)
+        self.heads = torch.arange(self.config.num_kv_heads, device=dev)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, pos: torch.Tensor):
+        """One token of every sequence: k, v (n, Hk, D); q (n, Hq, D); pos (n,)."""
+        n, Hk, D = k.shape
+        super().append(layer, k.reshape(1, n * Hk, D), v.reshape(1, n * Hk, D), q.reshape(1, -1, D),
+                       pos.repeat_interleave(Hk)[:, None])
+
+    def attend(self, layer: int, q: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+        """(n, Hq, D): each sequence's one query token over its own heads."""
+        n, Hq, D = q.shape
+        return super().attend(layer, q.reshape(1, n * Hq, D), q_pos[:1]).view(n, Hq, D)
+
+
+def new_batch_cache(model: Transformer, n: int, window: int = 8, *, spare: int = 128) -> BatchCache:
+    """An empty BatchCache of n sequences in the model's dtype and device."""
+    p = model.embed.weight
+    return BatchCache(model.config, n, window, dtype=p.dtype, device=p.device, spare=spare)
+
+
+@torch.no_grad()
+def decode_batch(model: Transformer, tokens: torch.Tensor, cache: BatchCache) -> torch.Tensor:
+    """One decode step of every sequence: tokens (n,) -> (n, vocab) float32 logits, each sequence at its own
+    position (GraphDecoder does the same step from a CUDA graph)."""
+    if tokens.shape != (cache.batch,):
+        raise ValueError(f"expected {cache.batch} tokens (one per sequence), got shape {tuple(tokens.shape)}")
+    check_context(cache.model_config, int(cache.seq_pos.max()) + 1)
+    logits = model.run(tokens, cache.seq_pos.to(tokens.device), cache)
+    cache.advance()
+    return logits
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,8 +481,8 @@ class GraphDecoder:
             raise ValueError("GraphDecoder needs a PackedCache: fast.new_cache(model, window)")
         dev = model.embed.weight.device
         self.model, self.cache = model, cache
-        self.token = torch.zeros(1, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.token = torch.zeros(cache.batch, dtype=torch.long, device=dev)  # one per sequence (a BatchCache: n)
+        self.pos = torch.zeros(cache.batch, dtype=torch.long, device=dev)
         self.use_graph = dev.type == "cuda"
         self.graph, self.layout, self.logits, self.captures = None, None, None, 0
         self.capture_seconds = 0.0  # spent in captures (and, compiled, in compiling each new layout)
@@ -390,17 +521,20 @@ class GraphDecoder:
 
     @torch.no_grad()
     def __call__(self, token) -> torch.Tensor:
-        """Append `token` (an int or a 1-element tensor) and return the (1, vocab) float32 logits."""
+        """Append `token` (an int or a 1-element tensor; a BatchCache: n tokens, one per sequence) and return
+        the (n, vocab) float32 logits."""
         c = self.cache
-        check_context(c.config, c.next_pos + 1)
+        check_context(self.model.config, int(c.positions().max()) + 1)
         if c.q_win[0].shape[1] < c.window:
             raise ValueError(f"GraphDecoder needs at least window = {c.window} tokens in the cache first")
         for layer in range(len(c)):
             c._reserve(layer, int(c.n[layer].max()) + 2)  # room for this step (and a warm-up step)
-        self.token.copy_(torch.as_tensor(token, device=self.token.device).view(1))
-        self.pos.fill_(c.next_pos)
+        if self.token.numel() != c.batch:  # a BatchCache dropped sequences: new buffers, so a new capture
+            self.token, self.pos = self.token.new_zeros(c.batch), self.pos.new_zeros(c.batch)
+        self.token.copy_(torch.as_tensor(token, device=self.token.device).view(c.batch))
+        self.pos.copy_(c.positions())
         if self.use_graph:
-            layout = tuple(t.data_ptr() for t in (*c.k, *c.v, *c.pos, *c.n_dev, *c.q_win))
+            layout = tuple(t.data_ptr() for t in (*c.k, *c.v, *c.pos, *c.n_dev, *c.q_win, self.token, self.pos))
             if layout != self.layout:
                 self._capture()
                 self.layout = layout
@@ -409,5 +543,5 @@ class GraphDecoder:
         else:
             logits = self._step()
         c.n += 1
-        c.next_pos += 1
+        c.advance()
         return logits

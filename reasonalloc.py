@@ -485,6 +485,161 @@ def generate(model, tokenizer, prompt, *, budget: int, allocator: str = "reasona
     )
 
 
+def compress_sequences(cache, layer_b: torch.Tensor, allocator: str, policy: str, due: list[bool], *,
+                       policy_options, head_options) -> tuple[list, list]:
+    """`compress` of the sequences of a fast.BatchCache that are due (the others keep every token): scored in
+    one batched call per layer, budgets split per sequence by the allocator's head rule, so each sequence is
+    cut exactly as in its own run. Returns, per due sequence (None for the others), its head budgets
+    (L, Hk) and kept positions [l][h]."""
+    import fast
+
+    Hk, n = cache.model_config.num_kv_heads, cache.batch
+    head_rule = get_allocator(allocator).heads
+    budgets, kept = [[] if d else None for d in due], [[] if d else None for d in due]
+    for l in range(len(cache)):
+        scores = fast.score_layer(cache, l, policy, **(policy_options or {}))
+        per_seq = []
+        for i in range(n):
+            heads = cache.seq_heads(i)
+            if due[i]:
+                b = head_rule(scores[heads], int(layer_b[l]), window=cache.window, **(head_options or {}))
+                budgets[i].append(b)
+            else:  # not due: a budget of what it holds keeps every token
+                b = cache.n[l, heads].clone()
+            per_seq.append(b)
+        positions = fast.compress_layer(cache, l, torch.cat(per_seq), policy, scores=scores)
+        for i in range(n):
+            if due[i]:
+                kept[i].append(positions[cache.seq_heads(i)])
+    return [None if b is None else torch.stack(b) for b in budgets], kept
+
+
+@torch.inference_mode()
+def generate_batch(model, tokenizer, prompts: list, *, seeds: list[int] | None = None, budget: int,
+                   allocator: str = "reasonalloc", policy: str = "rkv", profile=None, interval: int = 128,
+                   window: int = 8, max_new_tokens: int = 512, temperature: float = 0.0, top_p: float = 1.0,
+                   chat: bool = True, gamma: float = 0.5, beta: float = 0.5, mu: float = 0.25,
+                   head_utility: str = "length", layer_options=None, head_options=None, policy_options=None,
+                   record_positions: bool = False, graph: bool = False, on_logits=None) -> list[Generation]:
+    """`generate` for n prompts at once on the fast path: equal to n separate runs of
+    generate(..., packed=True, seed=seeds[i]) (the same tokens and compression events; logits within float
+    tolerance), which the parity tests check for every allocator. Each prompt (text or ids) is prefilled on
+    its own; then every step decodes one token of every sequence in one forward pass over a fast.BatchCache,
+    where each (sequence, layer, KV head) keeps its own ragged cache, budgets and compressions. Prompts may
+    differ in length (each sequence sits at its own position; memory is padded to the longest head of a
+    layer). A sequence that stops is removed from the batch, freeing its memory. `seeds` default to
+    0..n-1 (n samples of one prompt: give it n times). graph=True runs the step through fast.GraphDecoder
+    (a CUDA graph on a GPU). on_logits(i, step, logits) sees sequence i's (vocab,) logits before each
+    choice. `seconds` of each result is the batch's wall time."""
+    import fast
+    from model import check_context, encode_prompt, stop_ids
+
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("generate_batch needs a non-empty list of prompts")
+    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
+    for seed in seeds:
+        validate(budget=budget, window=window, interval=interval, temperature=temperature, top_p=top_p,
+                 allocator=allocator, policy=policy, max_new_tokens=max_new_tokens, gamma=gamma, beta=beta, mu=mu,
+                 head_utility=head_utility, seed=seed)
+    cfg, device = model.config, model.embed.weight.device
+    ids = []
+    for p in prompts:
+        if isinstance(p, torch.Tensor):
+            check_context(cfg, p.numel(), max_new_tokens)
+            ids.append(p.long())
+        else:
+            ids.append(encode_prompt(tokenizer, cfg, p, chat=chat, max_new_tokens=max_new_tokens))
+    allocator, layer_b, layer_options, head_options = plan(
+        cfg, budget=budget, allocator=allocator, policy=policy, profile=profile, window=window, gamma=gamma,
+        beta=beta, mu=mu, head_utility=head_utility, layer_options=layer_options, head_options=head_options)
+    n, L, Hk = len(prompts), cfg.num_layers, cfg.num_kv_heads
+    stops = stop_ids(cfg, tokenizer)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    budgets = [layer_b[:, None].expand(-1, Hk).clone() for _ in range(n)]  # (L, Hk) each sequence's b_lh
+    out, events, held, full = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
+    final = [None] * n  # (tokens held, next position) when a sequence ends
+
+    t0 = time.perf_counter()
+    spare = min(interval, max_new_tokens + 1)
+    caches, last = [], []
+    for x in ids:  # 1. each prompt on its own, with the full cache
+        c = fast.new_cache(model, window, spare=spare)
+        last.append(model(x.to(device), c)[-1])
+        caches.append(c)
+    cache = fast.BatchCache.stack(caches)
+    del caches
+    logits = torch.stack(last)  # (n, vocab)
+    active = list(range(n))  # the sequence in each slot of the batch
+    step_fn = fast.GraphDecoder(model, cache) if graph else (lambda t: fast.decode_batch(model, t, cache))
+    for step in range(max_new_tokens + 1):
+        lengths = cache.lengths()  # (L, slots·Hk)
+        # 3. every Δ steps (and after the prompt, step 0), for each sequence with a head over its budget
+        due = [policy != "full" and step % interval == 0 and bool((lengths[:, cache.seq_heads(j)] > budgets[i]).any())
+               for j, i in enumerate(active)]
+        if any(due):
+            new_b, kept = compress_sequences(cache, layer_b, allocator, policy, due, policy_options=policy_options,
+                                             head_options=head_options)
+            after = cache.lengths()
+            for j, i in enumerate(active):
+                if due[j]:
+                    budgets[i] = new_b[j]
+                    heads = cache.seq_heads(j)
+                    event = {"step": step, "layer_budgets": layer_b.tolist(), "head_budgets": new_b[j].tolist(),
+                             "lengths_before": lengths[:, heads].tolist(), "lengths_after": after[:, heads].tolist()}
+                    if record_positions:
+                        event["kept_positions"] = [[p.tolist() for p in layer] for layer in kept[j]]
+                    events[i].append(event)
+            lengths = after
+        pos = cache.positions()
+        if step > 0:
+            for j, i in enumerate(active):
+                held[i].append(int(lengths[:, cache.seq_heads(j)].sum()))
+                full[i].append(L * Hk * int(pos[j]))
+        if step == max_new_tokens:
+            for j, i in enumerate(active):
+                final[i] = (int(lengths[:, cache.seq_heads(j)].sum()), int(pos[j]))
+            break
+        greedy = logits.argmax(dim=-1).tolist() if temperature == 0 else None
+        tokens, keep = [], []
+        for j, i in enumerate(active):
+            if on_logits is not None:
+                on_logits(i, step, logits[j])
+            token = greedy[j] if greedy is not None else sample(logits[j], temperature, top_p, generators[i])
+            if token in stops:
+                final[i] = (int(lengths[:, cache.seq_heads(j)].sum()), int(pos[j]))
+                continue
+            out[i].append(token)
+            tokens.append(token)
+            keep.append(j)
+        if not keep:
+            break
+        if len(keep) < len(active):  # free the slots of the sequences that stopped
+            cache.select(keep)
+            active = [active[j] for j in keep]
+        logits = step_fn(torch.tensor(tokens, device=device))  # 2. decode one token of every sequence
+    seconds = time.perf_counter() - t0
+    elem = model.embed.weight.element_size()
+    demand = profile["demand"] if isinstance(profile, dict) else profile
+    results = []
+    for i in range(n):
+        held_tokens, next_pos = final[i]
+        results.append(Generation(
+            text=tokenizer.decode(out[i]) if tokenizer is not None else "", tokens=out[i],
+            prompt_tokens=int(ids[i].numel()), layer_budgets=layer_b.tolist(), events=events[i],
+            cache_tokens=held[i], full_tokens=full[i], held_tokens=held_tokens, held_full_tokens=L * Hk * next_pos,
+            cache_bytes=held_tokens * 2 * cfg.head_dim * elem, full_bytes=2 * L * Hk * next_pos * cfg.head_dim * elem,
+            seconds=seconds,
+            settings=dict(budget=budget, allocator=allocator, policy=policy, interval=interval, window=window,
+                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seeds[i],
+                          chat=chat, packed=True, layer_options=layer_options, head_options=head_options,
+                          policy_options=policy_options or {},
+                          profile_demand=None if demand is None else [float(x) for x in demand]),
+            prompt_ids=ids[i].tolist()))
+    return results
+
+
 @torch.inference_mode()
 def teacher_force(model, ids: torch.Tensor, tokens: list[int], *, budget: int, allocator: str = "reasonalloc",
                   policy: str = "rkv", profile=None, interval: int = 128, window: int = 8, gamma: float = 0.5,

@@ -565,6 +565,81 @@ def test_sharded_and_bfloat16_loading(tmp_path, tiny_hf):
 # 4. Generation with compression (reasonalloc.generate) on the tiny random model
 
 
+# ----------------------------------------------------------------------------------------------
+# 4b. Batched generation (reasonalloc.generate_batch) equals separate runs
+
+BATCH_PROMPTS = [TINY_PROMPT, (torch.arange(60) * 7 + 5) % 97, torch.arange(10, 22)]  # 40, 60 and 12 tokens
+
+
+def batch_vs_separate(model, tok, prompts, seeds, **kw):
+    """generate_batch against one generate(packed=True) per prompt: the same tokens, events, cache sizes,
+    and logits within float tolerance. Returns the batch's results."""
+    seen = {}
+    batch = R.generate_batch(model, tok, prompts, seeds=seeds,
+                             on_logits=lambda i, step, x: seen.setdefault(i, []).append(x.clone()), **kw)
+    for i, (p, seed) in enumerate(zip(prompts, seeds)):
+        ref = []
+        g = R.generate(model, tok, p, packed=True, seed=seed, hook=lambda step, t, x, c: ref.append(x.clone()), **kw)
+        b = batch[i]
+        assert b.tokens == g.tokens, f"sequence {i}"
+        assert b.events == g.events, f"sequence {i}"
+        assert (b.cache_tokens, b.full_tokens, b.held_tokens, b.held_full_tokens, b.cache_bytes, b.full_bytes) == \
+            (g.cache_tokens, g.full_tokens, g.held_tokens, g.held_full_tokens, g.cache_bytes, g.full_bytes)
+        assert b.settings == g.settings and b.prompt_ids == g.prompt_ids
+        torch.testing.assert_close(torch.stack(seen[i]), torch.stack(ref[:len(seen[i])]), rtol=1e-5, atol=1e-5)
+    return batch
+
+
+@pytest.mark.parametrize("policy", ["rkv", "snapkv"])
+@pytest.mark.parametrize("allocator", list(R.ALLOCATORS))
+def test_batched_generation_equals_separate_runs(tiny_model, allocator, policy):
+    """Three prompts of different lengths in one batch; each is compressed on its own schedule (the short one
+    reaches its budget later) with its own head budgets."""
+    batch = batch_vs_separate(tiny_model, ByteTok(), BATCH_PROMPTS, [0, 1, 2], budget=16, allocator=allocator,
+                              policy=policy, profile=WAVE, interval=8, window=4, max_new_tokens=30,
+                              record_positions=True)
+    assert all(len(g.tokens) == 30 for g in batch)
+    steps = [[e["step"] for e in g.events] for g in batch]
+    assert steps[0][0] == 0
+    if min(batch[2].layer_budgets) >= 12:  # the 12-token prompt is not over budget after its prefill
+        assert steps[2][0] > 0
+    if allocator in ("head", "reasonalloc", "adakv"):  # the head level splits each sequence's heads apart
+        assert any(len(set(h)) > 1 for g in batch for e in g.events for h in e["head_budgets"])
+
+
+def test_batched_sampling_stops_and_graph_step(tiny_model):
+    """Samples of one prompt (seeds 5, 6, 5: the first and last agree), a sequence that stops early and leaves
+    the batch while the others go on, and the same through fast.GraphDecoder's static step."""
+    kw = dict(budget=16, allocator="reasonalloc", profile=WAVE, interval=8, window=4, max_new_tokens=24)
+    batch = batch_vs_separate(tiny_model, ByteTok(), [TINY_PROMPT] * 3, [5, 6, 5], temperature=0.9, **kw)
+    assert batch[0].tokens == batch[2].tokens != batch[1].tokens
+    greedy = R.generate_batch(tiny_model, ByteTok(), BATCH_PROMPTS, budget=16, profile=WAVE, interval=8, window=4,
+                              max_new_tokens=24)
+    stop = greedy[1].tokens[10]  # a token that ends sequence 1 at step 10 (and maybe others, at their own steps)
+
+    class StopTok(ByteTok):
+        eos_token_id = stop
+
+    batch = batch_vs_separate(tiny_model, StopTok(), BATCH_PROMPTS, [0, 1, 2], **kw)
+    assert len(batch[1].tokens) <= 10 and max(len(g.tokens) for g in batch) > len(batch[1].tokens)
+    graph = R.generate_batch(tiny_model, StopTok(), BATCH_PROMPTS, graph=True, **kw)
+    assert [g.tokens for g in graph] == [g.tokens for g in batch] and [g.events for g in graph] == [g.events for g in batch]
+
+
+def test_batched_generation_bad_input(tiny_model):
+    kw = dict(budget=16, profile=WAVE, window=4, max_new_tokens=4)
+    with pytest.raises(ValueError, match="non-empty list of prompts"):
+        R.generate_batch(tiny_model, ByteTok(), [], **kw)
+    with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
+        R.generate_batch(tiny_model, ByteTok(), BATCH_PROMPTS, seeds=[0, 1], **kw)
+    with pytest.raises(ValueError, match=r"sequence\(s\) \[1\] hold fewer than window"):
+        R.generate_batch(tiny_model, ByteTok(), [TINY_PROMPT, torch.arange(3, 5)], **kw)
+    with pytest.raises(ValueError, match="context"):
+        R.generate_batch(tiny_model, ByteTok(), [TINY_PROMPT, torch.arange(600) % 97], **kw)
+    with pytest.raises(ValueError, match="budget"):
+        R.generate_batch(tiny_model, ByteTok(), BATCH_PROMPTS, **{**kw, "budget": 3})
+
+
 @pytest.mark.parametrize("allocator", list(R.ALLOCATORS))
 def test_huge_budget_gives_fullkv_output(tiny_model, allocator):
     """With a budget so large that every head's share exceeds the sequence, nothing is evicted."""
