@@ -346,25 +346,35 @@ def fidelity(model, tok, prompts, args, profile, store: Store, rank: int = 0, wo
 
 
 def accuracy(model, tok, problems, args, profile, store: Store, rank: int = 0, world: int = 1):
+    """The samples of one (problem, method, budget) are decoded together in one batch (reasonalloc.generate_batch,
+    tested equal to separate runs), each with its own seed; only the samples the store lacks are run."""
     budgets = args.budgets or default_budgets(args.new_tokens, args.window)
     mine = [i for i in range(len(problems)) if i % world == rank]
-    cells = [(i, m, b, s) for i in mine for m in args.methods for b in ([0] if m == "FullKV" else budgets)
-             for s in range(args.samples)]
-    prog = Progress("accuracy", len(cells), rank)
-    for i, m, b, s in cells:
-        key = f"accuracy|{i}|{m}|{b}|{s}"
-        if key in store:
-            prog.step(f"problem {i} {m} B={b} sample {s}", skipped=True)
+    groups = [(i, m, b) for i in mine for m in args.methods for b in ([0] if m == "FullKV" else budgets)]
+    prog = Progress("accuracy", len(groups) * args.samples, rank)
+    for i, m, b in groups:
+        todo = [s for s in range(args.samples) if f"accuracy|{i}|{m}|{b}|{s}" not in store]
+        for s in range(args.samples):
+            if s not in todo:
+                prog.step(f"problem {i} {m} B={b} sample {s}", skipped=True)
+        if not todo:
             continue
         prompt = problems[i]["problem"] + "\n" + SYSTEM_HINT
         ids = encode(model, tok, prompt, args.new_tokens)
-        g = run_method(model, tok, ids, m, max(b, args.window + 1), args, profile, max_new_tokens=args.new_tokens,
-                       temperature=args.temperature, top_p=args.top_p, seed=s)
-        pred = extract_answer(g.text)
-        store.add(key, {"problem": i, "method": m, "budget": b, "sample": s, "prediction": pred, "text": g.text,
-                        "answer": problems[i]["answer"], "correct": answers_match(pred, problems[i]["answer"]),
-                        "new_tokens": len(g.tokens), "compressions": len(g.events)})
-        prog.step(f"problem {i} {m} B={b} sample {s}")
+        policy, allocator = METHODS[m]
+        budget = max(b, args.window + 1)
+        results = R.generate_batch(
+            model, tok, [ids] * len(todo), seeds=todo, budget=budget, allocator=allocator, policy=policy,
+            profile=profile, window=args.window, gamma=args.gamma, beta=args.head_beta, mu=args.head_mu,
+            head_utility=args.head_utility, interval=interval_for(budget, args.new_tokens, args.interval),
+            max_new_tokens=args.new_tokens, temperature=args.temperature, top_p=args.top_p)
+        for s, g in zip(todo, results):
+            pred = extract_answer(g.text)
+            store.add(f"accuracy|{i}|{m}|{b}|{s}", {
+                "problem": i, "method": m, "budget": b, "sample": s, "prediction": pred, "text": g.text,
+                "answer": problems[i]["answer"], "correct": answers_match(pred, problems[i]["answer"]),
+                "new_tokens": len(g.tokens), "compressions": len(g.events)})
+            prog.step(f"problem {i} {m} B={b} sample {s}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -373,6 +373,161 @@ def profile_decode(model, args, profile, cfg, device, budget):
     print(prof.key_averages().table(sort_by=key, row_limit=15))
 
 
+# ----------------------------------------------------------------------------------------------
+# Throughput: many sequences at once (--throughput)
+
+
+def random_batch_cache(model, n: int, ctx: int, layer_b, *, window: int, spare: int, generator) -> fast.BatchCache:
+    """A BatchCache of n sequences, each `ctx` tokens into its text, whose heads hold random keys and values of
+    the right sizes: every head of layer l holds layer_b[l] tokens (FullKV: layer_b None, all ctx tokens), at
+    the newest positions. Speed does not depend on what the cache holds, and prefilling hundreds of long
+    sequences would take longer than the measurement."""
+    c = model.config
+    p = model.embed.weight
+    cache = fast.BatchCache(c, n, window, dtype=p.dtype, device=p.device, spare=spare)
+    for l in range(c.num_layers):
+        t = ctx if layer_b is None else int(layer_b[l])
+        cap = t + spare
+        cache.k[l] = torch.randn(n * c.num_kv_heads, cap, c.head_dim, device=p.device, dtype=p.dtype, generator=generator)
+        cache.v[l] = torch.randn(n * c.num_kv_heads, cap, c.head_dim, device=p.device, dtype=p.dtype, generator=generator)
+        cache.pos[l] = torch.arange(ctx - t, ctx - t + cap, device=p.device).expand(n * c.num_kv_heads, cap).contiguous()
+        cache.n[l] = t
+        cache.n_dev[l] = torch.full((n * c.num_kv_heads,), t, device=p.device)
+        cache.q_win[l] = torch.randn(n * c.num_heads, window, c.head_dim, device=p.device, dtype=p.dtype,
+                                     generator=generator)
+    cache.seq_pos[:] = ctx
+    return cache
+
+
+def seq_bytes(cfg, ctx: int, layer_b, *, steps: int, interval: int, elem: int, hi: float = 2.0) -> int:
+    """Bytes of K/V storage one sequence takes: FullKV its context plus the steps; a compressed cache, per
+    layer, its longest head (at most hi·B_l after the head split) plus 1.5 intervals of spare."""
+    per_row = cfg.num_kv_heads * 2 * cfg.head_dim * elem
+    if layer_b is None:
+        return cfg.num_layers * (ctx + steps + 8) * per_row
+    return sum(int(hi * int(b)) + interval + interval // 2 + 2 for b in layer_b) * per_row
+
+
+@torch.inference_mode()
+def run_batch(model, n, ctx, layer_b, allocator, *, steps, interval, window):
+    """Decode `steps` tokens of n sequences from random caches, CUDA graph per layout, compressing every
+    `interval` steps with the R-KV policy. Returns (seconds, captures)."""
+    gen = torch.Generator(device=model.embed.weight.device).manual_seed(n)
+    cache = random_batch_cache(model, n, ctx, layer_b, window=window, generator=gen,
+                               spare=steps + 8 if layer_b is None else interval)
+    step_fn = fast.GraphDecoder(model, cache)
+    dev = model.embed.weight.device
+    tokens = torch.randint(0, model.config.vocab_size, (n,), device=dev, generator=gen)
+    budgets = None if layer_b is None else layer_b[:, None].expand(-1, n * model.config.num_kv_heads)
+    sync(dev)
+    t0 = time.perf_counter()
+    for step in range(1, steps + 1):
+        tokens = step_fn(tokens).argmax(dim=-1)
+        if budgets is not None and step % interval == 0 and (cache.lengths() > budgets).any():
+            R.compress_sequences(cache, layer_b, allocator, "rkv", [True] * n, policy_options={}, head_options={})
+    sync(dev)
+    return time.perf_counter() - t0, step_fn.captures
+
+
+def throughput(args):
+    """Total decode tokens/s of a batch of sequences at each context: at each batch in --batches and at the
+    largest batch that fits in GPU memory, for FullKV, ReasonAlloc and uniform R-KV at each budget."""
+    check_args(args)
+    device = args.device
+    cuda = torch.device(device).type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise ValueError("no CUDA device; run with --device cpu --layers 2 for a smoke test")
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    model, hf, cfg = build(LLAMA_31_8B, device, M.DTYPES[args.dtype], layers=args.layers)
+    del hf  # its tensors are ours; only its container goes
+    x = torch.linspace(0, 1, cfg.num_layers)
+    profile = {"demand": (0.3 + (x - 0.4).abs()).tolist()}  # the made-up wave of the batch-1 table
+    batches = int_list(args.batches, "--batches")
+    methods = [("FullKV", None, None)] + [(f"{n} B={b}", allocator, b) for b in [int(b) for b in args.budgets.split(",")]
+                                         for n, allocator in (("ReasonAlloc", "reasonalloc"), ("R-KV", "uniform"))]
+    elem = model.embed.weight.element_size()
+    rows = []
+    print(f"bench_gpu --throughput: {name}, {cfg.num_layers} layers, random caches", file=sys.stderr)
+    for ctx in [int(c) for c in args.contexts.split(",")]:
+        for label, allocator, budget in methods:
+            layer_b = None if budget is None else R.layer_budgets(allocator, cfg.num_layers, budget, window=args.window,
+                                                                  profile=profile)
+            per_seq = seq_bytes(cfg, ctx, layer_b, steps=args.steps, interval=args.interval, elem=elem)
+            if cuda:
+                torch.cuda.empty_cache()
+                free = torch.cuda.mem_get_info()[0]
+            else:
+                free = args.cpu_memory_gib * 2**30
+            # Headroom for the step's activations and logits and, compressed, the scoring workspace.
+            fits = max(0, int((free - args.headroom_gib * 2**30) / per_seq))
+            sizes = sorted({b for b in batches if b <= fits} | ({fits} if fits else set()))
+            for b in [b for b in batches if b > fits]:
+                rows.append({"context": ctx, "method": label, "batch": b, "fits": False, "tokens_per_s": None})
+                print(f"  ctx {ctx:6d}  {label:18s} batch {b:5d}: does not fit ({per_seq * b / 2**30:.1f} GiB of K/V "
+                      f"needed, {free / 2**30:.1f} GiB free)", file=sys.stderr, flush=True)
+            for n in sizes:
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                while True:
+                    try:
+                        run_batch(model, n, ctx, layer_b, allocator, steps=min(8, args.steps), interval=args.interval,
+                                  window=args.window)  # warm-up
+                        secs, captures = run_batch(model, n, ctx, layer_b, allocator, steps=args.steps,
+                                                   interval=args.interval, window=args.window)
+                        break
+                    except torch.OutOfMemoryError:
+                        if n not in batches and n > 1:  # the estimate was too high: 10 % fewer sequences
+                            torch.cuda.empty_cache()
+                            n = int(n * 0.9)
+                            continue
+                        raise ValueError(f"batch {n} at context {ctx} ({label}) does not fit in GPU memory; give "
+                                         f"smaller --batches") from None
+                peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+                row = {"context": ctx, "method": label, "batch": n, "largest": n not in batches, "fits": True,
+                       "tokens_per_s": n * args.steps / secs, "step_ms": secs / args.steps * 1e3,
+                       "kv_gib_per_seq": per_seq / 2**30, "peak_gib": peak, "captures": captures}
+                rows.append(row)
+                print(f"  ctx {ctx:6d}  {label:18s} batch {n:5d}{' (largest)' if row['largest'] else ''}: "
+                      f"{row['tokens_per_s']:9.1f} tok/s  {row['step_ms']:7.2f} ms/step  peak {peak:6.2f} GiB  "
+                      f"{captures} capture(s)", file=sys.stderr, flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"gpu": name, "args": vars(args), "rows": rows}, f, indent=1)
+    print(throughput_table(rows, name, args))
+
+
+def throughput_table(rows, name, args) -> str:
+    out = [f"\n{name}, {args.dtype}, {args.steps} decode steps per cell (compressions every {args.interval} included), "
+           f"caches filled with random keys and values of the right sizes (no prefill)\n",
+           "| context | method | batch | total tokens/s | ms per step | K/V storage per sequence | peak GPU memory |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if not r["fits"]:
+            out.append(f"| {r['context']} | {r['method']} | {r['batch']} | does not fit | | | |")
+            continue
+        out.append(f"| {r['context']} | {r['method']} | {r['batch']}{' (largest)' if r['largest'] else ''} | "
+                   f"{r['tokens_per_s']:.0f} | {r['step_ms']:.1f} | {r['kv_gib_per_seq'] * 1024:.0f} MiB | "
+                   f"{r['peak_gib']:.1f} GiB |")
+    largest = {(r["context"], r["method"]): r for r in rows if r["fits"] and r.get("largest")}
+    for ctx in dict.fromkeys(r["context"] for r in rows):
+        full = largest.get((ctx, "FullKV"))
+        for (c, m), r in largest.items():
+            if c == ctx and full and m != "FullKV":
+                out.append(f"\ncontext {ctx}: {m} at its largest batch, {r['tokens_per_s'] / full['tokens_per_s']:.1f}× "
+                           f"FullKV's total tokens/s at its largest batch")
+    return "\n".join(out)
+
+
+def int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{option} must be comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise ValueError(f"{option} must be positive, got {text!r}")
+    return values
+
+
 def parser():
     p = argparse.ArgumentParser(description="GPU decode speed of FullKV and ReasonAlloc vs transformers and the "
                                             "memory-bandwidth roofline, on a random Llama-3.1-8B-shaped model.",
@@ -395,6 +550,15 @@ def parser():
                         "(our FullKV), reasonalloc, rkv (uniform R-KV at the same budgets)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per cell, interleaved over the cells; the "
                                                           "table gives the median")
+    p.add_argument("--throughput", action="store_true",
+                   help="measure batched throughput instead: total tokens/s of many sequences at once (random "
+                        "caches), at --batches and at the largest batch that fits, for FullKV, ReasonAlloc and R-KV")
+    p.add_argument("--batches", default="1,8,32", help="--throughput: batch sizes timed besides the largest")
+    p.add_argument("--window", type=int, default=8, help="--throughput: observation window w")
+    p.add_argument("--headroom-gib", type=float, default=8.0,
+                   help="--throughput: GPU memory left free for activations and compression workspace when "
+                        "finding the largest batch")
+    p.add_argument("--cpu-memory-gib", type=float, default=1.0, help="--throughput on CPU: memory for caches")
     p.add_argument("--out", help="write the rows as JSON")
     return p
 
@@ -402,6 +566,6 @@ def parser():
 if __name__ == "__main__":
     args = parser().parse_args()
     try:
-        main(args)
+        throughput(args) if args.throughput else main(args)
     except ValueError as e:
         sys.exit(f"error: {e}")

@@ -318,6 +318,36 @@ def test_bench_sessions_cli_tables_trajectory_and_resume(tiny_dir, tmp_path):
     assert r3.returncode == 1 and "line 1" in r3.stderr and "turns" in r3.stderr
 
 
+def test_bench_accuracy_batches_samples_as_separate_runs(tiny_dir, tmp_path):
+    """bench.py accuracy decodes a problem's samples in one batch: each sample's text equals its own seeded run;
+    a rerun with more samples computes only the new ones."""
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join(json.dumps(p) + "\n" for p in [{"problem": "What is 2+3?", "answer": "5"},
+                                                               {"problem": "Count to 3.", "answer": "3"}]))
+    out = tmp_path / "a.json"
+    cmd = [sys.executable, "bench.py", "accuracy", "--model", str(tiny_dir), "--profile", str(tiny_dir / "wave.json"),
+           "--problems", str(problems), "--temperature", "0.8", "--methods", "R-KV,ReasonAlloc", "--budgets", "16",
+           "--new-tokens", "12", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd + ["--samples", "2"], capture_output=True, text=True, cwd=HERE, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run(cmd + ["--samples", "3"], capture_output=True, text=True, cwd=HERE, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("(done before)") == 2 * 2 * 2  # problems × methods × the 2 samples of the first run
+    cells = json.loads(out.read_text())["cells"]
+    assert len(cells) == 2 * 2 * 3
+    model, tok = M.load_model(tiny_dir), load_tokenizer(tiny_dir)
+    for key, c in cells.items():
+        _, i, m, b, s = key.split("|")
+        policy, allocator = R.METHODS[m]
+        prompt = ["What is 2+3?", "Count to 3."][int(i)] + "\n" + Bn.SYSTEM_HINT
+        ids = M.encode_prompt(tok, model.config, prompt, max_new_tokens=12)
+        g = R.generate(model, tok, ids, budget=16, allocator=allocator, policy=policy, window=8, packed=True,
+                       profile=P.load_profile(tiny_dir / "wave.json", model.config), max_new_tokens=12,
+                       interval=Bn.interval_for(16, 12, None), temperature=0.8, seed=int(s))
+        assert c["text"] == g.text and c["new_tokens"] == len(g.tokens), key
+
+
 # ----------------------------------------------------------------------------------------------
 # bench_gpu.py's harness, on CPU
 
@@ -348,6 +378,28 @@ def test_bench_gpu_harness_runs_on_cpu():
         torch.testing.assert_close(peer(ids[:200], torch.arange(200)), ours(ids[:200], cache), rtol=1e-4, atol=1e-4)
         peer(ids[200:], torch.arange(200, 300)), ours(ids[200:], cache)
         torch.testing.assert_close(peer(ids[:1], torch.tensor([300])), ours(ids[:1], cache), rtol=1e-4, atol=1e-4)
+
+
+def test_bench_gpu_throughput_harness_on_cpu():
+    """--throughput's random batch caches decode and compress per sequence; a table compares largest batches."""
+    import bench_gpu as BG
+
+    cfg = {**BG.LLAMA_31_8B, "vocab_size": 97, "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 4096}
+    ours, _, c = BG.build(cfg, "cpu", torch.float32, layers=2)
+    gen = torch.Generator().manual_seed(0)
+    cache = BG.random_batch_cache(ours, 3, 100, None, window=4, spare=8, generator=gen)
+    assert cache.lengths().tolist() == [[100] * 6] * 2 and cache.positions().tolist() == [100] * 3
+    layer_b = torch.tensor([24, 40])
+    secs, captures = BG.run_batch(ours, 3, 100, layer_b, "reasonalloc", steps=20, interval=8, window=4)
+    assert secs > 0 and captures == 0  # no CUDA graphs on CPU
+    assert BG.seq_bytes(c, 100, None, steps=20, interval=8, elem=4) == 2 * 128 * 2 * 2 * 16 * 4
+    assert BG.seq_bytes(c, 100, layer_b, steps=20, interval=8, elem=4) == (48 + 14 + 80 + 14) * 2 * 2 * 16 * 4
+    rows = [{"context": 100, "method": m, "batch": b, "largest": True, "fits": True, "tokens_per_s": t, "step_ms": 1.0,
+             "kv_gib_per_seq": 0.01, "peak_gib": 1.0} for m, b, t in (("FullKV", 4, 100.0), ("ReasonAlloc B=8", 40, 900.0))]
+    rows.append({"context": 100, "method": "FullKV", "batch": 32, "fits": False, "tokens_per_s": None})
+    text = BG.throughput_table(rows, "cpu", BG.parser().parse_args(["--throughput"]))
+    assert "9.0× FullKV's total tokens/s" in text and "does not fit" in text and "random keys and values" in text
 
 
 def test_bench_gpu_rows_and_bad_options():
