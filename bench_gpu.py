@@ -424,7 +424,8 @@ def run_batch(model, n, ctx, layer_b, allocator, *, steps, interval, window):
     for step in range(1, steps + 1):
         tokens = step_fn(tokens).argmax(dim=-1)
         if budgets is not None and step % interval == 0 and (cache.lengths() > budgets).any():
-            R.compress_sequences(cache, layer_b, allocator, "rkv", [True] * n, policy_options={}, head_options={})
+            R.compress_sequences(cache, layer_b, allocator, "rkv", [True] * n, policy_options={}, head_options={},
+                                 positions=False)
     sync(dev)
     return time.perf_counter() - t0, step_fn.captures
 

@@ -98,7 +98,9 @@ def robustify(demand, total: int, *, power: float = 0.5, lo: float = 0.25, hi: f
             break
         a, b = (mid, b) if filled(mid) < total else (a, mid)
     r = x.mul(b).clamp(low, high)
-    r = r * (total / r.sum())  # remove the bisection's last sliver; stays within one token of the clips
+    # Remove the bisection's last sliver (stays within one token of the clips). Summed left to right in Python,
+    # as `filled` is, so robustify_rows, which sums column by column, gives the same bits.
+    r = r * (total / sum(r.tolist()))
     out = round_to_total(r, total, prefer=d)
     assert int(out.sum()) == total and bool((out >= floor).all())
     return out
@@ -235,6 +237,131 @@ def adakv_head_budgets(scores: list[torch.Tensor], layer_budget: int, *, window:
     if c.sum() < Hk * bp:  # fewer candidates than the budget: spread what is missing uniformly
         c = c + (Hk * bp - c.sum()) / Hk
     return round_to_total(c * (1 - alpha) + alpha * bp, Hk * bp) + window
+
+
+# ----------------------------------------------------------------------------------------------
+# The head rules for many sequences at once (a batch's compression): the same arithmetic row by row, so each
+# row equals the rule above on that sequence's heads, bit for bit (tested), without a Python loop over rows.
+
+
+def round_rows(x: torch.Tensor, total: int, prefer: torch.Tensor | None = None) -> torch.Tensor:
+    """round_to_total of every row of x (n, k) float64, each to `total`."""
+    base = torch.floor(x + 1e-9).long()
+    short = int(total) - base.sum(dim=1)  # (n,)
+    if ((short < 0) | (short > x.shape[1])).any():
+        raise AssertionError(f"cannot round rows of {x.tolist()} to a total of {total}")
+    n, k = x.shape
+    order = torch.arange(k, device=x.device).expand(n, k)
+    if prefer is not None:
+        order = torch.sort(prefer, dim=1, descending=True, stable=True).indices
+    rem = torch.gather(x - base.double(), 1, order)
+    order = torch.gather(order, 1, torch.sort(rem, dim=1, descending=True, stable=True).indices)
+    bump = (torch.arange(k, device=x.device)[None, :] < short[:, None]).long()
+    return base.scatter_add(1, order, bump)
+
+
+def robustify_rows(demand: torch.Tensor, total: int, *, power: float = 0.5, lo: float = 0.25, hi: float = 2.0,
+                   floor: int = 0) -> torch.Tensor:
+    """robustify of every row of demand (n, k), each to `total` (same bisection, sums taken column by column
+    from the left as robustify's Python sum takes them)."""
+    d = demand.to(torch.float64)
+    if torch.isnan(d).any() or (d < 0).any():
+        raise ValueError(f"demand must be non-negative numbers, got {d.tolist()}")
+    n, k = d.shape
+    total = int(total)
+    if total < k * floor:
+        raise ValueError(f"total {total} cannot give each of {k} units its floor of {floor}")
+    m = total / k
+    low, high = max(lo * m, floor), max(hi * m, lo * m, floor, m)
+    x = d.pow(power)
+    infinite = torch.isinf(x)
+    x = torch.where((x.sum(dim=1, keepdim=True) <= 0), torch.ones_like(x),
+                    torch.where(infinite.any(dim=1, keepdim=True), infinite.double(), x))
+    x = x / x.max(dim=1, keepdim=True).values + 1e-12
+
+    def filled(s):  # (n,) Σ clip(s·x, low, high), left to right
+        acc = torch.zeros(n, dtype=torch.float64, device=x.device)
+        for j in range(k):
+            acc = acc + (x[:, j] * s).clamp(low, high)
+        return acc
+
+    a, b = torch.zeros(n, dtype=torch.float64, device=x.device), torch.ones(n, dtype=torch.float64, device=x.device)
+    while True:
+        grow = (filled(b) < total) & (b < 1e300)
+        if not grow.any():
+            break
+        b = torch.where(grow, b * 2, b)
+    done = torch.zeros(n, dtype=torch.bool, device=x.device)
+    for _ in range(200):
+        mid = (a + b) / 2
+        done |= (mid == a) | (mid == b)  # converged to the last bit
+        if done.all():
+            break
+        below = filled(mid) < total
+        a, b = torch.where(~done & below, mid, a), torch.where(~done & ~below, mid, b)
+    r = (x * b[:, None]).clamp(low, high)
+    acc = torch.zeros(n, dtype=torch.float64, device=x.device)
+    for j in range(k):
+        acc = acc + r[:, j]
+    r = r * (total / acc)[:, None]
+    out = round_rows(r, total, prefer=d)
+    assert bool((out.sum(dim=1) == total).all()) and bool((out >= floor).all())
+    return out
+
+
+def head_demand_rows(scores: torch.Tensor, held: torch.Tensor, layer_budget: int, *, window: int = 8,
+                     utility: str = "length") -> torch.Tensor:
+    """head_demand of every sequence: scores (n, Hk, S), -inf where a row is not evictable (fast.score_packed's
+    layout), held (n, Hk) tokens each head holds. Returns r (n, Hk) on the CPU. utility "length" or "raw"."""
+    n, Hk, S = scores.shape
+    held = held.to(scores.device)
+    s = scores.double()
+    if utility == "length":  # score × T_h, T_h the tokens the head holds (comparable's rule)
+        s = torch.where(torch.isinf(s), s, s * held[:, :, None].double())
+    elif utility != "raw":
+        raise ValueError(f"head_demand_rows pools 'length' or 'raw' utilities, not {utility!r}")
+    evictable = (held - window).clamp(min=0)  # (n, Hk)
+    k = Hk * (int(layer_budget) - window)
+    if k <= 0:
+        return torch.zeros(n, Hk, dtype=torch.long, device="cpu")
+    # A stable sort of the flattened (Hk·S) row orders ties by head, then by row: the order of the pooled lists.
+    top = torch.sort(s.view(n, Hk * S), dim=1, descending=True, stable=True).indices[:, :min(k, Hk * S)]
+    r = torch.zeros(n, Hk, dtype=torch.long, device=s.device).scatter_add_(1, top // S, torch.ones_like(top))
+    r = torch.where((evictable.sum(dim=1) <= k)[:, None], evictable, r)  # every candidate fits: r_h = all of them
+    return r.cpu()
+
+
+def head_budgets_rows(scores, held, layer_budget, *, window=8, beta=0.5, mu=0.25, hi=2.0, utility="length",
+                      normalize_heads=False, **_):
+    """head_budgets of every sequence (see head_demand_rows for the layout)."""
+    r = head_demand_rows(scores, held, layer_budget, window=window, utility=utility)
+    return robustify_rows(r, held.shape[1] * int(layer_budget), power=beta, lo=mu, hi=hi, floor=window)
+
+
+def adakv_head_budgets_rows(scores, held, layer_budget, *, window=8, alpha=0.2, **_):
+    """adakv_head_budgets of every sequence."""
+    c = head_demand_rows(scores, held, layer_budget, window=window, utility="raw").double()
+    Hk, bp = held.shape[1], int(layer_budget) - window
+    short = (Hk * bp - c.sum(dim=1, keepdim=True)).clamp(min=0)
+    c = torch.where(short > 0, c + short / Hk, c)
+    return round_rows(c * (1 - alpha) + alpha * bp, Hk * bp) + window
+
+
+def head_rule_rows(rule, scores: torch.Tensor, held: torch.Tensor, layer_budget: int, *, window: int,
+                   **options) -> torch.Tensor:
+    """Head budgets (n, Hk) of every sequence by the head rule `rule`: its row-wise twin where there is one,
+    else the rule on each sequence's per-head lists (e.g. utility "rank")."""
+    n, Hk, _ = scores.shape
+    if rule is uniform_heads:
+        return torch.full((n, Hk), int(layer_budget), dtype=torch.long, device="cpu")
+    if rule is head_budgets and options.get("utility", "length") in ("length", "raw") \
+            and not options.get("normalize_heads", False):
+        return head_budgets_rows(scores, held, layer_budget, window=window, **options)
+    if rule is adakv_head_budgets:
+        return adakv_head_budgets_rows(scores, held, layer_budget, window=window, **options)
+    counts = (held - window).clamp(min=0).tolist()
+    return torch.stack([rule([scores[i, h, :counts[i][h]] for h in range(Hk)], layer_budget, window=window,
+                             **options) for i in range(n)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,32 +613,32 @@ def generate(model, tokenizer, prompt, *, budget: int, allocator: str = "reasona
 
 
 def compress_sequences(cache, layer_b: torch.Tensor, allocator: str, policy: str, due: list[bool], *,
-                       policy_options, head_options) -> tuple[list, list]:
+                       policy_options, head_options, positions: bool = True) -> tuple[list, list]:
     """`compress` of the sequences of a fast.BatchCache that are due (the others keep every token): scored in
-    one batched call per layer, budgets split per sequence by the allocator's head rule, so each sequence is
-    cut exactly as in its own run. Returns, per due sequence (None for the others), its head budgets
-    (L, Hk) and kept positions [l][h]."""
+    one batched call per layer, head budgets split per sequence by the allocator's head rule (its row-wise
+    twin, head_rule_rows), so each sequence is cut exactly as in its own run. Returns, per due sequence (None
+    for the others), its head budgets (L, Hk) and (positions=True) its kept positions [l][h]."""
     import fast
 
     Hk, n = cache.model_config.num_kv_heads, cache.batch
     head_rule = get_allocator(allocator).heads
-    budgets, kept = [[] if d else None for d in due], [[] if d else None for d in due]
+    rows = torch.tensor([i for i in range(n) if due[i]], dtype=torch.long, device="cpu")
+    budgets, kept = [], [[] if d else None for d in due]
     for l in range(len(cache)):
-        scores = fast.score_layer(cache, l, policy, **(policy_options or {}))
-        per_seq = []
-        for i in range(n):
-            heads = cache.seq_heads(i)
-            if due[i]:
-                b = head_rule(scores[heads], int(layer_b[l]), window=cache.window, **(head_options or {}))
-                budgets[i].append(b)
-            else:  # not due: a budget of what it holds keeps every token
-                b = cache.n[l, heads].clone()
-            per_seq.append(b)
-        positions = fast.compress_layer(cache, l, torch.cat(per_seq), policy, scores=scores)
-        for i in range(n):
-            if due[i]:
-                kept[i].append(positions[cache.seq_heads(i)])
-    return [None if b is None else torch.stack(b) for b in budgets], kept
+        s = fast.score_packed(cache, l, policy, **(policy_options or {}))  # (n·Hk, S)
+        held = cache.n[l].view(n, Hk)
+        b = held.clone()  # not due: a budget of what a head holds keeps every token
+        b[rows] = head_rule_rows(head_rule, s.view(n, Hk, -1)[rows.to(s.device)], held[rows], int(layer_b[l]),
+                                 window=cache.window, **(head_options or {}))
+        budgets.append(b)
+        keep, counts = fast.keep_rows(s, cache.n[l], b.flatten(), cache.window)
+        cache.keep(l, keep, counts)
+        if positions:
+            counts = counts.tolist()
+            for i in rows.tolist():
+                kept[i].append([cache.pos[l][h, :counts[h]] for h in range(i * Hk, (i + 1) * Hk)])
+    budgets = torch.stack(budgets)  # (L, n, Hk)
+    return [budgets[:, i] if due[i] else None for i in range(n)], kept
 
 
 @torch.inference_mode()
@@ -580,7 +707,7 @@ def generate_batch(model, tokenizer, prompts: list, *, seeds: list[int] | None =
                for j, i in enumerate(active)]
         if any(due):
             new_b, kept = compress_sequences(cache, layer_b, allocator, policy, due, policy_options=policy_options,
-                                             head_options=head_options)
+                                             head_options=head_options, positions=record_positions)
             after = cache.lengths()
             for j, i in enumerate(active):
                 if due[j]:

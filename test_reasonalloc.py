@@ -607,6 +607,28 @@ def test_batched_generation_equals_separate_runs(tiny_model, allocator, policy):
         assert any(len(set(h)) > 1 for g in batch for e in g.events for h in e["head_budgets"])
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_head_rules_rows_equal_the_rules_bit_for_bit(seed):
+    """head_rule_rows on padded (n, Hk, S) scores gives, row by row, what each head rule gives on that sequence's
+    per-head lists: adversarial lengths (empty heads, all candidates fitting), tied scores, zero demand."""
+    g = torch.Generator().manual_seed(seed)
+    n, Hk, S, w = 7, 4, 30, 3
+    held = torch.randint(w, S + 1, (n, Hk), generator=g)
+    held[0] = w  # no candidates at all
+    held[1, :2] = S
+    ties = torch.randint(0, 4, (n, Hk, S), generator=g).float() / 7  # many exact ties
+    scores = torch.where(torch.rand(n, 1, 1, generator=g) < 0.5, ties, torch.rand(n, Hk, S, generator=g))
+    scores = scores.masked_fill(torch.arange(S)[None, None, :] >= (held - w)[:, :, None], float("-inf"))
+    for B in (w, w + 2, 9, 20, 40):
+        for rule, options in [(R.head_budgets, {}), (R.head_budgets, {"utility": "raw", "beta": 1.0, "mu": 0.0}),
+                              (R.head_budgets, {"utility": "rank"}), (R.head_budgets, {"normalize_heads": True}),
+                              (R.adakv_head_budgets, {}), (R.uniform_heads, {})]:
+            rows = R.head_rule_rows(rule, scores, held, B, window=w, **options)
+            for i in range(n):
+                lists = [scores[i, h, :held[i, h] - w] for h in range(Hk)]
+                assert rows[i].tolist() == rule(lists, B, window=w, **options).tolist(), (rule.__name__, options, B, i)
+
+
 def test_batched_sampling_stops_and_graph_step(tiny_model):
     """Samples of one prompt (seeds 5, 6, 5: the first and last agree), a sequence that stops early and leaves
     the batch while the others go on, and the same through fast.GraphDecoder's static step."""
