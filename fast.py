@@ -66,6 +66,15 @@ class PackedCache:
         """(L, Hk) number of tokens each head holds, as KVCache.lengths()."""
         return self.n.clone()
 
+    @property
+    def model_config(self) -> ModelConfig:
+        """The model's config (a BatchCache's `config` has the heads of all its sequences)."""
+        return self.config
+
+    def seq_heads(self, i: int) -> slice:
+        """The KV heads of sequence i (here the one sequence: all of them)."""
+        return slice(0, self.config.num_kv_heads)
+
     def positions(self) -> torch.Tensor:
         """(batch,) the position of each sequence's next token, on the CPU."""
         return torch.tensor([self.next_pos], device="cpu")
@@ -218,9 +227,13 @@ class BatchCache(PackedCache):
                  spare: int = 128):
         if n < 1:
             raise ValueError(f"a batch needs at least one sequence, got {n}")
-        self.model_config, self.batch = config, n
+        self._model_config, self.batch = config, n
         super().__init__(self._wide(n), window, dtype=dtype, device=device, spare=spare)
         self.seq_pos = torch.zeros(n, dtype=torch.long, device="cpu")  # each sequence's next position
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self._model_config
 
     def _wide(self, n: int) -> ModelConfig:
         c = self.model_config

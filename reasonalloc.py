@@ -483,6 +483,36 @@ def validate(*, budget, window, interval, temperature, top_p, allocator, policy,
     evict.get_policy(policy)
 
 
+def compress_sequences(cache, layer_b: torch.Tensor, allocator: str, policy: str, due: list[bool], *,
+                       policy_options, head_options, positions: bool = True) -> tuple[list, list]:
+    """`compress` of the sequences of a fast.BatchCache (or the one of a fast.PackedCache: `compress` on the fast
+    path) that are due (the others keep every token): scored in
+    one batched call per layer, head budgets split per sequence by the allocator's head rule (its row-wise
+    twin, head_rule_rows), so each sequence is cut exactly as in its own run. Returns, per due sequence (None
+    for the others), its head budgets (L, Hk) and (positions=True) its kept positions [l][h]."""
+    import fast
+
+    Hk, n = cache.model_config.num_kv_heads, cache.batch
+    head_rule = get_allocator(allocator).heads
+    rows = torch.tensor([i for i in range(n) if due[i]], dtype=torch.long, device="cpu")
+    budgets, kept = [], [[] if d else None for d in due]
+    for l in range(len(cache)):
+        s = fast.score_packed(cache, l, policy, **(policy_options or {}))  # (n·Hk, S)
+        held = cache.n[l].view(n, Hk)
+        b = held.clone()  # not due: a budget of what a head holds keeps every token
+        b[rows] = head_rule_rows(head_rule, s.view(n, Hk, -1)[rows.to(s.device)], held[rows], int(layer_b[l]),
+                                 window=cache.window, **(head_options or {}))
+        budgets.append(b)
+        keep, counts = fast.keep_rows(s, cache.n[l], b.flatten(), cache.window)
+        cache.keep(l, keep, counts)
+        if positions:
+            counts = counts.tolist()
+            for i in rows.tolist():
+                kept[i].append([cache.pos[l][h, :counts[h]] for h in range(i * Hk, (i + 1) * Hk)])
+    budgets = torch.stack(budgets)  # (L, n, Hk)
+    return [budgets[:, i] if due[i] else None for i in range(n)], kept
+
+
 def compress(cache, layer_b: torch.Tensor, allocator: str = "reasonalloc", policy: str = "rkv", *,
              policy_options=None, head_options=None) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
     """One compression over all layers: score every head with the policy, split each layer's budget over
@@ -492,9 +522,14 @@ def compress(cache, layer_b: torch.Tensor, allocator: str = "reasonalloc", polic
     import fast
 
     policy_options, head_options = policy_options or {}, head_options or {}
-    path = fast if isinstance(cache, fast.PackedCache) else evict  # the fast path, or the per-head reference
-    head_rule = get_allocator(allocator).heads
     before = cache.lengths()
+    if isinstance(cache, fast.PackedCache):  # the fast path: padded scores and the row-wise head rules
+        budgets, kept = compress_sequences(cache, layer_b, allocator, policy, [True], policy_options=policy_options,
+                                           head_options=head_options)
+        assert (cache.lengths() <= torch.maximum(budgets[0], before)).all(), "a head holds more than its budget"
+        return budgets[0], kept[0]
+    path = evict  # the per-head reference
+    head_rule = get_allocator(allocator).heads
     heads_b, kept = [], []
     for l in range(len(cache)):
         scores = path.score_layer(cache, l, policy, **policy_options)
@@ -610,35 +645,6 @@ def generate(model, tokenizer, prompt, *, budget: int, allocator: str = "reasona
                       profile_demand=None if demand is None else [float(x) for x in demand]),
         prompt_ids=ids.tolist(),
     )
-
-
-def compress_sequences(cache, layer_b: torch.Tensor, allocator: str, policy: str, due: list[bool], *,
-                       policy_options, head_options, positions: bool = True) -> tuple[list, list]:
-    """`compress` of the sequences of a fast.BatchCache that are due (the others keep every token): scored in
-    one batched call per layer, head budgets split per sequence by the allocator's head rule (its row-wise
-    twin, head_rule_rows), so each sequence is cut exactly as in its own run. Returns, per due sequence (None
-    for the others), its head budgets (L, Hk) and (positions=True) its kept positions [l][h]."""
-    import fast
-
-    Hk, n = cache.model_config.num_kv_heads, cache.batch
-    head_rule = get_allocator(allocator).heads
-    rows = torch.tensor([i for i in range(n) if due[i]], dtype=torch.long, device="cpu")
-    budgets, kept = [], [[] if d else None for d in due]
-    for l in range(len(cache)):
-        s = fast.score_packed(cache, l, policy, **(policy_options or {}))  # (n·Hk, S)
-        held = cache.n[l].view(n, Hk)
-        b = held.clone()  # not due: a budget of what a head holds keeps every token
-        b[rows] = head_rule_rows(head_rule, s.view(n, Hk, -1)[rows.to(s.device)], held[rows], int(layer_b[l]),
-                                 window=cache.window, **(head_options or {}))
-        budgets.append(b)
-        keep, counts = fast.keep_rows(s, cache.n[l], b.flatten(), cache.window)
-        cache.keep(l, keep, counts)
-        if positions:
-            counts = counts.tolist()
-            for i in rows.tolist():
-                kept[i].append([cache.pos[l][h, :counts[h]] for h in range(i * Hk, (i + 1) * Hk)])
-    budgets = torch.stack(budgets)  # (L, n, Hk)
-    return [budgets[:, i] if due[i] else None for i in range(n)], kept
 
 
 @torch.inference_mode()
