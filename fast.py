@@ -8,7 +8,8 @@ Legend:
     w   observation window (newest tokens, always kept)
     S   rows of a layer's padded storage that hold tokens (its longest head)
 
-reasonalloc.generate(..., packed=True) (`--fast` on the CLI) runs generation on this path.
+reasonalloc.generate(..., packed=True) (`--fast` on the CLI) runs generation on this path;
+reasonalloc.generate_batch runs many sequences at once on a BatchCache.
 """
 
 from __future__ import annotations
