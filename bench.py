@@ -607,6 +607,19 @@ def transformers_decode(hf, ids: torch.Tensor, tokens: list[int], observe) -> No
 
 
 @torch.inference_mode()
+def compiled_decode(model, ids, tokens, observe, window: int):
+    """FullKV decode of the teacher-forced `tokens` through the fast path's static step compiled by
+    torch.compile (fast.GraphDecoder(compile=True); on CPU Inductor writes C++ for it)."""
+    device = model.embed.weight.device
+    cache = fast.new_cache(model, window, spare=len(tokens) + 2)
+    logits = model(ids.to(device), cache)
+    step = fast.GraphDecoder(model, cache, compile=True)
+    for i, t in enumerate(tokens):
+        observe(i, logits[-1])
+        logits = step(t)
+
+
+@torch.inference_mode()
 def profile_decode(model, ids, args):
     """torch.profiler's top operators over --profile-steps FullKV decode steps of the chosen path."""
     from torch.profiler import ProfilerActivity
@@ -642,6 +655,8 @@ def speed(model, tok, prompts, args, profile, store: Store, rank: int = 0, world
         hook=teacher_forced(tokens, cb), packed=packed)
     variants["FullKV, reference path"] = full(False)
     variants["FullKV, fast path"] = full(True)
+    if args.compiled:  # the first round (a warm-up) pays the compile
+        variants["FullKV, compiled static step"] = lambda cb: compiled_decode(model, ids, tokens, cb, args.window)
     if not args.no_peer:
         from transformers import AutoModelForCausalLM
 
@@ -759,7 +774,7 @@ def settings_of(args, what: str) -> dict:
         keep = ["model_sha256", "window", "sessions", "session_tokens", "turn_tokens", "dtype", "path", "gamma",
                 "head_beta", "head_mu", "head_utility"]
     if what == "speed":  # one cell per budget: everything that shapes its table is a setting
-        keep += ["repeats", "methods", "no_peer"]
+        keep += ["repeats", "methods", "no_peer", "compiled"]
     settings = {"measurement": what, **{k: getattr(args, k) for k in keep}}
     # What the cells were computed from, by content: an edited prompt file or another profile is refused.
     settings["inputs_sha256"] = getattr(args, "inputs_sha256", {}).get(what)
@@ -968,6 +983,9 @@ def parser():
     p.add_argument("--path", choices=["fast", "reference"], default="fast",
                    help="the packed fast path (tested equal to the reference) or the per-head reference cache")
     p.add_argument("--no-peer", action="store_true", help="speed: skip the transformers FullKV peer")
+    p.add_argument("--compiled", action="store_true",
+                   help="speed: also time FullKV through the static decode step compiled by torch.compile (needs a "
+                        "C++ compiler on CPU; the warm-up round pays the compile)")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="speed: also print torch.profiler's top operators over this many FullKV decode steps")
     p.add_argument("--quick", action="store_true", help="2 prompts, 4 problems, 128 tokens, 2 budgets, 4 methods: short runs on 2 cores")

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -316,6 +317,18 @@ def test_bench_sessions_cli_tables_trajectory_and_resume(tiny_dir, tmp_path):
     sessions.write_text('{"turns": []}\n')
     r3 = subprocess.run(cmd[:-2] + ["--out", str(tmp_path / "t.json")], capture_output=True, text=True, cwd=HERE, env=env)
     assert r3.returncode == 1 and "line 1" in r3.stderr and "turns" in r3.stderr
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("cl") is None,
+                    reason="torch.compile's CPU backend needs a C++ compiler")
+def test_bench_speed_compiled_row_decodes_the_forced_tokens(tiny_model):
+    """bench.py speed --compiled: its decode sees the logits FullKV gives for the same forced tokens."""
+    ids, tokens = torch.arange(3, 43) % 97, ((torch.arange(10) * 5 + 1) % 97).tolist()
+    seen, ref = [], []
+    Bn.compiled_decode(tiny_model, ids, tokens, lambda i, x: seen.append(x.clone()), window=8)
+    R.generate(tiny_model, None, ids, budget=9, policy="full", window=8, max_new_tokens=len(tokens),
+               hook=lambda step, t, x, c: (ref.append(x.clone()), tokens[step] if step < len(tokens) else None)[1])
+    torch.testing.assert_close(torch.stack(seen), torch.stack(ref[:len(tokens)]), rtol=1e-5, atol=1e-5)
 
 
 def test_bench_accuracy_batches_samples_as_separate_runs(tiny_dir, tmp_path):
