@@ -503,10 +503,11 @@ def compress_sequences(cache, layer_b: torch.Tensor, allocator: str, policy: str
         b[rows] = head_rule_rows(head_rule, s.view(n, Hk, -1)[rows.to(s.device)], held[rows], int(layer_b[l]),
                                  window=cache.window, **(head_options or {}))
         budgets.append(b)
-        keep, counts = fast.keep_rows(s, cache.n[l], b.flatten(), cache.window)
-        cache.keep(l, keep, counts)
+        if policy != "full":  # "full" never evicts (as evict.compress_layer)
+            keep, counts = fast.keep_rows(s, cache.n[l], b.flatten(), cache.window)
+            cache.keep(l, keep, counts)
         if positions:
-            counts = counts.tolist()
+            counts = cache.n[l].tolist()
             for i in rows.tolist():
                 kept[i].append([cache.pos[l][h, :counts[h]] for h in range(i * Hk, (i + 1) * Hk)])
     budgets = torch.stack(budgets)  # (L, n, Hk)

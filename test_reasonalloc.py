@@ -607,6 +607,16 @@ def test_batched_generation_equals_separate_runs(tiny_model, allocator, policy):
         assert any(len(set(h)) > 1 for g in batch for e in g.events for h in e["head_budgets"])
 
 
+def test_compress_with_the_full_policy_evicts_nothing_on_both_paths(tiny_model):
+    out = []
+    for cache in (tiny_model.new_cache(4), Fa.new_cache(tiny_model, 4)):
+        tiny_model(TINY_PROMPT, cache)
+        budgets, kept = R.compress(cache, torch.tensor([10, 10, 10]), "reasonalloc", "full")
+        assert (cache.lengths() == 40).all() and all(len(p) == 40 for layer in kept for p in layer)
+        out.append(budgets)
+    assert torch.equal(out[0], out[1])
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_head_rules_rows_equal_the_rules_bit_for_bit(seed):
     """head_rule_rows on padded (n, Hk, S) scores gives, row by row, what each head rule gives on that sequence's
