@@ -269,20 +269,21 @@ def encode(model, tok, prompt: str, new_tokens: int) -> torch.Tensor:
     return encode_prompt(tok, model.config, prompt, chat=True, max_new_tokens=new_tokens)
 
 
-def run_method(model, tok, ids, method: str, budget: int, args, profile, **kw) -> R.Generation:
+def method_options(method: str, budget: int, args, profile) -> dict:
+    """The generate / generate_batch keywords of one method at one budget, from the command line."""
     policy, allocator = METHODS[method]
-    return R.generate(model, tok, ids, budget=budget, allocator=allocator, policy=policy, profile=profile,
-                      window=args.window, packed=args.packed, gamma=args.gamma, beta=args.head_beta,
-                      mu=args.head_mu, head_utility=args.head_utility, interval=interval_for(budget, args.new_tokens, args.interval), **kw)
+    return dict(budget=budget, allocator=allocator, policy=policy, profile=profile, window=args.window,
+                gamma=args.gamma, beta=args.head_beta, mu=args.head_mu, head_utility=args.head_utility,
+                interval=interval_for(budget, args.new_tokens, args.interval))
+
+
+def run_method(model, tok, ids, method: str, budget: int, args, profile, **kw) -> R.Generation:
+    return R.generate(model, tok, ids, packed=args.packed, **method_options(method, budget, args, profile), **kw)
 
 
 def forced_logits(model, ids, tokens, method: str, budget: int, args, profile):
     """(logits (N, vocab) predicting each reference token, compression events) of one method."""
-    policy, allocator = METHODS[method]
-    return R.teacher_force(model, ids, tokens, budget=budget, allocator=allocator, policy=policy, profile=profile,
-                           window=args.window, packed=args.packed, gamma=args.gamma, beta=args.head_beta,
-                           mu=args.head_mu, head_utility=args.head_utility,
-                           interval=interval_for(budget, args.new_tokens, args.interval))
+    return R.teacher_force(model, ids, tokens, packed=args.packed, **method_options(method, budget, args, profile))
 
 
 def cache_tokens(config, prompt_tokens: int, steps: int, events: list[dict]) -> tuple[list[int], list[int]]:
@@ -361,13 +362,9 @@ def accuracy(model, tok, problems, args, profile, store: Store, rank: int = 0, w
             continue
         prompt = problems[i]["problem"] + "\n" + SYSTEM_HINT
         ids = encode(model, tok, prompt, args.new_tokens)
-        policy, allocator = METHODS[m]
-        budget = max(b, args.window + 1)
-        results = R.generate_batch(
-            model, tok, [ids] * len(todo), seeds=todo, budget=budget, allocator=allocator, policy=policy,
-            profile=profile, window=args.window, gamma=args.gamma, beta=args.head_beta, mu=args.head_mu,
-            head_utility=args.head_utility, interval=interval_for(budget, args.new_tokens, args.interval),
-            max_new_tokens=args.new_tokens, temperature=args.temperature, top_p=args.top_p)
+        results = R.generate_batch(model, tok, [ids] * len(todo), seeds=todo,
+                                   **method_options(m, max(b, args.window + 1), args, profile),
+                                   max_new_tokens=args.new_tokens, temperature=args.temperature, top_p=args.top_p)
         for s, g in zip(todo, results):
             pred = extract_answer(g.text)
             store.add(f"accuracy|{i}|{m}|{b}|{s}", {
@@ -471,11 +468,8 @@ def sessions(model, tok, sessions_turns, args, profile, store: Store, rank: int 
         full_logits = R.teacher_force(model, ids, tokens, budget=args.window + 1, policy="full", window=args.window,
                                       interval=max(args.intervals), packed=args.packed)[0][scored]
         for m, b, d in todo:
-            policy, allocator = METHODS[m]
-            logits, events = R.teacher_force(
-                model, ids, tokens, budget=b, allocator=allocator, policy=policy, profile=profile, interval=d,
-                window=args.window, packed=args.packed, gamma=args.gamma, beta=args.head_beta, mu=args.head_mu,
-                head_utility=args.head_utility)
+            logits, events = R.teacher_force(model, ids, tokens, packed=args.packed,
+                                             **{**method_options(m, b, args, profile), "interval": d})
             means = token_metrics(full_logits, logits[scored], targets).mean(0).tolist()
             cell = {"session": i, "method": m, "budget": b, "interval": d, "scored_tokens": len(targets),
                     "nll_increase": means[0], "top1_agreement": means[1], "kl": means[2],
@@ -807,7 +801,7 @@ def int_list(text: str, option: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()] or [int("")]
     except ValueError:
-        raise ValueError(f"{option} takes comma-separated whole numbers, e.g. 64,128; got {text!r}") from None
+        raise ValueError(f"{option} takes comma-separated whole numbers (integers), e.g. 64,128; got {text!r}") from None
 
 
 def apply_quick(args):

@@ -41,6 +41,7 @@ import torch
 import fast
 import model as M
 import reasonalloc as R
+from bench import int_list
 
 LLAMA_31_8B = dict(
     model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096,
@@ -86,6 +87,13 @@ def build(config: dict, device, dtype, *, layers: int | None = None):
         if p.is_meta:
             raise AssertionError(f"{name} was not shared from the peer")
     return ours.eval(), hf, cfg
+
+
+def made_up_wave(num_layers: int) -> dict:
+    """A layer-demand profile high at the first and last layers: a random model has no real one, and the
+    allocator's cost does not depend on its values."""
+    x = torch.linspace(0, 1, num_layers, device="cpu")
+    return {"demand": (0.3 + (x - 0.4).abs()).tolist()}
 
 
 def sync(device):
@@ -235,13 +243,8 @@ def check_args(args):
         bad = [x for x in getattr(args, name).split(",") if x not in allowed]
         if bad or not getattr(args, name):
             raise ValueError(f"--{name} takes a comma-separated list of {', '.join(allowed)}; got {getattr(args, name)!r}")
-    for name in ("contexts", "budgets"):
-        try:
-            values = [int(x) for x in getattr(args, name).split(",")]
-        except ValueError:
-            raise ValueError(f"--{name} must be comma-separated integers, got {getattr(args, name)!r}") from None
-        if any(v < 1 for v in values):
-            raise ValueError(f"--{name} must be positive, got {getattr(args, name)!r}")
+    for name in ("contexts", "budgets", "batches"):
+        positive_list(getattr(args, name), f"--{name}")
     if args.steps < 1 or args.repeats < 1:
         raise ValueError("--steps and --repeats must be >= 1")
 
@@ -257,10 +260,7 @@ def main(args):
     model, hf, cfg = build(LLAMA_31_8B, device, dtype, layers=args.layers)
     # Headroom for recompiles across contexts and budgets; past the limit dynamo runs eagerly.
     torch._dynamo.config.cache_size_limit = 64
-    # A made-up layer-demand wave (high at the first and last layers): a random model has no real one, and
-    # the allocator's cost does not depend on its values.
-    x = torch.linspace(0, 1, cfg.num_layers)
-    profile = {"demand": (0.3 + (x - 0.4).abs()).tolist()}
+    profile = made_up_wave(cfg.num_layers)
     wbytes = weight_bytes(model)
     kv_token = 2 * cfg.head_dim * model.embed.weight.element_size()  # K and V of one token in one head
     print(f"bench_gpu: {name}, {cfg.num_layers} layers, {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params "
@@ -268,8 +268,8 @@ def main(args):
           file=sys.stderr)
     cuda = torch.device(device).type == "cuda"
     rows, ratios = [], []
-    budgets = [int(b) for b in args.budgets.split(",")]
-    for ctx in [int(c) for c in args.contexts.split(",")]:
+    budgets = positive_list(args.budgets, "--budgets")
+    for ctx in positive_list(args.contexts, "--contexts"):
         ids = torch.randint(0, cfg.vocab_size, (ctx,), device=device)
         cells = variants(args, budgets)
         peer = CompiledFullKV(model, ctx + args.steps + 1) if any(v["kind"] == "peer" for v in cells) else None
@@ -441,15 +441,14 @@ def throughput(args):
     name = torch.cuda.get_device_name() if cuda else "cpu"
     model, hf, cfg = build(LLAMA_31_8B, device, M.DTYPES[args.dtype], layers=args.layers)
     del hf  # its tensors are ours; only its container goes
-    x = torch.linspace(0, 1, cfg.num_layers)
-    profile = {"demand": (0.3 + (x - 0.4).abs()).tolist()}  # the made-up wave of the batch-1 table
-    batches = int_list(args.batches, "--batches")
-    methods = [("FullKV", None, None)] + [(f"{n} B={b}", allocator, b) for b in [int(b) for b in args.budgets.split(",")]
+    profile = made_up_wave(cfg.num_layers)
+    batches = positive_list(args.batches, "--batches")
+    methods = [("FullKV", None, None)] + [(f"{n} B={b}", allocator, b) for b in positive_list(args.budgets, "--budgets")
                                          for n, allocator in (("ReasonAlloc", "reasonalloc"), ("R-KV", "uniform"))]
     elem = model.embed.weight.element_size()
     rows = []
     print(f"bench_gpu --throughput: {name}, {cfg.num_layers} layers, random caches", file=sys.stderr)
-    for ctx in [int(c) for c in args.contexts.split(",")]:
+    for ctx in positive_list(args.contexts, "--contexts"):
         for label, allocator, budget in methods:
             layer_b = None if budget is None else R.layer_budgets(allocator, cfg.num_layers, budget, window=args.window,
                                                                   profile=profile)
@@ -520,11 +519,9 @@ def throughput_table(rows, name, args) -> str:
     return "\n".join(out)
 
 
-def int_list(text: str, option: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise ValueError(f"{option} must be comma-separated integers, got {text!r}") from None
+def positive_list(text: str, option: str) -> list[int]:
+    """bench.int_list, each value at least 1."""
+    values = int_list(text, option)
     if any(v < 1 for v in values):
         raise ValueError(f"{option} must be positive, got {text!r}")
     return values

@@ -566,6 +566,25 @@ def plan(config, *, budget, allocator, policy, profile, window, gamma, beta, mu,
     return allocator, layer_b, layer_options, head_options
 
 
+def prompt_ids(config, tokenizer, prompt, *, chat: bool, max_new_tokens: int) -> torch.Tensor:
+    """A prompt as (T,) ids: text rendered with the chat template (chat=True), or ids as given; checked to fit
+    the context with max_new_tokens after it."""
+    from model import check_context, encode_prompt
+
+    if isinstance(prompt, torch.Tensor):
+        check_context(config, prompt.numel(), max_new_tokens)
+        return prompt.long()
+    return encode_prompt(tokenizer, config, prompt, chat=chat, max_new_tokens=max_new_tokens)
+
+
+def run_settings(*, profile, policy_options, **knobs) -> dict:
+    """A run's settings as a Generation records them: every knob, then the policy's options and the profile's
+    layer demand (so the events say how they were made)."""
+    demand = profile["demand"] if isinstance(profile, dict) else profile
+    return dict(**knobs, policy_options=policy_options or {},
+                profile_demand=None if demand is None else [float(x) for x in demand])
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, prompt, *, budget: int, allocator: str = "reasonalloc", policy: str = "rkv",
              profile=None, interval: int = 128, window: int = 8, max_new_tokens: int = 512,
@@ -585,17 +604,13 @@ def generate(model, tokenizer, prompt, *, budget: int, allocator: str = "reasona
     Returning a token id feeds it next instead of a sampled one (teacher forcing; stop tokens are then fed
     too). Returns the text, tokens, per-step cache sizes, compression events and the settings."""
     import fast
-    from model import check_context, encode_prompt, stop_ids
+    from model import stop_ids
 
     validate(budget=budget, window=window, interval=interval, temperature=temperature, top_p=top_p,
              allocator=allocator, policy=policy, max_new_tokens=max_new_tokens, gamma=gamma, beta=beta, mu=mu,
              head_utility=head_utility, seed=seed)
     cfg = model.config
-    if isinstance(prompt, torch.Tensor):
-        ids = prompt.long()
-        check_context(cfg, ids.numel(), max_new_tokens)
-    else:
-        ids = encode_prompt(tokenizer, cfg, prompt, chat=chat, max_new_tokens=max_new_tokens)
+    ids = prompt_ids(cfg, tokenizer, prompt, chat=chat, max_new_tokens=max_new_tokens)
     allocator, layer_b, layer_options, head_options = plan(
         cfg, budget=budget, allocator=allocator, policy=policy, profile=profile, window=window, gamma=gamma,
         beta=beta, mu=mu, head_utility=head_utility, layer_options=layer_options, head_options=head_options)
@@ -631,7 +646,6 @@ def generate(model, tokenizer, prompt, *, budget: int, allocator: str = "reasona
         logits = model(torch.tensor([token], device=device), cache)  # 2. decode one token
     seconds = time.perf_counter() - t0
     elem = model.embed.weight.element_size()
-    demand = profile["demand"] if isinstance(profile, dict) else profile
     return Generation(
         text=tokenizer.decode(out) if tokenizer is not None else "", tokens=out, prompt_tokens=int(ids.numel()),
         layer_budgets=layer_b.tolist(), events=events, cache_tokens=held, full_tokens=full,
@@ -639,11 +653,10 @@ def generate(model, tokenizer, prompt, *, budget: int, allocator: str = "reasona
         cache_bytes=cache.nbytes(),
         full_bytes=2 * cfg.num_layers * cfg.num_kv_heads * cache.next_pos * cfg.head_dim * elem,
         seconds=seconds,
-        settings=dict(budget=budget, allocator=allocator, policy=policy, interval=interval, window=window,
-                      max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=chat,
-                      packed=packed, layer_options=layer_options, head_options=head_options,
-                      policy_options=policy_options or {},
-                      profile_demand=None if demand is None else [float(x) for x in demand]),
+        settings=run_settings(budget=budget, allocator=allocator, policy=policy, interval=interval, window=window,
+                              max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=chat,
+                              packed=packed, layer_options=layer_options, head_options=head_options,
+                              policy_options=policy_options, profile=profile),
         prompt_ids=ids.tolist(),
     )
 
@@ -666,7 +679,7 @@ def generate_batch(model, tokenizer, prompts: list, *, seeds: list[int] | None =
     (a CUDA graph on a GPU). on_logits(i, step, logits) sees sequence i's (vocab,) logits before each
     choice. `seconds` of each result is the batch's wall time."""
     import fast
-    from model import check_context, encode_prompt, stop_ids
+    from model import stop_ids
 
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("generate_batch needs a non-empty list of prompts")
@@ -678,13 +691,7 @@ def generate_batch(model, tokenizer, prompts: list, *, seeds: list[int] | None =
                  allocator=allocator, policy=policy, max_new_tokens=max_new_tokens, gamma=gamma, beta=beta, mu=mu,
                  head_utility=head_utility, seed=seed)
     cfg, device = model.config, model.embed.weight.device
-    ids = []
-    for p in prompts:
-        if isinstance(p, torch.Tensor):
-            check_context(cfg, p.numel(), max_new_tokens)
-            ids.append(p.long())
-        else:
-            ids.append(encode_prompt(tokenizer, cfg, p, chat=chat, max_new_tokens=max_new_tokens))
+    ids = [prompt_ids(cfg, tokenizer, p, chat=chat, max_new_tokens=max_new_tokens) for p in prompts]
     allocator, layer_b, layer_options, head_options = plan(
         cfg, budget=budget, allocator=allocator, policy=policy, profile=profile, window=window, gamma=gamma,
         beta=beta, mu=mu, head_utility=head_utility, layer_options=layer_options, head_options=head_options)
@@ -755,7 +762,6 @@ def generate_batch(model, tokenizer, prompts: list, *, seeds: list[int] | None =
         logits = step_fn(torch.tensor(tokens, device=device))  # 2. decode one token of every sequence
     seconds = time.perf_counter() - t0
     elem = model.embed.weight.element_size()
-    demand = profile["demand"] if isinstance(profile, dict) else profile
     results = []
     for i in range(n):
         held_tokens, next_pos = final[i]
@@ -765,11 +771,10 @@ def generate_batch(model, tokenizer, prompts: list, *, seeds: list[int] | None =
             cache_tokens=held[i], full_tokens=full[i], held_tokens=held_tokens, held_full_tokens=L * Hk * next_pos,
             cache_bytes=held_tokens * 2 * cfg.head_dim * elem, full_bytes=2 * L * Hk * next_pos * cfg.head_dim * elem,
             seconds=seconds,
-            settings=dict(budget=budget, allocator=allocator, policy=policy, interval=interval, window=window,
-                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seeds[i],
-                          chat=chat, packed=True, layer_options=layer_options, head_options=head_options,
-                          policy_options=policy_options or {},
-                          profile_demand=None if demand is None else [float(x) for x in demand]),
+            settings=run_settings(budget=budget, allocator=allocator, policy=policy, interval=interval,
+                                  window=window, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                  seed=seeds[i], chat=chat, packed=True, layer_options=layer_options,
+                                  head_options=head_options, policy_options=policy_options, profile=profile),
             prompt_ids=ids[i].tolist()))
     return results
 
