@@ -31,6 +31,7 @@ H200 4.8 TB/s) unless --bandwidth is given.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -103,37 +104,42 @@ def sync(device):
 
 @torch.inference_mode()
 def run_ours(model, ids, steps, *, budget=None, allocator="reasonalloc", interval=128, window=8, chunk=2048,
-             profile=None, graph=False, compile=False):
-    """Prefill `ids` in chunks (compressing after each when over budget), then decode `steps` greedy
-    tokens. Returns (decode seconds, mean K/V tokens held while decoding, cache bytes allocated,
-    (graph captures, seconds spent capturing and compiling) inside the decode time)."""
+             profile=None, graph=False, compile=False, around=None):
+    """Prefill `ids` in chunks (compressing after each when over budget), take one decode step (with graph=True
+    that step captures the graph, as the peer's first calls do), then time `steps` greedy decode steps, inside
+    the context manager `around` if given (a profiler). FullKV reserves its final length up front, as the peer's
+    static cache. Returns (decode seconds, mean K/V tokens held while decoding, cache bytes allocated, (graph
+    captures, seconds spent capturing and compiling) inside the timed decode)."""
     cfg = model.config
-    cache = fast.new_cache(model, window, spare=interval if budget else max(steps, chunk))
+    cache = fast.new_cache(model, window, spare=interval)
     layer_b = None
     if budget:
         layer_b = R.layer_budgets(allocator, cfg.num_layers, budget, window=window, profile=profile)
         budgets = layer_b[:, None].expand(-1, cfg.num_kv_heads)
+    else:
+        cache.reserve(ids.numel() + steps + 3)  # the whole run, plus the graph's warm-up rows
     for s in range(0, ids.numel(), chunk):
         logits = model(ids[s:s + chunk], cache)
         if budget and (cache.lengths() > budgets).any():
             budgets = R.compress(cache, layer_b, allocator, "rkv")[0]
-    token = logits[-1].argmax()
     held = []
     step_fn = fast.GraphDecoder(model, cache, compile=compile) if graph else (lambda t: model(t.view(1), cache))
+    token = step_fn(logits[-1].argmax())[-1].argmax()  # the untimed first step
+    first = (step_fn.captures, step_fn.capture_seconds) if graph else (0, 0.0)
     sync(ids.device)
     t0 = time.perf_counter()
-    for step in range(1, steps + 1):
-        logits = step_fn(token)
-        token = logits[-1].argmax()
-        if budget and step % interval == 0 and (cache.lengths() > budgets).any():
-            budgets = R.compress(cache, layer_b, allocator, "rkv")[0]
-        held.append(int(cache.n.sum()))
-    sync(ids.device)
-    captures = (step_fn.captures, step_fn.capture_seconds) if graph else (0, 0.0)
+    with around or contextlib.nullcontext():
+        for step in range(2, steps + 2):
+            logits = step_fn(token)
+            token = logits[-1].argmax()
+            if budget and step % interval == 0 and (cache.lengths() > budgets).any():
+                budgets = R.compress(cache, layer_b, allocator, "rkv")[0]
+            held.append(int(cache.n.sum()))
+        sync(ids.device)
+    captures = (step_fn.captures - first[0], step_fn.capture_seconds - first[1]) if graph else (0, 0.0)
     return time.perf_counter() - t0, statistics.fmean(held), cache.allocated_bytes(), captures
 
 
-@torch.inference_mode()
 def run_transformers(hf, ids, steps):
     out = hf(ids[None], use_cache=True, logits_to_keep=1)
     past = out.past_key_values
@@ -191,20 +197,23 @@ class CompiledFullKV(torch.nn.Module):
 
 
 @torch.inference_mode()
-def run_peer(peer: CompiledFullKV, ids, steps, *, chunk=2048):
-    """Prefill eagerly in chunks, then time `steps` compiled greedy decode steps."""
+def run_peer(peer: CompiledFullKV, ids, steps, *, chunk=2048, around=None):
+    """Prefill eagerly in chunks, take one untimed compiled decode step, then time `steps` more (inside
+    `around` if given), as run_ours."""
     dev = ids.device
     for s in range(0, ids.numel(), chunk):
         logits = peer(ids[s:s + chunk], torch.arange(s, min(s + chunk, ids.numel()), device=dev))
-    token = logits[-1:].argmax(dim=-1)
     pos = torch.tensor([ids.numel()], device=dev)
+    token = peer.decode(logits[-1:].argmax(dim=-1), pos).argmax(dim=-1)
+    pos = pos + 1
     sync(dev)
     t0 = time.perf_counter()
-    for _ in range(steps):
-        logits = peer.decode(token, pos)
-        token = logits.argmax(dim=-1)  # stays on the GPU: no host sync inside the loop
-        pos = pos + 1
-    sync(dev)
+    with around or contextlib.nullcontext():
+        for _ in range(steps):
+            logits = peer.decode(token, pos)
+            token = logits.argmax(dim=-1)  # stays on the GPU: no host sync inside the loop
+            pos = pos + 1
+        sync(dev)
     return time.perf_counter() - t0
 
 
@@ -267,23 +276,24 @@ def main(args):
           f"({wbytes / 1e9:.2f} GB read per step), bandwidth {bw / 1e12 if bw else float('nan'):.2f} TB/s",
           file=sys.stderr)
     cuda = torch.device(device).type == "cuda"
-    rows, ratios = [], []
+    rows, ratios, profiled = [], [], False
     budgets = positive_list(args.budgets, "--budgets")
     for ctx in positive_list(args.contexts, "--contexts"):
         ids = torch.randint(0, cfg.vocab_size, (ctx,), device=device)
         cells = variants(args, budgets)
-        peer = CompiledFullKV(model, ctx + args.steps + 1) if any(v["kind"] == "peer" for v in cells) else None
+        peer = CompiledFullKV(model, ctx + args.steps + 2) if any(v["kind"] == "peer" for v in cells) else None
 
-        def run(v, n):
+        def run(v, n, around=None):
             """(seconds, mean K/V tokens held, cache bytes allocated, (captures, capture seconds)) of n steps."""
             if v["kind"] == "transformers":
                 return run_transformers(hf, ids, n), cfg.num_layers * cfg.num_kv_heads * (ctx + n / 2), None, (0, 0.0)
             if v["kind"] == "peer":
-                return run_peer(peer, ids, n, chunk=args.chunk), cfg.num_layers * cfg.num_kv_heads * (ctx + n / 2), \
-                    None, (0, 0.0)
+                return run_peer(peer, ids, n, chunk=args.chunk, around=around), \
+                    cfg.num_layers * cfg.num_kv_heads * (ctx + n / 2), None, (0, 0.0)
             graph, compiled = MODES[v["mode"]]
             return run_ours(model, ids, n, budget=v["budget"], allocator=v.get("allocator", "reasonalloc"),
-                            interval=args.interval, chunk=args.chunk, profile=profile, graph=graph, compile=compiled)
+                            interval=args.interval, chunk=args.chunk, profile=profile, graph=graph, compile=compiled,
+                            around=around)
 
         for v in cells:  # warm-up (allocator, kernels; compiled: the first compile of a layout) and peak memory
             if cuda:
@@ -325,6 +335,9 @@ def main(args):
                 if None not in pair:
                     r = sorted(a / u for a, u in zip(pair[0]["times"], pair[1]["times"]))
                     ratios.append({"context": ctx, "budget": b, "mode": mode, "ratios": r})
+        if args.profile_steps and not profiled:  # the shortest context's cells, one step at a time
+            profile_cells(cells, run, args, ctx, cuda)
+            profiled = True
         if args.out:  # after every context, so a run cut short keeps what it measured
             with open(args.out, "w") as f:
                 json.dump({"gpu": name, "bandwidth": bw, "args": vars(args), "rows": rows, "time_ratios": ratios}, f,
@@ -334,8 +347,6 @@ def main(args):
         print(f"ReasonAlloc / R-KV time per token, context {r['context']}, B={r['budget']}, {MODE_LABEL[r['mode']]}: "
               f"median {statistics.median(r['ratios']):.3f} (range {r['ratios'][0]:.3f}-{r['ratios'][-1]:.3f} over "
               f"{len(r['ratios'])} interleaved repeats)")
-    if args.profile_steps:
-        profile_decode(model, args, profile, cfg, device, budgets[-1])
 
 
 def table(rows, name, bw, args) -> str:
@@ -356,21 +367,35 @@ def table(rows, name, bw, args) -> str:
     return "\n".join(out)
 
 
-def profile_decode(model, args, profile, cfg, device, budget):
-    """torch.profiler's top kernels over a few ReasonAlloc decode steps at the shortest context."""
+def profile_cells(cells, run, args, ctx, cuda):
+    """torch.profiler over --profile-steps timed decode steps of every cell of the first context (no
+    transformers): GPU kernels per step, their summed time per step against the wall time per step (the
+    difference is the GPU waiting for the host), and each cell's top kernels. A compression falls inside when
+    --profile-steps reaches --interval."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
-    ctx = int(args.contexts.split(",")[0])
-    ids = torch.randint(0, cfg.vocab_size, (ctx,), device=device)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
-    with tprofile(activities=acts) as prof:
-        run_ours(model, ids, args.profile_steps, budget=budget, interval=args.interval, chunk=args.chunk,
-                 profile=profile, graph=True, compile="compiled" in args.modes.split(","))
-    key = "self_cuda_time_total" if torch.device(device).type == "cuda" else "self_cpu_time_total"
-    print(f"\ntorch.profiler, ReasonAlloc B={budget} with CUDA graphs{' (compiled)' if 'compiled' in args.modes else ''}, context {ctx}, {args.profile_steps} decode steps "
-          f"(prefill included):\n")
-    print(prof.key_averages().table(sort_by=key, row_limit=15))
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    n = args.profile_steps
+    print(f"\ntorch.profiler, context {ctx}, {n} decode steps per cell (after the same untimed first step):",
+          file=sys.stderr)
+    lines = ["| implementation | wall ms per step | GPU kernel ms per step | GPU busy | kernels per step |",
+             "|---|---|---|---|---|"]
+    tables = []
+    for v in cells:
+        if v["kind"] == "transformers":
+            continue
+        prof = tprofile(activities=acts)
+        secs = run(v, n, around=prof)[0]
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / n
+        wall = secs * 1e3 / n
+        lines.append(f"| {v['label']} | {wall:.3f} | {busy:.3f} | {busy / wall:.0%} | {len(kernels) / n:.0f} |")
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        tables.append(f"\n{v['label']}, top kernels over {n} steps:\n"
+                      + prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=60))
+    print("\n".join(lines + tables))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -104,11 +104,17 @@ class PackedCache:
         """Spare rows beside `rows` held: `spare`, but at most max(rows, 64), so memory follows holdings."""
         return min(self.spare, max(rows, 64))
 
-    def _reserve(self, layer: int, rows: int):
+    def reserve(self, rows: int):
+        """Storage for `rows` tokens per head in every layer, now: a run that knows its final length (FullKV
+        with a fixed number of new tokens) then never reallocates, as a static cache."""
+        for layer in range(len(self)):
+            self._reserve(layer, rows, exact=True)
+
+    def _reserve(self, layer: int, rows: int, *, exact: bool = False):
         cap = self.k[layer].shape[1]
         if rows <= cap:
             return
-        new = rows + self._spare(rows)
+        new = rows if exact else rows + self._spare(rows)
         for name in ("k", "v", "pos"):
             old = getattr(self, name)[layer]
             buf = old.new_zeros(old.shape[0], new, *old.shape[2:])
@@ -430,16 +436,18 @@ def keep_rows(scores: torch.Tensor, n: torch.Tensor, budgets: torch.Tensor, wind
     rows held, budgets: (Hk,). Returns (rows (Hk, m) ascending, padded; counts (Hk,))."""
     Hk, S = scores.shape
     dev = scores.device
-    n, budgets = n.to(dev), budgets.to(dev)
     if (budgets < window).any():
         raise ValueError(f"budgets {budgets.tolist()} go below the window {window}; a head always keeps its window")
+    # A head keeps all n rows when n <= b, else its b - w best and its w newest: b rows. So the counts are known
+    # on the host (no wait for the device when n and budgets are host tensors, as the callers' are).
+    counts = torch.minimum(n.cpu(), budgets.cpu())
+    n, budgets = n.to(dev), budgets.to(dev)
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # ties -> older row, as keep_indices
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(S, device=dev).expand(Hk, S))
     row = torch.arange(S, device=dev)[None, :]
     top = (rank < (budgets - window)[:, None]) & (row < (n - window)[:, None])
     newest = (row >= (n - window)[:, None]) & (row < n[:, None])
-    keep = torch.where((n <= budgets)[:, None], row < n[:, None], top | newest)  # (Hk, S)
-    counts = keep.sum(dim=1)
+    keep = torch.where((n <= budgets)[:, None], row < n[:, None], top | newest)  # (Hk, S), counts[h] rows each
     rows = torch.where(keep, row, S).sort(dim=1).values[:, : int(counts.max())]
     return rows.clamp(max=max(S - 1, 0)), counts
 
@@ -465,7 +473,7 @@ def compress_layer(cache: PackedCache, layer: int, budgets, policy: str = "rkv",
         s = torch.full((Hk, S), float("-inf"), device=cache.k[layer].device)
         for h, sc in enumerate(scores):
             s[h, :len(sc)] = sc
-    rows, counts = keep_rows(s, cache.n[layer], torch.as_tensor(budgets, device=s.device), cache.window)
+    rows, counts = keep_rows(s, cache.n[layer], torch.as_tensor(budgets, device="cpu"), cache.window)
     cache.keep(layer, rows, counts)
     return [cache.pos[layer][h, :int(c)] for h, c in enumerate(counts.tolist())]
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------
 # 1. The robustify operator (shared by both levels)
@@ -244,12 +245,13 @@ def adakv_head_budgets(scores: list[torch.Tensor], layer_budget: int, *, window:
 # row equals the rule above on that sequence's heads, bit for bit (tested), without a Python loop over rows.
 
 
-def round_rows(x: torch.Tensor, total: int, prefer: torch.Tensor | None = None) -> torch.Tensor:
-    """round_to_total of every row of x (n, k) float64, each to `total`."""
+def round_rows(x: torch.Tensor, total, prefer: torch.Tensor | None = None) -> torch.Tensor:
+    """round_to_total of every row of x (n, k) float64, row i to total[i] (an int: the same for every row)."""
     base = torch.floor(x + 1e-9).long()
-    short = int(total) - base.sum(dim=1)  # (n,)
+    total = torch.as_tensor(total, dtype=torch.long, device=x.device)
+    short = total - base.sum(dim=1)  # (n,)
     if ((short < 0) | (short > x.shape[1])).any():
-        raise AssertionError(f"cannot round rows of {x.tolist()} to a total of {total}")
+        raise AssertionError(f"cannot round rows of {x.tolist()} to totals {total.tolist()}")
     n, k = x.shape
     order = torch.arange(k, device=x.device).expand(n, k)
     if prefer is not None:
@@ -260,19 +262,22 @@ def round_rows(x: torch.Tensor, total: int, prefer: torch.Tensor | None = None) 
     return base.scatter_add(1, order, bump)
 
 
-def robustify_rows(demand: torch.Tensor, total: int, *, power: float = 0.5, lo: float = 0.25, hi: float = 2.0,
+def robustify_rows(demand: torch.Tensor, total, *, power: float = 0.5, lo: float = 0.25, hi: float = 2.0,
                    floor: int = 0) -> torch.Tensor:
-    """robustify of every row of demand (n, k), each to `total` (same bisection, sums taken column by column
-    from the left as robustify's Python sum takes them)."""
+    """robustify of every row of demand (n, k), row i to total[i] (an int: the same for every row). The same
+    bisection, every row at once; sums taken column by column from the left, as robustify's Python sum
+    takes them, so each row gives robustify's bits."""
     d = demand.to(torch.float64)
     if torch.isnan(d).any() or (d < 0).any():
         raise ValueError(f"demand must be non-negative numbers, got {d.tolist()}")
     n, k = d.shape
-    total = int(total)
-    if total < k * floor:
-        raise ValueError(f"total {total} cannot give each of {k} units its floor of {floor}")
-    m = total / k
-    low, high = max(lo * m, floor), max(hi * m, lo * m, floor, m)
+    total = torch.as_tensor(total, dtype=torch.long, device=d.device).expand(n)
+    if (total < k * floor).any():
+        raise ValueError(f"totals {total.tolist()} cannot give each of {k} units its floor of {floor}")
+    tot = total.double()  # exact: totals stay far below 2^53 (MAX_BUDGET)
+    m = tot / k  # (n,), as robustify's total / n
+    low = (lo * m).clamp(min=floor)[:, None]  # max(lo·m, floor)
+    high = torch.stack([hi * m, lo * m, m.clamp(min=floor)]).max(dim=0).values[:, None]  # max(hi·m, lo·m, floor, m)
     x = d.pow(power)
     infinite = torch.isinf(x)
     x = torch.where((x.sum(dim=1, keepdim=True) <= 0), torch.ones_like(x),
@@ -282,12 +287,12 @@ def robustify_rows(demand: torch.Tensor, total: int, *, power: float = 0.5, lo: 
     def filled(s):  # (n,) Σ clip(s·x, low, high), left to right
         acc = torch.zeros(n, dtype=torch.float64, device=x.device)
         for j in range(k):
-            acc = acc + (x[:, j] * s).clamp(low, high)
+            acc = acc + torch.clamp(x[:, j:j + 1] * s[:, None], low, high)[:, 0]
         return acc
 
     a, b = torch.zeros(n, dtype=torch.float64, device=x.device), torch.ones(n, dtype=torch.float64, device=x.device)
     while True:
-        grow = (filled(b) < total) & (b < 1e300)
+        grow = (filled(b) < tot) & (b < 1e300)
         if not grow.any():
             break
         b = torch.where(grow, b * 2, b)
@@ -297,22 +302,23 @@ def robustify_rows(demand: torch.Tensor, total: int, *, power: float = 0.5, lo: 
         done |= (mid == a) | (mid == b)  # converged to the last bit
         if done.all():
             break
-        below = filled(mid) < total
+        below = filled(mid) < tot
         a, b = torch.where(~done & below, mid, a), torch.where(~done & ~below, mid, b)
-    r = (x * b[:, None]).clamp(low, high)
+    r = torch.clamp(x * b[:, None], low, high)
     acc = torch.zeros(n, dtype=torch.float64, device=x.device)
     for j in range(k):
         acc = acc + r[:, j]
-    r = r * (total / acc)[:, None]
+    r = r * (tot / acc)[:, None]
     out = round_rows(r, total, prefer=d)
     assert bool((out.sum(dim=1) == total).all()) and bool((out >= floor).all())
     return out
 
 
-def head_demand_rows(scores: torch.Tensor, held: torch.Tensor, layer_budget: int, *, window: int = 8,
+def head_demand_rows(scores: torch.Tensor, held: torch.Tensor, layer_budget, *, window: int = 8,
                      utility: str = "length") -> torch.Tensor:
-    """head_demand of every sequence: scores (n, Hk, S), -inf where a row is not evictable (fast.score_packed's
-    layout), held (n, Hk) tokens each head holds. Returns r (n, Hk) on the CPU. utility "length" or "raw"."""
+    """head_demand of every row: scores (n, Hk, S), -inf where a row is not evictable (fast.score_packed's
+    layout), held (n, Hk) tokens each head holds, layer_budget an int or (n,) one per row. Returns r (n, Hk) on
+    the scores' device (nothing is read back to the host). utility "length" or "raw"."""
     n, Hk, S = scores.shape
     held = held.to(scores.device)
     s = scores.double()
@@ -321,46 +327,49 @@ def head_demand_rows(scores: torch.Tensor, held: torch.Tensor, layer_budget: int
     elif utility != "raw":
         raise ValueError(f"head_demand_rows pools 'length' or 'raw' utilities, not {utility!r}")
     evictable = (held - window).clamp(min=0)  # (n, Hk)
-    k = Hk * (int(layer_budget) - window)
-    if k <= 0:
-        return torch.zeros(n, Hk, dtype=torch.long, device="cpu")
-    # A stable sort of the flattened (Hk·S) row orders ties by head, then by row: the order of the pooled lists.
-    top = torch.sort(s.view(n, Hk * S), dim=1, descending=True, stable=True).indices[:, :min(k, Hk * S)]
-    r = torch.zeros(n, Hk, dtype=torch.long, device=s.device).scatter_add_(1, top // S, torch.ones_like(top))
-    r = torch.where((evictable.sum(dim=1) <= k)[:, None], evictable, r)  # every candidate fits: r_h = all of them
-    return r.cpu()
+    k = Hk * (torch.as_tensor(layer_budget, dtype=torch.long, device=s.device).expand(n) - window)  # (n,)
+    # A stable sort of the flattened (Hk·S) row orders ties by head, then by row: the order of the pooled lists;
+    # each row's first k entries win (none when k <= 0).
+    top = torch.sort(s.view(n, Hk * S), dim=1, descending=True, stable=True).indices
+    win = (torch.arange(Hk * S, device=s.device)[None, :] < k[:, None]).long()
+    r = torch.zeros(n, Hk, dtype=torch.long, device=s.device).scatter_add_(1, top // S, win)
+    return torch.where((evictable.sum(dim=1) <= k)[:, None], evictable, r)  # every candidate fits: all of them
 
 
 def head_budgets_rows(scores, held, layer_budget, *, window=8, beta=0.5, mu=0.25, hi=2.0, utility="length",
                       normalize_heads=False, **_):
-    """head_budgets of every sequence (see head_demand_rows for the layout)."""
-    r = head_demand_rows(scores, held, layer_budget, window=window, utility=utility)
-    return robustify_rows(r, held.shape[1] * int(layer_budget), power=beta, lo=mu, hi=hi, floor=window)
+    """head_budgets of every row (see head_demand_rows for the layout)."""
+    r = head_demand_rows(scores, held, layer_budget, window=window, utility=utility).cpu()  # the one host sync
+    total = held.shape[1] * torch.as_tensor(layer_budget, dtype=torch.long, device="cpu")
+    return robustify_rows(r, total, power=beta, lo=mu, hi=hi, floor=window)
 
 
 def adakv_head_budgets_rows(scores, held, layer_budget, *, window=8, alpha=0.2, **_):
-    """adakv_head_budgets of every sequence."""
-    c = head_demand_rows(scores, held, layer_budget, window=window, utility="raw").double()
-    Hk, bp = held.shape[1], int(layer_budget) - window
+    """adakv_head_budgets of every row."""
+    c = head_demand_rows(scores, held, layer_budget, window=window, utility="raw").cpu().double()
+    Hk = held.shape[1]
+    bp = (torch.as_tensor(layer_budget, dtype=torch.long, device="cpu") - window).expand(c.shape[0])[:, None]  # (n, 1)
     short = (Hk * bp - c.sum(dim=1, keepdim=True)).clamp(min=0)
     c = torch.where(short > 0, c + short / Hk, c)
-    return round_rows(c * (1 - alpha) + alpha * bp, Hk * bp) + window
+    return round_rows(c * (1 - alpha) + alpha * bp.double(), Hk * bp[:, 0]) + window
 
 
-def head_rule_rows(rule, scores: torch.Tensor, held: torch.Tensor, layer_budget: int, *, window: int,
+def head_rule_rows(rule, scores: torch.Tensor, held: torch.Tensor, layer_budget, *, window: int,
                    **options) -> torch.Tensor:
-    """Head budgets (n, Hk) of every sequence by the head rule `rule`: its row-wise twin where there is one,
-    else the rule on each sequence's per-head lists (e.g. utility "rank")."""
+    """Head budgets (n, Hk) of every row (a sequence's heads in one layer) by the head rule `rule`, layer_budget
+    an int or (n,) one per row: its row-wise twin where there is one, else the rule on each row's per-head
+    lists (e.g. utility "rank")."""
     n, Hk, _ = scores.shape
+    budget = torch.as_tensor(layer_budget, dtype=torch.long, device="cpu").expand(n)
     if rule is uniform_heads:
-        return torch.full((n, Hk), int(layer_budget), dtype=torch.long, device="cpu")
+        return budget[:, None].expand(n, Hk).clone()
     if rule is head_budgets and options.get("utility", "length") in ("length", "raw") \
             and not options.get("normalize_heads", False):
-        return head_budgets_rows(scores, held, layer_budget, window=window, **options)
+        return head_budgets_rows(scores, held, budget, window=window, **options)
     if rule is adakv_head_budgets:
-        return adakv_head_budgets_rows(scores, held, layer_budget, window=window, **options)
+        return adakv_head_budgets_rows(scores, held, budget, window=window, **options)
     counts = (held - window).clamp(min=0).tolist()
-    return torch.stack([rule([scores[i, h, :counts[i][h]] for h in range(Hk)], layer_budget, window=window,
+    return torch.stack([rule([scores[i, h, :counts[i][h]] for h in range(Hk)], int(budget[i]), window=window,
                              **options) for i in range(n)])
 
 
@@ -484,33 +493,45 @@ def validate(*, budget, window, interval, temperature, top_p, allocator, policy,
 
 
 def compress_sequences(cache, layer_b: torch.Tensor, allocator: str, policy: str, due: list[bool], *,
-                       policy_options, head_options, positions: bool = True) -> tuple[list, list]:
+                       policy_options, head_options, positions: bool = True, group_elems: int = 1 << 24
+                       ) -> tuple[list, list]:
     """`compress` of the sequences of a fast.BatchCache (or the one of a fast.PackedCache: `compress` on the fast
-    path) that are due (the others keep every token): scored in
-    one batched call per layer, head budgets split per sequence by the allocator's head rule (its row-wise
-    twin, head_rule_rows), so each sequence is cut exactly as in its own run. Returns, per due sequence (None
-    for the others), its head budgets (L, Hk) and (positions=True) its kept positions [l][h]."""
+    path) that are due (the others keep every token): scored in one batched call per layer, head budgets split
+    per sequence by the allocator's head rule (its row-wise twin, head_rule_rows), so each sequence is cut
+    exactly as in its own run. The split takes every layer at once (one row per layer and sequence, in groups
+    of layers of at most about group_elems scores), so the host waits for the device once per group, not once
+    per layer. Returns, per due sequence (None for the others), its head budgets (L, Hk) and (positions=True)
+    its kept positions [l][h]."""
     import fast
 
-    Hk, n = cache.model_config.num_kv_heads, cache.batch
+    L, Hk, n = len(cache), cache.model_config.num_kv_heads, cache.batch
     head_rule = get_allocator(allocator).heads
     rows = torch.tensor([i for i in range(n) if due[i]], dtype=torch.long, device="cpu")
-    budgets, kept = [], [[] if d else None for d in due]
-    for l in range(len(cache)):
-        s = fast.score_packed(cache, l, policy, **(policy_options or {}))  # (n·Hk, S)
-        held = cache.n[l].view(n, Hk)
-        b = held.clone()  # not due: a budget of what a head holds keeps every token
-        b[rows] = head_rule_rows(head_rule, s.view(n, Hk, -1)[rows.to(s.device)], held[rows], int(layer_b[l]),
-                                 window=cache.window, **(head_options or {}))
-        budgets.append(b)
+    scores = [fast.score_packed(cache, l, policy, **(policy_options or {})) for l in range(L)]  # (n·Hk, S_l)
+    held = cache.n.view(L, n, Hk)
+    budgets = held.clone()  # (L, n, Hk); not due: a budget of what a head holds keeps every token
+    dev_rows, r = rows.to(scores[0].device), len(rows)
+    l0 = 0
+    while r and l0 < L:  # groups of layers, each split in one call: (layers · due sequences) rows, padded to one S
+        l1, S = l0, 0
+        while l1 < L and (l1 == l0 or (l1 + 1 - l0) * r * Hk * max(S, scores[l1].shape[1]) <= group_elems):
+            S = max(S, scores[l1].shape[1])
+            l1 += 1
+        block = torch.stack([F.pad(s.view(n, Hk, -1)[dev_rows], (0, S - s.shape[1]), value=float("-inf"))
+                             for s in scores[l0:l1]])  # (layers, r, Hk, S); padding is -inf, as non-evictable rows
+        b = head_rule_rows(head_rule, block.view(-1, Hk, S), held[l0:l1, rows].reshape(-1, Hk),
+                           layer_b[l0:l1, None].long().expand(-1, r).reshape(-1), window=cache.window, **(head_options or {}))
+        budgets[l0:l1, rows] = b.view(l1 - l0, r, Hk)
+        l0 = l1
+    kept = [[] if d else None for d in due]
+    for l in range(L):
         if policy != "full":  # "full" never evicts (as evict.compress_layer)
-            keep, counts = fast.keep_rows(s, cache.n[l], b.flatten(), cache.window)
+            keep, counts = fast.keep_rows(scores[l], cache.n[l], budgets[l].flatten(), cache.window)
             cache.keep(l, keep, counts)
         if positions:
             counts = cache.n[l].tolist()
             for i in rows.tolist():
                 kept[i].append([cache.pos[l][h, :counts[h]] for h in range(i * Hk, (i + 1) * Hk)])
-    budgets = torch.stack(budgets)  # (L, n, Hk)
     return [budgets[:, i] if due[i] else None for i in range(n)], kept
 
 

@@ -637,6 +637,14 @@ def test_head_rules_rows_equal_the_rules_bit_for_bit(seed):
             for i in range(n):
                 lists = [scores[i, h, :held[i, h] - w] for h in range(Hk)]
                 assert rows[i].tolist() == rule(lists, B, window=w, **options).tolist(), (rule.__name__, options, B, i)
+    # One budget per row (compress_sequences splits every layer of every sequence in one call)
+    budgets = torch.randint(w, 41, (n,), generator=g)
+    for rule, options in [(R.head_budgets, {}), (R.adakv_head_budgets, {}), (R.uniform_heads, {}),
+                          (R.head_budgets, {"utility": "rank"})]:
+        rows = R.head_rule_rows(rule, scores, held, budgets, window=w, **options)
+        for i in range(n):
+            lists = [scores[i, h, :held[i, h] - w] for h in range(Hk)]
+            assert rows[i].tolist() == rule(lists, int(budgets[i]), window=w, **options).tolist(), (rule.__name__, i)
 
 
 def test_batched_sampling_stops_and_graph_step(tiny_model):

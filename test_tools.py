@@ -393,6 +393,30 @@ def test_bench_gpu_harness_runs_on_cpu():
         torch.testing.assert_close(peer(ids[:1], torch.tensor([300])), ours(ids[:1], cache), rtol=1e-4, atol=1e-4)
 
 
+def test_bench_gpu_profile_cells_on_cpu(capsys):
+    """--profile-steps profiles each cell's timed steps (a compression among them) and prints one row per cell."""
+    import bench_gpu as BG
+
+    cfg = {**BG.LLAMA_31_8B, "vocab_size": 97, "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 4096}
+    ours, _, _ = BG.build(cfg, "cpu", torch.float32, layers=2)
+    ids = torch.arange(100) % 97
+    args = BG.parser().parse_args(["--budgets", "32", "--rows", "full,reasonalloc", "--modes", "graph",
+                                   "--profile-steps", "20", "--interval", "16"])
+    cells = BG.variants(args, [32])
+    seen = []
+
+    def run(v, n, around=None):
+        seen.append(n)
+        return BG.run_ours(ours, ids, n, budget=v["budget"], interval=16, chunk=64, profile={"demand": [0.6, 0.4]},
+                           graph=True, around=around)
+
+    BG.profile_cells(cells, run, args, 100, cuda=False)
+    out = capsys.readouterr().out
+    assert seen == [20, 20] and "| ours FullKV, CUDA graph |" in out and "| ours ReasonAlloc B=32, CUDA graph |" in out
+    assert "top kernels over 20 steps" in out
+
+
 def test_bench_gpu_throughput_harness_on_cpu():
     """--throughput's random batch caches decode and compress per sequence; a table compares largest batches."""
     import bench_gpu as BG
