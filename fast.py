@@ -181,9 +181,10 @@ class PackedCache:
                                            attn_mask=visible[:, None])  # (Hk, G, T, D)
         return y.permute(2, 0, 1, 3).reshape(T, Hq, D)
 
-    def keep(self, layer: int, rows: torch.Tensor, counts: torch.Tensor):
+    def keep(self, layer: int, rows: torch.Tensor, counts: torch.Tensor, counts_dev: torch.Tensor | None = None):
         """Compress `layer` in place: rows (Hk, m) ascending row indices (padded past counts[h]),
-        counts (Hk,) how many each head keeps. Packs them to the front and trims the capacity."""
+        counts (Hk,) how many each head keeps (counts_dev: the same on the device, if the caller has it).
+        Packs them to the front and trims the capacity."""
         m = rows.shape[1]
         idx = rows.to(self.k[layer].device)
         D = self.k[layer].shape[2]
@@ -202,7 +203,7 @@ class PackedCache:
         # and a captured CUDA graph (GraphDecoder) stays valid across the compression.
         self.k[layer][:, :m], self.v[layer][:, :m], self.pos[layer][:, :m] = k, v, p
         self.n[layer] = counts.cpu()
-        self.n_dev[layer].copy_(counts)
+        self.n_dev[layer].copy_(counts if counts_dev is None else counts_dev)
 
     def nbytes(self) -> int:
         """K and V bytes held by the heads (padding excluded, to compare with KVCache.nbytes())."""
@@ -431,17 +432,19 @@ def score_packed(cache: PackedCache, layer: int, policy: str = "rkv", **options)
     return s.float().masked_fill(~evictable, float("-inf"))
 
 
-def keep_rows(scores: torch.Tensor, n: torch.Tensor, budgets: torch.Tensor, window: int):
+def keep_rows(scores: torch.Tensor, n: torch.Tensor, budgets: torch.Tensor, window: int, *, on_device=None):
     """Equals evict.keep_indices for every head at once. scores: (Hk, S) (-inf where not evictable), n: (Hk,)
-    rows held, budgets: (Hk,). Returns (rows (Hk, m) ascending, padded; counts (Hk,))."""
+    rows held, budgets: (Hk,), both on the host; on_device: the same two already on the scores' device, if the
+    caller has them (each copy from the host makes the host wait for the device). Returns (rows (Hk, m)
+    ascending, padded, on the device; counts (Hk,) on the host)."""
     Hk, S = scores.shape
     dev = scores.device
     if (budgets < window).any():
         raise ValueError(f"budgets {budgets.tolist()} go below the window {window}; a head always keeps its window")
     # A head keeps all n rows when n <= b, else its b - w best and its w newest: b rows. So the counts are known
-    # on the host (no wait for the device when n and budgets are host tensors, as the callers' are).
-    counts = torch.minimum(n.cpu(), budgets.cpu())
-    n, budgets = n.to(dev), budgets.to(dev)
+    # on the host, without waiting for the device.
+    counts = torch.minimum(n, budgets)
+    n, budgets = on_device or (n.to(dev), budgets.to(dev))
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # ties -> older row, as keep_indices
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(S, device=dev).expand(Hk, S))
     row = torch.arange(S, device=dev)[None, :]
@@ -500,6 +503,7 @@ class GraphDecoder:
         self.model, self.cache = model, cache
         self.token = torch.zeros(cache.batch, dtype=torch.long, device=dev)  # one per sequence (a BatchCache: n)
         self.pos = torch.zeros(cache.batch, dtype=torch.long, device=dev)
+        self.host_pos = None  # what self.pos holds (read without asking the device)
         self.use_graph = dev.type == "cuda"
         self.graph, self.layout, self.logits, self.captures = None, None, None, 0
         self.capture_seconds = 0.0  # spent in captures (and, compiled, in compiling each new layout)
@@ -547,9 +551,14 @@ class GraphDecoder:
         for layer in range(len(c)):
             c._reserve(layer, int(c.n[layer].max()) + 2)  # room for this step (and a warm-up step)
         if self.token.numel() != c.batch:  # a BatchCache dropped sequences: new buffers, so a new capture
-            self.token, self.pos = self.token.new_zeros(c.batch), self.pos.new_zeros(c.batch)
+            self.token, self.pos, self.host_pos = self.token.new_zeros(c.batch), self.pos.new_zeros(c.batch), None
         self.token.copy_(torch.as_tensor(token, device=self.token.device).view(c.batch))
-        self.pos.copy_(c.positions())
+        want = c.positions()
+        if self.host_pos is not None and self.host_pos.shape == want.shape and torch.equal(want, self.host_pos + 1):
+            self.pos += 1  # on the device: a copy from the host would make the host wait for the last step
+        else:
+            self.pos.copy_(want)
+        self.host_pos = want
         if self.use_graph:
             layout = tuple(t.data_ptr() for t in (*c.k, *c.v, *c.pos, *c.n_dev, *c.q_win, self.token, self.pos))
             if layout != self.layout:

@@ -510,7 +510,9 @@ def compress_sequences(cache, layer_b: torch.Tensor, allocator: str, policy: str
     scores = [fast.score_packed(cache, l, policy, **(policy_options or {})) for l in range(L)]  # (n·Hk, S_l)
     held = cache.n.view(L, n, Hk)
     budgets = held.clone()  # (L, n, Hk); not due: a budget of what a head holds keeps every token
-    dev_rows, r = rows.to(scores[0].device), len(rows)
+    dev = scores[0].device
+    dev_rows, r = rows.to(dev), len(rows)
+    held_dev = torch.stack(cache.n_dev).view(L, n, Hk)  # read on the device: a copy would make the host wait
     l0 = 0
     while r and l0 < L:  # groups of layers, each split in one call: (layers · due sequences) rows, padded to one S
         l1, S = l0, 0
@@ -519,15 +521,17 @@ def compress_sequences(cache, layer_b: torch.Tensor, allocator: str, policy: str
             l1 += 1
         block = torch.stack([F.pad(s.view(n, Hk, -1)[dev_rows], (0, S - s.shape[1]), value=float("-inf"))
                              for s in scores[l0:l1]])  # (layers, r, Hk, S); padding is -inf, as non-evictable rows
-        b = head_rule_rows(head_rule, block.view(-1, Hk, S), held[l0:l1, rows].reshape(-1, Hk),
+        b = head_rule_rows(head_rule, block.view(-1, Hk, S), held_dev[l0:l1, dev_rows].reshape(-1, Hk),
                            layer_b[l0:l1, None].long().expand(-1, r).reshape(-1), window=cache.window, **(head_options or {}))
         budgets[l0:l1, rows] = b.view(l1 - l0, r, Hk)
         l0 = l1
     kept = [[] if d else None for d in due]
+    budgets_dev = budgets.to(dev)  # one copy to the device for every layer
     for l in range(L):
         if policy != "full":  # "full" never evicts (as evict.compress_layer)
-            keep, counts = fast.keep_rows(scores[l], cache.n[l], budgets[l].flatten(), cache.window)
-            cache.keep(l, keep, counts)
+            b, b_dev = budgets[l].flatten(), budgets_dev[l].flatten()
+            keep, counts = fast.keep_rows(scores[l], cache.n[l], b, cache.window, on_device=(cache.n_dev[l], b_dev))
+            cache.keep(l, keep, counts, torch.minimum(cache.n_dev[l], b_dev))
         if positions:
             counts = cache.n[l].tolist()
             for i in rows.tolist():
