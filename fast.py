@@ -432,6 +432,48 @@ def score_packed(cache: PackedCache, layer: int, policy: str = "rkv", **options)
     return s.float().masked_fill(~evictable, float("-inf"))
 
 
+def score_layers(cache: PackedCache, layers: list[int], policy: str = "rkv", **options) -> torch.Tensor:
+    """score_packed of several layers in one batched call: their heads stacked, layer by layer, into one padded
+    (len(layers)·Hk, S) block, S the longest head of them all (-inf past each head's evictable rows). A
+    compression then launches one set of kernels per group of layers instead of one per layer: batch-1 decoding
+    on a GPU waits on the host's launches, not on this arithmetic. Rows equal score_packed's, up to the
+    rounding of sums over the longer padding."""
+    evict.get_policy(policy)
+    S = max(int(cache.n[l].max()) for l in layers)
+    if policy not in PACKED or len(layers) == 1:  # per layer ("full", the random baseline: no batched form)
+        return torch.cat([F.pad(s, (0, S - s.shape[1]), value=float("-inf"))
+                          for s in (score_packed(cache, l, policy, **options) for l in layers)])
+    k0 = cache.k[layers[0]]
+    Hk, G, D = cache.config.num_kv_heads, cache.config.group_size, k0.shape[-1]
+    k = k0.new_zeros(len(layers) * Hk, S, D)
+    pos = cache.pos[layers[0]].new_zeros(len(layers) * Hk, S) if policy == "streaming" else None
+    for i, l in enumerate(layers):  # one copy per layer: the rows past a head's length are masked by n below
+        t = min(S, cache.k[l].shape[1])
+        k[i * Hk:(i + 1) * Hk, :t] = cache.k[l][:, :t]
+        if pos is not None:
+            pos[i * Hk:(i + 1) * Hk, :t] = cache.pos[l][:, :t]
+    n = torch.cat([cache.n_dev[l] for l in layers])
+    q_win = torch.cat([cache.q_win[l] for l in layers]).view(len(layers) * Hk, G, -1, D)
+    w = cache.window
+    s = PACKED[policy](q_win, k, n, w, pos=pos, **options)
+    evictable = torch.arange(S, device=k.device)[None, :] < (n - w)[:, None]
+    return s.float().masked_fill(~evictable, float("-inf"))
+
+
+def layer_groups(cache: PackedCache, max_rows: int = 1 << 21) -> list[list[int]]:
+    """Consecutive layers in groups whose stacked heads (heads × longest head) stay within max_rows K rows
+    (score_layers' workspace: 512 MiB of bfloat16 K at head dim 128); a layer larger than that is its own group."""
+    groups, S = [[]], 0
+    for l in range(len(cache)):
+        S_l = int(cache.n[l].max())
+        if groups[-1] and (len(groups[-1]) + 1) * cache.config.num_kv_heads * max(S, S_l) > max_rows:
+            groups.append([])
+            S = 0
+        groups[-1].append(l)
+        S = max(S, S_l)
+    return groups
+
+
 def keep_rows(scores: torch.Tensor, n: torch.Tensor, budgets: torch.Tensor, window: int, *, on_device=None):
     """Equals evict.keep_indices for every head at once. scores: (Hk, S) (-inf where not evictable), n: (Hk,)
     rows held, budgets: (Hk,), both on the host; on_device: the same two already on the scores' device, if the

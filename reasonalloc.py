@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------
 # 1. The robustify operator (shared by both levels)
@@ -264,14 +263,15 @@ def round_rows(x: torch.Tensor, total, prefer: torch.Tensor | None = None) -> to
 
 def robustify_rows(demand: torch.Tensor, total, *, power: float = 0.5, lo: float = 0.25, hi: float = 2.0,
                    floor: int = 0) -> torch.Tensor:
-    """robustify of every row of demand (n, k), row i to total[i] (an int: the same for every row). The same
-    bisection, every row at once; sums taken column by column from the left, as robustify's Python sum
-    takes them, so each row gives robustify's bits."""
-    d = demand.to(torch.float64)
+    """robustify of every row of demand (n, k), row i to total[i] (an int: the same for every row), on the CPU.
+    The same bisection, every row at once. Its sums are a CPU cumsum's last column: a running sum from the
+    left, as robustify's Python sum, so each row gives robustify's bits (tested); a handful of tensor ops per
+    bisection step for all rows (one compression splits every layer in one call)."""
+    d = demand.to("cpu", torch.float64)
     if torch.isnan(d).any() or (d < 0).any():
         raise ValueError(f"demand must be non-negative numbers, got {d.tolist()}")
     n, k = d.shape
-    total = torch.as_tensor(total, dtype=torch.long, device=d.device).expand(n)
+    total = torch.as_tensor(total, dtype=torch.long, device="cpu").expand(n)
     if (total < k * floor).any():
         raise ValueError(f"totals {total.tolist()} cannot give each of {k} units its floor of {floor}")
     tot = total.double()  # exact: totals stay far below 2^53 (MAX_BUDGET)
@@ -284,19 +284,16 @@ def robustify_rows(demand: torch.Tensor, total, *, power: float = 0.5, lo: float
                     torch.where(infinite.any(dim=1, keepdim=True), infinite.double(), x))
     x = x / x.max(dim=1, keepdim=True).values + 1e-12
 
-    def filled(s):  # (n,) Σ clip(s·x, low, high), left to right
-        acc = torch.zeros(n, dtype=torch.float64, device=x.device)
-        for j in range(k):
-            acc = acc + torch.clamp(x[:, j:j + 1] * s[:, None], low, high)[:, 0]
-        return acc
+    def filled(s):  # (n,) Σ clip(s·x, low, high), summed from the left
+        return torch.clamp(x * s[:, None], low, high).cumsum(dim=1)[:, -1]
 
-    a, b = torch.zeros(n, dtype=torch.float64, device=x.device), torch.ones(n, dtype=torch.float64, device=x.device)
+    a, b = torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
     while True:
         grow = (filled(b) < tot) & (b < 1e300)
         if not grow.any():
             break
         b = torch.where(grow, b * 2, b)
-    done = torch.zeros(n, dtype=torch.bool, device=x.device)
+    done = torch.zeros(n, dtype=torch.bool)
     for _ in range(200):
         mid = (a + b) / 2
         done |= (mid == a) | (mid == b)  # converged to the last bit
@@ -305,10 +302,7 @@ def robustify_rows(demand: torch.Tensor, total, *, power: float = 0.5, lo: float
         below = filled(mid) < tot
         a, b = torch.where(~done & below, mid, a), torch.where(~done & ~below, mid, b)
     r = torch.clamp(x * b[:, None], low, high)
-    acc = torch.zeros(n, dtype=torch.float64, device=x.device)
-    for j in range(k):
-        acc = acc + r[:, j]
-    r = r * (tot / acc)[:, None]
+    r = r * (tot / r.cumsum(dim=1)[:, -1])[:, None]
     out = round_rows(r, total, prefer=d)
     assert bool((out.sum(dim=1) == total).all()) and bool((out >= floor).all())
     return out
@@ -493,46 +487,49 @@ def validate(*, budget, window, interval, temperature, top_p, allocator, policy,
 
 
 def compress_sequences(cache, layer_b: torch.Tensor, allocator: str, policy: str, due: list[bool], *,
-                       policy_options, head_options, positions: bool = True, group_elems: int = 1 << 24
-                       ) -> tuple[list, list]:
+                       policy_options, head_options, positions: bool = True) -> tuple[list, list]:
     """`compress` of the sequences of a fast.BatchCache (or the one of a fast.PackedCache: `compress` on the fast
-    path) that are due (the others keep every token): scored in one batched call per layer, head budgets split
-    per sequence by the allocator's head rule (its row-wise twin, head_rule_rows), so each sequence is cut
-    exactly as in its own run. The split takes every layer at once (one row per layer and sequence, in groups
-    of layers of at most about group_elems scores), so the host waits for the device once per group, not once
-    per layer. Returns, per due sequence (None for the others), its head budgets (L, Hk) and (positions=True)
-    its kept positions [l][h]."""
+    path) that are due (the others keep every token), so each sequence is cut exactly as in its own run.
+    The layers go in groups (fast.layer_groups: all of them, for one sequence at small budgets), and each
+    group is one batch: scored in one call (fast.score_layers), its head budgets split by the allocator's head
+    rule in one call (the row-wise twin, head_rule_rows: one row per layer and sequence), and its rows
+    selected in one sort (fast.keep_rows), before each layer's storage is packed. A batch-1 step on a GPU is
+    bound by the host launching kernels, so this keeps a compression to a few hundred launches and one wait for
+    the device per group. Returns, per due sequence (None for the others), its head budgets (L, Hk) and
+    (positions=True) its kept positions [l][h]."""
     import fast
 
     L, Hk, n = len(cache), cache.model_config.num_kv_heads, cache.batch
+    H = n * Hk  # heads of one layer, all sequences
     head_rule = get_allocator(allocator).heads
     rows = torch.tensor([i for i in range(n) if due[i]], dtype=torch.long, device="cpu")
-    scores = [fast.score_packed(cache, l, policy, **(policy_options or {})) for l in range(L)]  # (n·Hk, S_l)
-    held = cache.n.view(L, n, Hk)
-    budgets = held.clone()  # (L, n, Hk); not due: a budget of what a head holds keeps every token
-    dev = scores[0].device
+    budgets = cache.n.view(L, n, Hk).clone()  # (L, n, Hk); not due: a budget of what a head holds keeps every token
+    dev = cache.k[0].device
     dev_rows, r = rows.to(dev), len(rows)
-    held_dev = torch.stack(cache.n_dev).view(L, n, Hk)  # read on the device: a copy would make the host wait
-    l0 = 0
-    while r and l0 < L:  # groups of layers, each split in one call: (layers · due sequences) rows, padded to one S
-        l1, S = l0, 0
-        while l1 < L and (l1 == l0 or (l1 + 1 - l0) * r * Hk * max(S, scores[l1].shape[1]) <= group_elems):
-            S = max(S, scores[l1].shape[1])
-            l1 += 1
-        block = torch.stack([F.pad(s.view(n, Hk, -1)[dev_rows], (0, S - s.shape[1]), value=float("-inf"))
-                             for s in scores[l0:l1]])  # (layers, r, Hk, S); padding is -inf, as non-evictable rows
-        b = head_rule_rows(head_rule, block.view(-1, Hk, S), held_dev[l0:l1, dev_rows].reshape(-1, Hk),
-                           layer_b[l0:l1, None].long().expand(-1, r).reshape(-1), window=cache.window, **(head_options or {}))
-        budgets[l0:l1, rows] = b.view(l1 - l0, r, Hk)
-        l0 = l1
+    for layers in fast.layer_groups(cache):
+        g = slice(layers[0], layers[-1] + 1)
+        s = fast.score_layers(cache, layers, policy, **(policy_options or {}))  # (len(layers)·H, S)
+        S = s.shape[1]
+        held_dev = torch.stack(cache.n_dev[g]).view(-1, n, Hk)  # read on the device: a copy would wait for it
+        if r:
+            b = head_rule_rows(head_rule, s.view(-1, n, Hk, S)[:, dev_rows].reshape(-1, Hk, S),
+                               held_dev[:, dev_rows].reshape(-1, Hk),
+                               layer_b[g, None].long().expand(-1, r).reshape(-1), window=cache.window,
+                               **(head_options or {}))
+            budgets[g, rows] = b.view(-1, r, Hk)
+        if policy == "full":  # "full" never evicts (as evict.compress_layer)
+            continue
+        b, b_dev = budgets[g].reshape(-1), budgets[g].reshape(-1).to(dev)
+        keep, counts = fast.keep_rows(s, cache.n[g].reshape(-1), b, cache.window,
+                                      on_device=(held_dev.reshape(-1), b_dev))
+        counts_dev = torch.minimum(held_dev.reshape(-1), b_dev)
+        for i, l in enumerate(layers):  # each layer's rows: its slice of the batch, padding clamped to its storage
+            c, h = counts[i * H:(i + 1) * H], slice(i * H, (i + 1) * H)
+            last = max(int(cache.n[l].max()) - 1, 0)
+            cache.keep(l, keep[h, :int(c.max())].clamp(max=last), c, counts_dev[h])
     kept = [[] if d else None for d in due]
-    budgets_dev = budgets.to(dev)  # one copy to the device for every layer
-    for l in range(L):
-        if policy != "full":  # "full" never evicts (as evict.compress_layer)
-            b, b_dev = budgets[l].flatten(), budgets_dev[l].flatten()
-            keep, counts = fast.keep_rows(scores[l], cache.n[l], b, cache.window, on_device=(cache.n_dev[l], b_dev))
-            cache.keep(l, keep, counts, torch.minimum(cache.n_dev[l], b_dev))
-        if positions:
+    if positions:
+        for l in range(L):
             counts = cache.n[l].tolist()
             for i in rows.tolist():
                 kept[i].append([cache.pos[l][h, :counts[h]] for h in range(i * Hk, (i + 1) * Hk)])

@@ -607,6 +607,29 @@ def test_batched_generation_equals_separate_runs(tiny_model, allocator, policy):
         assert any(len(set(h)) > 1 for g in batch for e in g.events for h in e["head_budgets"])
 
 
+@pytest.mark.parametrize("policy", ["rkv", "snapkv", "knorm", "streaming", "random"])
+def test_score_layers_stacks_score_packed(tiny_model, policy):
+    """A compression scores a group of layers in one call: each layer's block equals its own score_packed
+    (heads ragged after a head-wise compression, layers of different longest heads), and layer_groups splits
+    the layers when the stacked heads would pass the limit."""
+    cache = Fa.new_cache(tiny_model, 4, spare=8)
+    tiny_model(TINY_PROMPT, cache)
+    R.compress(cache, torch.tensor([30, 12, 20]), "reasonalloc", "rkv")
+    for t in range(5):
+        tiny_model(torch.tensor([t + 3]), cache)
+    Hk = cache.config.num_kv_heads
+    assert len(set(cache.n[0].tolist())) > 1 and len({int(cache.n[l].max()) for l in range(3)}) > 1
+    s = Fa.score_layers(cache, [0, 1, 2], policy)
+    assert s.shape == (3 * Hk, int(cache.n.max()))
+    for l in range(3):
+        one = Fa.score_packed(cache, l, policy)
+        block = s[l * Hk:(l + 1) * Hk]
+        torch.testing.assert_close(block[:, :one.shape[1]], one, rtol=1e-6, atol=1e-7)
+        assert torch.isinf(block[:, one.shape[1]:]).all()
+    assert Fa.layer_groups(cache) == [[0, 1, 2]]
+    assert Fa.layer_groups(cache, max_rows=Hk * int(cache.n.max())) == [[0], [1], [2]]
+
+
 def test_compress_with_the_full_policy_evicts_nothing_on_both_paths(tiny_model):
     out = []
     for cache in (tiny_model.new_cache(4), Fa.new_cache(tiny_model, 4)):
