@@ -287,13 +287,13 @@ def robustify_rows(demand: torch.Tensor, total, *, power: float = 0.5, lo: float
     def filled(s):  # (n,) Σ clip(s·x, low, high), summed from the left
         return torch.clamp(x * s[:, None], low, high).cumsum(dim=1)[:, -1]
 
-    a, b = torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
+    a, b = torch.zeros(n, dtype=torch.float64, device="cpu"), torch.ones(n, dtype=torch.float64, device="cpu")
     while True:
         grow = (filled(b) < tot) & (b < 1e300)
         if not grow.any():
             break
         b = torch.where(grow, b * 2, b)
-    done = torch.zeros(n, dtype=torch.bool)
+    done = torch.zeros(n, dtype=torch.bool, device="cpu")
     for _ in range(200):
         mid = (a + b) / 2
         done |= (mid == a) | (mid == b)  # converged to the last bit
