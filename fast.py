@@ -43,6 +43,7 @@ class PackedCache:
     within about 2.5 times what the heads hold (plus 96 rows)."""
 
     static = False  # GraphDecoder's mode: fixed shapes, lengths only on the device (see there)
+    even = ()  # in static mode, per layer: every head at one length (GraphDecoder sets it before a capture)
     batch = 1  # sequences held (BatchCache holds several)
 
     def __init__(self, config: ModelConfig, window: int = 8, *, dtype=torch.float32, device="cpu",
@@ -167,7 +168,10 @@ class PackedCache:
             # This layout, not (Hk, 1, G, D) with G query rows per KV head, is what lets the fused kernel spread
             # one long cache over many blocks (README, "GPU": our compiled FullKV at 32k went from 30 % to 68 % of
             # the roofline with it and the fused projections).
-            mask = None if held is None else held.repeat_interleave(G, dim=0)[None, :, None, :]  # (1, Hq, 1, S)
+            if self.static and layer < len(self.even) and self.even[layer]:  # every head at one length: one row
+                mask = held[:1, None, None, :]  # (1, 1, 1, S), broadcast over the heads: a cheaper SDPA
+            else:
+                mask = None if held is None else held.repeat_interleave(G, dim=0)[None, :, None, :]  # (1, Hq, 1, S)
             y = F.scaled_dot_product_attention(q.transpose(0, 1)[None], K.transpose(0, 1), V.transpose(0, 1),
                                                attn_mask=mask, enable_gqa=True)  # (1, Hq, 1, D)
             return y.view(1, Hq, D)
@@ -601,8 +605,9 @@ class GraphDecoder:
         else:
             self.pos.copy_(want)
         self.host_pos = want
+        c.even = tuple((c.n.amax(dim=1) == c.n.amin(dim=1)).tolist())  # layers whose heads all hold one length
         if self.use_graph:
-            layout = tuple(t.data_ptr() for t in (*c.k, *c.v, *c.pos, *c.n_dev, *c.q_win, self.token, self.pos))
+            layout = tuple(t.data_ptr() for t in (*c.k, *c.v, *c.pos, *c.n_dev, *c.q_win, self.token, self.pos)) + c.even
             if layout != self.layout:
                 self._capture()
                 self.layout = layout

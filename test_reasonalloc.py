@@ -992,18 +992,22 @@ def test_graph_decoder_static_step_equals_eager_packed(tiny_model):
     run eagerly on CPU, gives the eager fast path's logits through compressions and capacity growth."""
     force = ((torch.arange(30) * 11 + 2) % 97).tolist()
     layer_b = torch.tensor([14, 10, 12])
-    logits = []
-    for graph in (False, True):
-        cache = Fa.new_cache(tiny_model, 8, spare=4)
-        out = [tiny_model(TINY_PROMPT, cache)[-1]]
-        step = Fa.GraphDecoder(tiny_model, cache) if graph else (lambda t: tiny_model(torch.tensor([t]), cache))
-        for i, t in enumerate(force, 1):
-            out.append(step(t)[-1])
-            if i % 6 == 0:
-                R.compress(cache, layer_b, "reasonalloc", "rkv")
-        logits.append(torch.stack(out))
-        assert cache.next_pos == 40 + 30 and (cache.lengths() <= 14 + 6).all()
-    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+    for allocator in ("reasonalloc", "uniform"):  # ragged heads; heads of one length (one mask row per layer)
+        logits = []
+        for graph in (False, True):
+            cache = Fa.new_cache(tiny_model, 8, spare=4)
+            out = [tiny_model(TINY_PROMPT, cache)[-1]]
+            step = Fa.GraphDecoder(tiny_model, cache) if graph else (lambda t: tiny_model(torch.tensor([t]), cache))
+            for i, t in enumerate(force, 1):
+                out.append(step(t)[-1])
+                if i % 6 == 0:
+                    R.compress(cache, layer_b, allocator, "rkv")
+            logits.append(torch.stack(out))
+            assert cache.next_pos == 40 + 30 and (cache.lengths() <= 14 + 6).all()
+            if graph:
+                assert cache.even == ((True,) * 3 if allocator == "uniform" else cache.even) and \
+                    (allocator == "uniform" or not all(cache.even))
+        torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="PackedCache"):
         Fa.GraphDecoder(tiny_model, tiny_model.new_cache(8))
 
