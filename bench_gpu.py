@@ -25,7 +25,8 @@ tokens/s over that bound. Bandwidth: the datasheet figure of the GPU found (H100
 H200 4.8 TB/s) unless --bandwidth is given.
 
     python bench_gpu.py                         # contexts 2k, 8k, 32k; budgets 512, 1024
-    python bench_gpu.py --profile-steps 20      # also print torch.profiler's top kernels
+    python bench_gpu.py --profile-steps 130     # also profile each cell of the first context: kernels per step,
+                                                # GPU kernel time vs wall time, top kernels (one compression inside)
 """
 
 from __future__ import annotations
@@ -565,7 +566,8 @@ def parser():
     p.add_argument("--layers", type=int, default=0, help="fewer layers (a smoke test); 0 = the real 32")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", choices=list(M.DTYPES), default="bfloat16")
-    p.add_argument("--profile-steps", type=int, default=0, help="also profile this many decode steps")
+    p.add_argument("--profile-steps", type=int, default=0, help="also profile this many decode steps of each cell of the "
+                   "first context (reach --interval to include a compression)")
     p.add_argument("--modes", default="graph,compiled",
                    help="how our fast path runs, comma-separated: eager (op by op), graph (the static step in a CUDA "
                         "graph), compiled (the static step through torch.compile, in a CUDA graph)")
