@@ -415,25 +415,7 @@ PACKED = {"snapkv": snapkv_score, "rkv": rkv_score, "knorm": knorm_score, "strea
 def score_packed(cache: PackedCache, layer: int, policy: str = "rkv", **options) -> torch.Tensor:
     """(Hk, S) scores of one layer, S its longest head; -inf where a row is not evictable (the window, or
     padding). Row h, cut at n_h - w, equals evict.score_layer's h-th tensor."""
-    evict.get_policy(policy)
-    n_cpu = cache.n[layer]
-    S = int(n_cpu.max())
-    n = cache.n_dev[layer]
-    k = cache.k[layer][:, :S]
-    Hk, G = cache.config.num_kv_heads, cache.config.group_size
-    w = cache.window
-    if policy == "full":
-        s = torch.zeros(Hk, S, dtype=torch.float32, device=k.device)
-    elif policy in PACKED:
-        q_win = cache.q_win[layer].view(Hk, G, -1, k.shape[-1])  # (Hk, G, w, D)
-        s = PACKED[policy](q_win, k, n, w, pos=cache.pos[layer][:, :S], **options)
-    else:  # e.g. the seeded random baseline: per head, through the reference function
-        s = torch.full((Hk, S), float("-inf"), device=k.device)
-        for h, head in enumerate(cache[layer]):
-            sc = evict.POLICIES[policy](cache.window_queries(layer, h), head.k, head.v, head.pos, window=w, **options)
-            s[h, :len(sc)] = sc
-    evictable = torch.arange(S, device=k.device)[None, :] < (n - w)[:, None]
-    return s.float().masked_fill(~evictable, float("-inf"))
+    return score_layers(cache, [layer], policy, **options)
 
 
 def score_layers(cache: PackedCache, layers: list[int], policy: str = "rkv", **options) -> torch.Tensor:
@@ -444,24 +426,37 @@ def score_layers(cache: PackedCache, layers: list[int], policy: str = "rkv", **o
     rounding of sums over the longer padding."""
     evict.get_policy(policy)
     S = max(int(cache.n[l].max()) for l in layers)
-    if policy not in PACKED or len(layers) == 1:  # per layer ("full", the random baseline: no batched form)
-        return torch.cat([F.pad(s, (0, S - s.shape[1]), value=float("-inf"))
-                          for s in (score_packed(cache, l, policy, **options) for l in layers)])
-    k0 = cache.k[layers[0]]
-    Hk, G, D = cache.config.num_kv_heads, cache.config.group_size, k0.shape[-1]
-    k = k0.new_zeros(len(layers) * Hk, S, D)
-    pos = cache.pos[layers[0]].new_zeros(len(layers) * Hk, S) if policy == "streaming" else None
-    for i, l in enumerate(layers):  # one copy per layer: the rows past a head's length are masked by n below
-        t = min(S, cache.k[l].shape[1])
-        k[i * Hk:(i + 1) * Hk, :t] = cache.k[l][:, :t]
-        if pos is not None:
-            pos[i * Hk:(i + 1) * Hk, :t] = cache.pos[l][:, :t]
+    Hk, G, w = cache.config.num_kv_heads, cache.config.group_size, cache.window
     n = torch.cat([cache.n_dev[l] for l in layers])
-    q_win = torch.cat([cache.q_win[l] for l in layers]).view(len(layers) * Hk, G, -1, D)
-    w = cache.window
-    s = PACKED[policy](q_win, k, n, w, pos=pos, **options)
-    evictable = torch.arange(S, device=k.device)[None, :] < (n - w)[:, None]
+    dev = cache.k[layers[0]].device
+    if policy == "full":
+        s = torch.zeros(len(layers) * Hk, S, dtype=torch.float32, device=dev)
+    elif policy in PACKED:
+        k = _stack([cache.k[l] for l in layers], S)  # (len(layers)·Hk, S, D)
+        pos = _stack([cache.pos[l] for l in layers], S) if policy == "streaming" else None
+        q_win = torch.cat([cache.q_win[l] for l in layers]).view(len(layers) * Hk, G, -1, k.shape[-1])  # (·, G, w, D)
+        s = PACKED[policy](q_win, k, n, w, pos=pos, **options)
+    else:  # e.g. the seeded random baseline: per head, through the reference function
+        s = torch.full((len(layers) * Hk, S), float("-inf"), device=dev)
+        for i, l in enumerate(layers):
+            for h, head in enumerate(cache[l]):
+                sc = evict.POLICIES[policy](cache.window_queries(l, h), head.k, head.v, head.pos, window=w, **options)
+                s[i * Hk + h, :len(sc)] = sc
+    evictable = torch.arange(S, device=dev)[None, :] < (n - w)[:, None]
     return s.float().masked_fill(~evictable, float("-inf"))
+
+
+def _stack(storage: list[torch.Tensor], S: int) -> torch.Tensor:
+    """The first S rows of each layer's (Hk, capacity, ...) storage, stacked over the layers (a view for one
+    layer; rows past a head's length hold whatever the storage held, and the scores mask them by length)."""
+    if len(storage) == 1:
+        return storage[0][:, :S]
+    out = storage[0].new_zeros(len(storage) * storage[0].shape[0], S, *storage[0].shape[2:])
+    Hk = storage[0].shape[0]
+    for i, t in enumerate(storage):
+        r = min(S, t.shape[1])
+        out[i * Hk:(i + 1) * Hk, :r] = t[:, :r]
+    return out
 
 
 def layer_groups(cache: PackedCache, max_rows: int = 1 << 21) -> list[list[int]]:
@@ -605,7 +600,9 @@ class GraphDecoder:
         else:
             self.pos.copy_(want)
         self.host_pos = want
-        c.even = tuple((c.n.amax(dim=1) == c.n.amin(dim=1)).tolist())  # layers whose heads all hold one length
+        # Layers whose heads all hold one length (one mask row in attend). Every step: a compression that reuses the
+        # storage, so keeps the layout, can still change it.
+        c.even = tuple((c.n.amax(dim=1) == c.n.amin(dim=1)).tolist())
         if self.use_graph:
             layout = tuple(t.data_ptr() for t in (*c.k, *c.v, *c.pos, *c.n_dev, *c.q_win, self.token, self.pos)) + c.even
             if layout != self.layout:
