@@ -649,6 +649,12 @@ def speed(model, tok, prompts, args, profile, store: Store, rank: int = 0, world
         hook=teacher_forced(tokens, cb), packed=packed)
     variants["FullKV, reference path"] = full(False)
     variants["FullKV, fast path"] = full(True)
+    if args.layouts:  # the same fast path over a second copy of the weights laid out as loaded (model.store_weights)
+        rows = load_model(resolve_model_dir(args.model), dtype=model.embed.weight.dtype, device=model.embed.weight.device,
+                          layout="rows", parts=1)
+        variants["FullKV, fast path, row-major weights"] = lambda cb: R.generate(
+            rows, tok, ids, budget=args.window + 1, policy="full", window=args.window, max_new_tokens=len(tokens),
+            hook=teacher_forced(tokens, cb), packed=True)
     if args.compiled:  # the first round (a warm-up) pays the compile
         variants["FullKV, compiled static step"] = lambda cb: compiled_decode(model, ids, tokens, cb, args.window)
     if not args.no_peer:
@@ -741,7 +747,7 @@ def speed_table(cell: dict) -> str:
     for m, r in rows.items():
         if m.startswith("FullKV"):
             ratio = f"{peer['decode_s'] / r['decode_s']:.2f}×" if peer else "—"
-            out.append(f"| {m.split(', ')[1]} | {r['tokens_per_s']:.1f} | {ratio} |")
+            out.append(f"| {m.split(', ', 1)[1]} | {r['tokens_per_s']:.1f} | {ratio} |")
     base = rows.get("R-KV")
     path = "fast" if cell["packed"] else "reference"
     out += [f"\nmethods at B={cell['budget']}, interval {cell['interval']}, {path} path\n",
@@ -768,7 +774,7 @@ def settings_of(args, what: str) -> dict:
         keep = ["model_sha256", "window", "sessions", "session_tokens", "turn_tokens", "dtype", "path", "gamma",
                 "head_beta", "head_mu", "head_utility"]
     if what == "speed":  # one cell per budget: everything that shapes its table is a setting
-        keep += ["repeats", "methods", "no_peer", "compiled"]
+        keep += ["repeats", "methods", "no_peer", "compiled", "layouts"]
     settings = {"measurement": what, **{k: getattr(args, k) for k in keep}}
     # What the cells were computed from, by content: an edited prompt file or another profile is refused.
     settings["inputs_sha256"] = getattr(args, "inputs_sha256", {}).get(what)
@@ -977,6 +983,9 @@ def parser():
     p.add_argument("--path", choices=["fast", "reference"], default="fast",
                    help="the packed fast path (tested equal to the reference) or the per-head reference cache")
     p.add_argument("--no-peer", action="store_true", help="speed: skip the transformers FullKV peer")
+    p.add_argument("--layouts", action="store_true",
+                   help="speed: also time the fast path with the weights as loaded (row-major, one thread per product, "
+                        "as nn.Linear), beside the default layout of model.store_weights")
     p.add_argument("--compiled", action="store_true",
                    help="speed: also time FullKV through the static decode step compiled by torch.compile (needs a "
                         "C++ compiler on CPU; the warm-up round pays the compile)")

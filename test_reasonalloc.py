@@ -561,6 +561,35 @@ def test_sharded_and_bfloat16_loading(tmp_path, tiny_hf):
     assert out.dtype == torch.float32 and (out - ref).abs().max() < 0.1 * ref.abs().max()
 
 
+@torch.inference_mode()
+def test_weight_layouts_and_thread_split_equal_the_loaded_weights(tmp_path, tiny_hf):
+    """store_weights changes where the weights lie and how many threads share a one-row product, never what
+    the model computes: every layout and split gives the row-major, one-thread logits (prefill and decode)."""
+    tiny_hf("qwen2").save_pretrained(tmp_path, safe_serialization=True)  # tied embedding, q/k/v biases
+    base = M.load_model(tmp_path, layout="rows", parts=1)
+    ids = torch.arange(3, 20)
+
+    def logits(m):
+        cache = m.new_cache()
+        return torch.cat([m(ids, cache)] + [m(torch.tensor([t]), cache) for t in (5, 9, 40, 7)])
+
+    ref = logits(base)
+    for layout, parts in [("columns", 1), ("columns", 2), ("rows", 2), ("columns", 3), ("auto", None)]:
+        m = M.load_model(tmp_path, layout=layout, parts=parts)
+        a = m.blocks[0]
+        wide, narrow = a.attn.wqkv, a.mlp.w_down  # out >= in (128 x 64) and out < in (64 x 96)
+        columns = layout in ("columns", "auto")
+        assert (wide.weight.stride(0) == 1) == columns and narrow.weight.is_contiguous()
+        assert m.embed.weight is m.lm_head.weight and m.lm_head.weight.stride(0) == (1 if columns else 64)
+        n = torch.get_num_threads() if parts is None else parts
+        assert wide.parts == (n if 64 % n == 0 else 1) and narrow.parts == (n if 64 % n == 0 else 1)
+        torch.testing.assert_close(logits(m), ref, rtol=1e-5, atol=1e-5)
+        for name, p in base.state_dict().items():  # the same values under the same names and shapes
+            assert torch.equal(m.state_dict()[name], p), name
+    with pytest.raises(ValueError, match="layout must be"):
+        M.load_model(tmp_path, layout="blocked")
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. Generation with compression (reasonalloc.generate) on the tiny random model
 
