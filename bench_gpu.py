@@ -105,7 +105,7 @@ def sync(device):
 
 @torch.inference_mode()
 def run_ours(model, ids, steps, *, budget=None, allocator="reasonalloc", interval=128, window=8, chunk=2048,
-             profile=None, graph=False, compile=False, around=None):
+             profile=None, graph=False, compile=False, dynamic=None, around=None):
     """Prefill `ids` in chunks (compressing after each when over budget), take one decode step (with graph=True
     that step captures the graph, as the peer's first calls do), then time `steps` greedy decode steps, inside
     the context manager `around` if given (a profiler). FullKV reserves its final length up front, as the peer's
@@ -124,7 +124,8 @@ def run_ours(model, ids, steps, *, budget=None, allocator="reasonalloc", interva
         if budget and (cache.lengths() > budgets).any():
             budgets = R.compress(cache, layer_b, allocator, "rkv")[0]
     held = []
-    step_fn = fast.GraphDecoder(model, cache, compile=compile) if graph else (lambda t: model(t.view(1), cache))
+    step_fn = fast.GraphDecoder(model, cache, compile=compile, dynamic=dynamic) if graph else \
+        (lambda t: model(t.view(1), cache))
     token = step_fn(logits[-1].argmax())[-1].argmax()  # the untimed first step
     first = (step_fn.captures, step_fn.capture_seconds) if graph else (0, 0.0)
     sync(ids.device)
@@ -579,6 +580,9 @@ def parser():
     p.add_argument("--tune", action="store_true",
                    help="compile with Inductor's coordinate-descent tuning (as gpt-fast does): each batch-1 matrix "
                         "product becomes a tuned Triton kernel in the peer and in ours; compiles take longer")
+    p.add_argument("--static-shapes", action="store_true",
+                   help="compile our step for each cache capacity on its own (torch.compile dynamic=False) instead of "
+                        "once more with the capacity symbolic; the peer is compiled per context either way")
     p.add_argument("--rows", default=",".join(ROWS),
                    help="which implementations, comma-separated: transformers, peer (plain compiled FullKV), full "
                         "(our FullKV), reasonalloc, rkv (uniform R-KV at the same budgets)")

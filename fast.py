@@ -545,7 +545,7 @@ class GraphDecoder:
     capture. On CPU there are no graphs: the same static step runs eagerly (which is what the parity
     test checks)."""
 
-    def __init__(self, model: Transformer, cache: PackedCache, *, compile: bool = False):
+    def __init__(self, model: Transformer, cache: PackedCache, *, compile: bool = False, dynamic: bool | None = None):
         if not isinstance(cache, PackedCache):
             raise ValueError("GraphDecoder needs a PackedCache: fast.new_cache(model, window)")
         dev = model.embed.weight.device
@@ -561,7 +561,9 @@ class GraphDecoder:
         # layer), then captured as before. Shapes are fixed between compressions; when a compression moves
         # the storage to a new capacity, PyTorch's automatic dynamic shapes compile once more with the
         # capacity symbolic, and later capacities reuse that code (only the graph is captured again).
-        self.run = torch.compile(model.run) if compile else model.run
+        # dynamic=False compiles every capacity on its own instead (torch.compile's own keyword): kernels
+        # specialised to each shape, at one compile per capacity.
+        self.run = torch.compile(model.run, dynamic=dynamic) if compile else model.run
 
     def _step(self) -> torch.Tensor:
         self.cache.static = True
