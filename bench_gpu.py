@@ -298,7 +298,7 @@ def main(args):
             graph, compiled = MODES[v["mode"]]
             return run_ours(model, ids, n, budget=v["budget"], allocator=v.get("allocator", "reasonalloc"),
                             interval=args.interval, chunk=args.chunk, profile=profile, graph=graph, compile=compiled,
-                            around=around)
+                            dynamic=False if args.static_shapes else None, around=around)
 
         for v in cells:  # warm-up (allocator, kernels; compiled: the first compile of a layout) and peak memory
             if cuda:

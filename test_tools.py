@@ -415,6 +415,29 @@ def test_bench_gpu_harness_runs_on_cpu():
         torch.testing.assert_close(peer(ids[:1], torch.tensor([300])), ours(ids[:1], cache), rtol=1e-4, atol=1e-4)
 
 
+def test_bench_gpu_static_shapes_and_tune_reach_the_compiler(monkeypatch):
+    """--static-shapes compiles our step with dynamic=False (GraphDecoder passes it to torch.compile); --tune turns
+    on Inductor's coordinate-descent tuning for the run. Checked by what reaches torch.compile, without compiling."""
+    import torch._inductor.config as inductor_config
+
+    import bench_gpu as BG
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    cfg = {**BG.LLAMA_31_8B, "vocab_size": 97, "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 4096}
+    ours, _, _ = BG.build(cfg, "cpu", torch.float32, layers=2)
+    for dynamic in (None, False):
+        BG.run_ours(ours, torch.arange(40) % 97, 3, graph=True, compile=True, dynamic=dynamic)
+    assert seen == [{"dynamic": None}, {"dynamic": False}]
+    monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", False)
+    args = BG.parser().parse_args(["--device", "cpu", "--layers", "1", "--contexts", "16", "--budgets", "8", "--steps",
+                                   "2", "--rows", "full", "--modes", "compiled", "--tune", "--static-shapes",
+                                   "--dtype", "float32"])
+    BG.main(args)
+    assert inductor_config.coordinate_descent_tuning and seen[-1] == {"dynamic": False}
+
+
 def test_bench_gpu_profile_cells_on_cpu(capsys):
     """--profile-steps profiles each cell's timed steps (a compression among them) and prints one row per cell."""
     import bench_gpu as BG
