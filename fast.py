@@ -37,10 +37,11 @@ class PackedCache:
     when it runs out, the storage grows to the needed length plus `spare` rows (set it to the compression
     interval and a compressed cache never reallocates between compressions). Compression packs the kept
     rows to the front and trims the capacity to the longest head plus 1.5 `spare` (reusing the storage
-    while it stays between 1 and 2 `spare` above the longest head; under GraphDecoder 2, and 1 to 3), so the
-    memory held is the budgeted tokens plus 1 to 2 (3) intervals, padded to the longest head of each layer. The spare used is never more
-    than the rows held (or 64), so however large `spare` is, the storage grows geometrically and stays
-    within about 2.5 times what the heads hold (plus 96 rows)."""
+    while it stays between 1 and 2 `spare` above the longest head; under GraphDecoder, `band`, 2 and 1 to 3),
+    so the memory held is the budgeted tokens plus 1 to 2 (3) intervals, padded to the longest head of each
+    layer. The spare used is never more than the rows held (or 64), so however large `spare` is, the storage
+    grows geometrically and stays within about 2.5 times what the heads hold plus 96 rows (under
+    GraphDecoder 4 times plus 192)."""
 
     static = False  # GraphDecoder's mode: fixed shapes, lengths only on the device (see there)
     even = ()  # in static mode, per layer: every head at one length (GraphDecoder sets it before a capture)
