@@ -371,17 +371,17 @@ class Linear(nn.Linear):
     batched product over `parts` slices of the weight (`torch.bmm`) runs the slices on `parts` threads at
     once. How it slices follows how `store_weights` laid the weight out, so every slice is a free view:
     column-major (in, out storage) slices the input dimension and sums the `parts` partial products;
-    row-major slices the output rows. parts == 1 (the default, and always on the GPU) is F.linear."""
+    row-major slices the output rows. parts == 1 (the default), several rows, or a GPU: F.linear."""
 
     parts = 1
 
     def forward(self, x):
         p, w = self.parts, self.weight
-        if p == 1 or x.dim() != 2 or x.shape[0] != 1:
+        if p == 1 or x.dim() != 2 or x.shape[0] != 1 or x.device.type != "cpu":  # a GPU spreads one product itself
             return F.linear(x, w, self.bias)
         n, k = w.shape
         if w.stride(0) == 1:  # column-major: (parts, k/p, n) slices of the (in, out) storage, partial sums added
-            y = torch.bmm(x.view(p, 1, k // p), w.t().view(p, k // p, n)).sum(0)
+            y = torch.bmm(x.reshape(p, 1, k // p), w.t().view(p, k // p, n)).sum(0)
         else:  # row-major: each thread takes n/p output rows
             y = torch.bmm(x.expand(p, 1, k), w.view(p, n // p, k).transpose(1, 2)).view(1, n)
         return y if self.bias is None else y + self.bias

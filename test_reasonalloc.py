@@ -584,6 +584,9 @@ def test_weight_layouts_and_thread_split_equal_the_loaded_weights(tmp_path, tiny
         n = torch.get_num_threads() if parts is None else parts
         assert wide.parts == (n if 64 % n == 0 else 1) and narrow.parts == (n if 64 % n == 0 else 1)
         torch.testing.assert_close(logits(m), ref, rtol=1e-5, atol=1e-5)
+        for lin in (wide, narrow):  # a strided row (every other element) goes through the split as well
+            x = torch.randn(1, 2 * lin.in_features)[:, ::2]
+            torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
         for name, p in base.state_dict().items():  # the same values under the same names and shapes
             assert torch.equal(m.state_dict()[name], p), name
     with pytest.raises(ValueError, match="layout must be"):
