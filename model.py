@@ -364,6 +364,30 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def split_product(x: torch.Tensor, w: torch.Tensor, parts: int) -> torch.Tensor:
+    """x (1, in) @ w.T as `parts` slices run by one torch.bmm, which runs each slice on its own thread (see
+    Linear). Every slice is a view of w as `store_weights` laid it out."""
+    n, k = w.shape
+    if w.stride(0) == 1:  # column-major: (parts, k/p, n) slices of the (in, out) storage, partial sums added
+        return torch.bmm(x.reshape(parts, 1, k // parts), w.t().view(parts, k // parts, n)).sum(0)
+    # row-major: each thread takes n/p output rows
+    return torch.bmm(x.expand(parts, 1, k), w.view(parts, n // parts, k).transpose(1, 2)).reshape(1, n)
+
+
+@torch.library.custom_op("reasonalloc::split_product", mutates_args=())
+def split_product_op(x: torch.Tensor, w: torch.Tensor, parts: int) -> torch.Tensor:
+    """split_product as an operator of its own, for torch.compile to call as it is: Inductor would otherwise
+    fuse the bmm and its sum into a C++ loop of its own, which on this project's CPU read the weights at about
+    a quarter of MKL's speed (the compiled CPU step went from 23 to 39 tokens/s with it). Eager code calls
+    split_product directly: going through the operator costs about 15 µs a call."""
+    return split_product(x, w, parts)
+
+
+@split_product_op.register_fake
+def _(x, w, parts):
+    return x.new_empty(1, w.shape[0])
+
+
 class Linear(nn.Linear):
     """nn.Linear whose one-row product (a batch-1 decode step) can be split across the CPU's threads.
 
@@ -379,11 +403,7 @@ class Linear(nn.Linear):
         p, w = self.parts, self.weight
         if p == 1 or x.dim() != 2 or x.shape[0] != 1 or x.device.type != "cpu":  # a GPU spreads one product itself
             return F.linear(x, w, self.bias)
-        n, k = w.shape
-        if w.stride(0) == 1:  # column-major: (parts, k/p, n) slices of the (in, out) storage, partial sums added
-            y = torch.bmm(x.reshape(p, 1, k // p), w.t().view(p, k // p, n)).sum(0)
-        else:  # row-major: each thread takes n/p output rows
-            y = torch.bmm(x.expand(p, 1, k), w.view(p, n // p, k).transpose(1, 2)).view(1, n)
+        y = split_product_op(x, w, p) if torch.compiler.is_compiling() else split_product(x, w, p)
         return y if self.bias is None else y + self.bias
 
 
