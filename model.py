@@ -378,7 +378,7 @@ def split_product(x: torch.Tensor, w: torch.Tensor, parts: int) -> torch.Tensor:
 def split_product_op(x: torch.Tensor, w: torch.Tensor, parts: int) -> torch.Tensor:
     """split_product as an operator of its own, for torch.compile to call as it is: Inductor would otherwise
     fuse the bmm and its sum into a C++ loop of its own, which on this project's CPU read the weights at about
-    a quarter of MKL's speed (the compiled CPU step went from 23 to 39 tokens/s with it). Eager code calls
+    a quarter of MKL's speed (the compiled CPU step went from 23 to 37 tokens/s with it). Eager code calls
     split_product directly: going through the operator costs about 15 µs a call."""
     return split_product(x, w, parts)
 
@@ -702,7 +702,6 @@ def load_model(path, dtype=torch.float32, device="cpu", layout="auto", parts=Non
     model.inv_freq = rope_inv_freq(config).to(device)
     store_weights(model, layout, parts)
     return model.eval()
-
 
 
 # ----------------------------------------------------------------------------------------------
