@@ -644,17 +644,15 @@ def speed(model, tok, prompts, args, profile, store: Store, rank: int = 0, world
     tokens = R.generate(model, tok, ids, budget=args.window + 1, policy="full", window=args.window, max_new_tokens=args.new_tokens,
                         packed=args.packed).tokens
     variants = {}  # name -> fn(observe) -> Generation or None
-    full = lambda packed: lambda cb: R.generate(  # noqa: E731
-        model, tok, ids, budget=args.window + 1, policy="full", window=args.window, max_new_tokens=len(tokens),
+    full = lambda packed, m=model: lambda cb: R.generate(  # noqa: E731
+        m, tok, ids, budget=args.window + 1, policy="full", window=args.window, max_new_tokens=len(tokens),
         hook=teacher_forced(tokens, cb), packed=packed)
     variants["FullKV, reference path"] = full(False)
     variants["FullKV, fast path"] = full(True)
     if args.layouts:  # the same fast path over a second copy of the weights laid out as loaded (model.store_weights)
-        rows = load_model(resolve_model_dir(args.model), dtype=model.embed.weight.dtype, device=model.embed.weight.device,
-                          layout="rows", parts=1)
-        variants["FullKV, fast path, row-major weights"] = lambda cb: R.generate(
-            rows, tok, ids, budget=args.window + 1, policy="full", window=args.window, max_new_tokens=len(tokens),
-            hook=teacher_forced(tokens, cb), packed=True)
+        variants["FullKV, fast path, row-major weights"] = full(True, load_model(
+            resolve_model_dir(args.model), dtype=model.embed.weight.dtype, device=model.embed.weight.device,
+            layout="rows", parts=1))
     if args.compiled:  # the first round (a warm-up) pays the compile
         variants["FullKV, compiled static step"] = lambda cb: compiled_decode(model, ids, tokens, cb, args.window)
     if not args.no_peer:

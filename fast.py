@@ -204,11 +204,10 @@ class PackedCache:
         cap, spare = self.k[layer].shape[1], self._spare(m)
         # The storage is reused while it holds the kept rows plus one `spare` (the appends until the next
         # compression) and at most `band` spares more (see the class attribute).
-        band = self.band
-        if not m + spare <= cap <= m + (1 + band) * spare:
+        if not m + spare <= cap <= m + (1 + self.band) * spare:
             # Trim (or grow) to the kept rows plus `spare`, plus half a band of slack so the next
             # compression, whose longest head may differ by some rows, can reuse the storage.
-            cap = m + spare + band * spare // 2
+            cap = m + spare + self.band * spare // 2
             self.k[layer] = k.new_zeros(k.shape[0], cap, D)
             self.v[layer] = v.new_zeros(v.shape[0], cap, D)
             self.pos[layer] = p.new_zeros(p.shape[0], cap)

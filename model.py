@@ -377,9 +377,9 @@ def split_product(x: torch.Tensor, w: torch.Tensor, parts: int) -> torch.Tensor:
 @torch.library.custom_op("reasonalloc::split_product", mutates_args=())
 def split_product_op(x: torch.Tensor, w: torch.Tensor, parts: int) -> torch.Tensor:
     """split_product as an operator of its own, for torch.compile to call as it is: Inductor would otherwise
-    fuse the bmm and its sum into a C++ loop of its own, which on this project's CPU read the weights at about
-    a quarter of MKL's speed (the compiled CPU step went from 23 to 37 tokens/s with it). Eager code calls
-    split_product directly: going through the operator costs about 15 µs a call."""
+    fuse the bmm and its sum into a C++ loop of its own, much slower than MKL's (the compiled CPU step went
+    from 23 to 37 tokens/s with the operator, `bench.py speed --compiled`). Eager code calls split_product
+    directly: going through the operator costs about 14 µs a call (`bench_gemv.py`)."""
     return split_product(x, w, parts)
 
 
@@ -615,10 +615,11 @@ def store_weights(model: Transformer, layout: str = "auto", parts: int | None = 
     A decode step is one matrix-vector product per projection, so its speed is the speed at which each
     weight is streamed. On the CPU, MKL's product with a row-major (out, in) weight, which is what
     `nn.Linear` and transformers use, reads about 15 GB/s on this project's 2-core machine, on one thread.
-    The same product over (in, out) storage (the weight column-major) reads 18-30 GB/s when the output is at
-    least as wide as the input (fused q/k/v, gate/up, the LM head) and less when it is narrower (the down
-    projection: 16 against 21 GB/s). Split over the 2 threads (`Linear`), the columns read 30-46 GB/s and
-    the down projection's rows 36 GB/s. `bench.py speed` measures the layouts side by side.
+    The same product over (in, out) storage (the weight column-major) reads up to 28 GB/s when the output is
+    wider than the input (fused q/k/v, gate/up, the LM head), the same when it is square, and less when it
+    is narrower (the down projection: 15 against 21 GB/s). Split over the 2 threads (`Linear`), the chosen
+    layouts read 23-40 GB/s. `python bench_gemv.py` measures this per shape; `bench.py speed --layouts`
+    times whole decode steps.
 
     layout: "auto" = "columns" on the CPU and "rows" elsewhere (cuBLAS reads either at full speed and
     spreads one product over the whole GPU, and the GPU step was tuned with rows); "columns" =

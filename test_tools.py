@@ -336,6 +336,20 @@ def test_bench_speed_compiled_row_decodes_the_forced_tokens(tiny_model):
     torch.testing.assert_close(torch.stack(again), torch.stack(ref[:len(tokens)]), rtol=1e-5, atol=1e-5)
 
 
+def test_bench_gemv_times_every_layout_of_each_shape(tiny_model):
+    """bench_gemv.py: one GB/s figure per layout that applies (a split only where `parts` divides the sliced side)."""
+    import bench_gemv as BM
+
+    shapes = BM.projection_shapes(tiny_model.config)
+    assert shapes["q/k/v"] == (16 * 4 + 2 * 16 * 2, 64) and shapes["down"] == (64, 96)
+    result = BM.measure({"wide": (12, 4), "odd": (5, 3)}, parts=2, repeats=1, min_bytes=1024, sum_bytes=1 << 20)
+    assert set(result["rows"]["wide"]) == {"rows, F.linear", "columns, F.linear", "rows, split", "columns, split"}
+    assert set(result["rows"]["odd"]) == {"rows, F.linear", "columns, F.linear"}  # 5 and 3 do not split in 2
+    assert all(v > 0 for row in result["rows"].values() for v in row.values()) and result["sum_gbs"] > 0
+    text = BM.table(result)
+    assert "| odd |" in text and "| — | — |" in text and "split_product_op" in text
+
+
 def test_bench_speed_times_both_weight_layouts_beside_transformers(tiny_dir, tmp_path, capsys):
     """bench.py speed --layouts: the fast path over the default layout and over the weights as loaded, beside
     transformers, each with its ratio and its range over the interleaved rounds."""
