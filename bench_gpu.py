@@ -56,8 +56,9 @@ LLAMA_31_8B = dict(
 BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s, datasheet (SXM parts)
 
 
-def build(config: dict, device, dtype, *, layers: int | None = None):
-    """(ours, transformers peer) sharing one set of random weights on `device`."""
+def build(config: dict, device, dtype, *, layers: int | None = None, layout="auto"):
+    """(ours, transformers peer) sharing one set of random weights on `device`, laid out by
+    model.store_weights(ours, layout) (the compiled peer runs our modules, so it reads the same layout)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = {**config, **({"num_hidden_layers": layers} if layers else {})}
@@ -76,18 +77,26 @@ def build(config: dict, device, dtype, *, layers: int | None = None):
         ours = M.Transformer(cfg)
     ours.load_state_dict(M.fuse_checkpoint(hf.state_dict(), cfg), strict=False, assign=True)
     ours.inv_freq = M.rope_inv_freq(cfg).to(device)
-    # The peer's q/k/v and gate/up become row slices (views) of our fused weights, so one copy is held.
+    for name, p in ours.named_parameters():
+        if p.is_meta:
+            raise AssertionError(f"{name} was not shared from the peer")
+    M.store_weights(ours, layout)
+    # transformers' weights become our tensors again (a column-major one is a new tensor), its q/k/v and gate/up
+    # row slices (views) of our fused weights, so one copy is held.
     for i, block in enumerate(ours.blocks):
         layer = hf.model.layers[i]
         for fused, sizes, parts in ((block.attn.wqkv.weight, block.attn.split,
                                      (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)),
                                     (block.mlp.w_gate_up.weight, (cfg.intermediate_size,) * 2,
-                                     (layer.mlp.gate_proj, layer.mlp.up_proj))):
-            for linear, rows in zip(parts, fused.split(sizes)):
+                                     (layer.mlp.gate_proj, layer.mlp.up_proj)),
+                                    (block.attn.wo.weight, None, (layer.self_attn.o_proj,)),
+                                    (block.mlp.w_down.weight, None, (layer.mlp.down_proj,))):
+            for linear, rows in zip(parts, fused.split(sizes) if sizes else (fused,)):
                 linear.weight = torch.nn.Parameter(rows, requires_grad=False)
-    for name, p in ours.named_parameters():
-        if p.is_meta:
-            raise AssertionError(f"{name} was not shared from the peer")
+    hf.lm_head.weight = torch.nn.Parameter(ours.lm_head.weight, requires_grad=False)
+    held = {p.untyped_storage().data_ptr() for p in ours.parameters()}
+    if any(p.untyped_storage().data_ptr() not in held for p in hf.parameters()):
+        raise AssertionError("transformers holds a weight of its own")
     return ours.eval(), hf, cfg
 
 
@@ -268,7 +277,7 @@ def main(args):
     dtype = M.DTYPES[args.dtype]
     name = torch.cuda.get_device_name() if torch.device(device).type == "cuda" else "cpu"
     bw = args.bandwidth * 1e9 if args.bandwidth else next((v for k, v in BANDWIDTH.items() if k in name), None)
-    model, hf, cfg = build(LLAMA_31_8B, device, dtype, layers=args.layers)
+    model, hf, cfg = build(LLAMA_31_8B, device, dtype, layers=args.layers, layout=args.layout)
     # Headroom for recompiles across contexts and budgets; past the limit dynamo runs eagerly.
     torch._dynamo.config.cache_size_limit = 64
     if args.tune:  # gpt-fast's setting, for the peer and ours alike: a one-row matrix product becomes a Triton
@@ -356,7 +365,8 @@ def main(args):
 
 def table(rows, name, bw, args) -> str:
     out = [f"\n{name}, bfloat16, batch 1, {args.steps} decode steps per cell, median of {args.repeats} interleaved "
-           f"repeat(s), roofline at {bw / 1e12:.2f} TB/s{', compiled with coordinate-descent tuning' * args.tune}\n"
+           f"repeat(s), roofline at {bw / 1e12:.2f} TB/s, weight layout {args.layout}"
+           f"{', compiled with coordinate-descent tuning' * args.tune}\n"
            if bw else f"\n{name}\n",
            "| context | implementation | tokens/s | vs transformers | peak GPU memory | K/V held | "
            "roofline tokens/s | fraction of roofline | warm-up (compile) | captures in the timed decode |",
@@ -471,7 +481,7 @@ def throughput(args):
     if cuda and not torch.cuda.is_available():
         raise ValueError("no CUDA device; run with --device cpu --layers 2 for a smoke test")
     name = torch.cuda.get_device_name() if cuda else "cpu"
-    model, hf, cfg = build(LLAMA_31_8B, device, M.DTYPES[args.dtype], layers=args.layers)
+    model, hf, cfg = build(LLAMA_31_8B, device, M.DTYPES[args.dtype], layers=args.layers, layout=args.layout)
     del hf  # its tensors are ours; only its container goes
     profile = made_up_wave(cfg.num_layers)
     batches = positive_list(args.batches, "--batches")
@@ -572,6 +582,9 @@ def parser():
     p.add_argument("--layers", type=int, default=0, help="fewer layers (a smoke test); 0 = the real 32")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", choices=list(M.DTYPES), default="bfloat16")
+    p.add_argument("--layout", choices=("auto", "rows", "columns"), default="auto",
+                   help="weight storage (model.store_weights), for ours and the compiled peer alike: auto = on a GPU the "
+                        "o, gate/up, down and LM head weights column-major (model.GPU_COLUMNS), rows = all as loaded")
     p.add_argument("--profile-steps", type=int, default=0, help="also profile this many decode steps of each cell of the "
                    "first context (reach --interval to include a compression)")
     p.add_argument("--modes", default="graph,compiled",

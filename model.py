@@ -608,7 +608,21 @@ def model_fingerprint(path: Path, *, samples: int = 16, sample_bytes: int = 1 <<
     return h.hexdigest()[:16]
 
 
-def store_weights(model: Transformer, layout: str = "auto", parts: int | None = None) -> Transformer:
+# Which projections "auto" stores column-major on a GPU: measured with bf16 Llama-3.1-8B shapes on one H100
+# (`python bench_gemv.py --device cuda`, README "GPU weight layout"): cuBLAS reads the o, gate/up, down and LM
+# head weights 1-15 % faster from (in, out) storage, and the fused q/k/v 6 % slower.
+GPU_COLUMNS = frozenset({"o", "gate/up", "down", "LM head"})
+
+
+def projections(model: Transformer) -> dict[str, list[Linear]]:
+    """Each kind of projection's Linear modules, under the names bench_gemv.py reports them by."""
+    blocks = model.blocks
+    return {"q/k/v": [b.attn.wqkv for b in blocks], "o": [b.attn.wo for b in blocks],
+            "gate/up": [b.mlp.w_gate_up for b in blocks], "down": [b.mlp.w_down for b in blocks],
+            "LM head": [model.lm_head]}
+
+
+def store_weights(model: Transformer, layout="auto", parts: int | None = None) -> Transformer:
     """Lay out the projection weights for a batch-1 decode step and say how many threads share each product
     (the values and shapes stay; only the storage order and `Linear.parts` change).
 
@@ -618,36 +632,42 @@ def store_weights(model: Transformer, layout: str = "auto", parts: int | None = 
     The same product over (in, out) storage (the weight column-major) reads up to 28 GB/s when the output is
     wider than the input (fused q/k/v, gate/up, the LM head), the same when it is square, and less when it
     is narrower (the down projection: 15 against 21 GB/s). Split over the 2 threads (`Linear`), the chosen
-    layouts read 23-40 GB/s. `python bench_gemv.py` measures this per shape; `bench.py speed --layouts`
-    times whole decode steps.
+    layouts read 23-40 GB/s. On an H100, cuBLAS picks its kernel by layout too (GPU_COLUMNS).
+    `python bench_gemv.py [--device cuda]` measures this per shape; `bench.py speed --layouts` times whole
+    decode steps on the CPU, `bench_gpu.py --layout` on the GPU.
 
-    layout: "auto" = "columns" on the CPU and "rows" elsewhere (cuBLAS reads either at full speed and
-    spreads one product over the whole GPU, and the GPU step was tuned with rows); "columns" =
-    column-major for every projection with out >= in (only the wide ones, by the measurement above),
-    "rows" = every weight row-major (contiguous), as loaded. A tied LM head moves with the embedding (one
-    tensor; the embedding then gathers a token's strided row, once a token).
-    parts: threads per product (default: torch.get_num_threads() on the CPU, 1 on the GPU); a weight
-    whose sliced dimension `parts` does not divide keeps 1."""
-    if layout not in ("auto", "columns", "rows"):
-        raise ValueError(f"layout must be auto, columns or rows, got {layout!r}")
+    layout: "auto" = "columns" on the CPU and GPU_COLUMNS elsewhere; "columns" = column-major for every
+    projection with out >= in (the wide ones, by the CPU measurement above); "rows" = every weight row-major
+    (contiguous), as loaded; or a collection of projection names (`projections`) to store column-major, the
+    rest row-major. A tied LM head moves with the embedding (one tensor; the embedding then gathers a token's
+    strided row, once a token).
+    parts: threads per product (default: torch.get_num_threads() on the CPU, 1 on the GPU, where one product
+    is spread over the whole device already); a weight whose sliced dimension `parts` does not divide keeps 1."""
+    groups = projections(model)
     cpu = model.embed.weight.device.type == "cpu"
-    if layout == "auto":
-        layout = "columns" if cpu else "rows"
+    if isinstance(layout, str):
+        if layout not in ("auto", "columns", "rows"):
+            raise ValueError(f"layout must be auto, columns, rows or a set of projection names, got {layout!r}")
+        if layout == "auto":
+            layout = "columns" if cpu else GPU_COLUMNS
+    if not isinstance(layout, str):
+        layout = frozenset(layout)
+        if unknown := layout - groups.keys():
+            raise ValueError(f"unknown projection name(s) {sorted(unknown)} in layout; known: {', '.join(groups)}")
     if parts is None:
         parts = torch.get_num_threads() if cpu else 1
     if parts < 1:
         raise ValueError(f"parts must be >= 1, got {parts}")
-    linears = [m for block in model.blocks for m in (block.attn.wqkv, block.attn.wo, block.mlp.w_gate_up,
-                                                     block.mlp.w_down)] + [model.lm_head]
-    for lin in linears:
-        w = lin.weight
-        out_features, in_features = w.shape
-        columns = layout == "columns" and out_features >= in_features
-        stored = w.t().contiguous().t() if columns else w.contiguous()
-        if stored is not w:
-            lin.weight = nn.Parameter(stored, requires_grad=w.requires_grad)
-        sliced = in_features if columns else out_features
-        lin.parts = parts if sliced % parts == 0 else 1
+    for name, linears in groups.items():
+        for lin in linears:
+            w = lin.weight
+            out_features, in_features = w.shape
+            columns = out_features >= in_features if layout == "columns" else layout != "rows" and name in layout
+            stored = w.t().contiguous().t() if columns else w.contiguous()
+            if stored is not w:
+                lin.weight = nn.Parameter(stored, requires_grad=w.requires_grad)
+            sliced = in_features if columns else out_features
+            lin.parts = parts if sliced % parts == 0 else 1
     if model.config.tie_word_embeddings:
         model.embed.weight = model.lm_head.weight
     return model

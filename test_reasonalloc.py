@@ -591,6 +591,14 @@ def test_weight_layouts_and_thread_split_equal_the_loaded_weights(tmp_path, tiny
             assert torch.equal(m.state_dict()[name], p), name
     with pytest.raises(ValueError, match="layout must be"):
         M.load_model(tmp_path, layout="blocked")
+    # A set of projection names: those column-major, the rest rows (the GPU's "auto", M.GPU_COLUMNS)
+    m = M.load_model(tmp_path, layout=M.GPU_COLUMNS, parts=1)
+    a = m.blocks[0]
+    assert a.attn.wqkv.weight.is_contiguous() and a.attn.wo.weight.stride(0) == 1 and a.mlp.w_down.weight.stride(0) == 1
+    assert m.embed.weight is m.lm_head.weight and m.lm_head.weight.stride(0) == 1
+    torch.testing.assert_close(logits(m), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown projection name"):
+        M.load_model(tmp_path, layout={"o", "gate"})
 
 
 # ----------------------------------------------------------------------------------------------

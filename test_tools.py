@@ -420,6 +420,17 @@ def test_bench_gpu_harness_runs_on_cpu():
     # One copy of the weights: the peer's q/k/v and gate/up are row slices of our fused tensors.
     fused = ours.blocks[1].attn.wqkv.weight
     assert hf.model.layers[1].self_attn.v_proj.weight.data_ptr() == fused[-c.num_kv_heads * c.head_dim:].data_ptr()
+    # The GPU's layout (o, gate/up, down and the LM head column-major), here on the CPU: transformers reads the
+    # same column-major tensors, and both still compute one function.
+    cols, hf_cols, _ = BG.build(cfg, "cpu", torch.float32, layers=2, layout=M.GPU_COLUMNS)
+    a, layer = cols.blocks[0], hf_cols.model.layers[0]
+    assert a.attn.wqkv.weight.is_contiguous() and all(w.stride(0) == 1 for w in (
+        a.attn.wo.weight, a.mlp.w_gate_up.weight, a.mlp.w_down.weight, cols.lm_head.weight))
+    assert layer.mlp.down_proj.weight.data_ptr() == a.mlp.w_down.weight.data_ptr()
+    assert hf_cols.lm_head.weight.data_ptr() == cols.lm_head.weight.data_ptr()
+    assert layer.mlp.up_proj.weight.data_ptr() == a.mlp.w_gate_up.weight[c.intermediate_size:].data_ptr()
+    with torch.inference_mode():
+        torch.testing.assert_close(cols(ids, Fa.new_cache(cols)), hf_cols(ids[None]).logits[0], rtol=1e-4, atol=1e-4)
     # The plain compiled FullKV peer computes what our model computes (its forward, eagerly: prefill, then a step).
     peer = BG.CompiledFullKV(ours, 320)
     with torch.inference_mode():
