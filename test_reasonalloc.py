@@ -87,6 +87,24 @@ def test_robustify_invariants_random():
         assert not (less & (out[:, None] > out[None, :])).any()
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_robustify_rows_gives_robustify_bits(seed):
+    """robustify_rows finds robustify's bisection scale by a search over float64 bit patterns: the same budgets,
+    bit for bit, on every row, the degenerate ones included (zero demand, totals at the floors, a zero power,
+    clips of 1, demands spread over twelve orders of magnitude)."""
+    g = torch.Generator().manual_seed(seed)
+    for trial in range(60):
+        n, k = int(torch.randint(1, 6, (1,), generator=g)), [1, 2, 3, 8, 16][trial % 5]
+        d = [torch.rand(n, k, generator=g) * 1000, torch.randint(0, 4, (n, k), generator=g).double(),
+             torch.zeros(n, k), torch.rand(n, k, generator=g) ** 12 * 1e6][trial % 4]
+        floor = [0, 1, 8][trial % 3]
+        total = max(k * floor + int(torch.randint(0, 3000, (1,), generator=g)) * (trial % 7 != 0), 1)  # at the floors
+        options = dict(power=[0.5, 1.0, 0.0][trial % 3], lo=[0.25, 0.0, 1.0][trial % 3], hi=[2.0, 1.0][trial % 2])
+        rows = R.robustify_rows(d, total, floor=floor, **options)
+        for i in range(n):
+            assert rows[i].tolist() == R.robustify(d[i], total, floor=floor, **options).tolist(), (trial, i)
+
+
 def test_robustify_errors():
     with pytest.raises(ValueError, match="cannot give each of 4 units its floor of 8"):
         R.robustify([1, 2, 3, 4], 20, floor=8)
