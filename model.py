@@ -646,24 +646,24 @@ def store_weights(model: Transformer, layout="auto", parts: int | None = None) -
     is spread over the whole device already); a weight whose sliced dimension `parts` does not divide keeps 1."""
     groups = projections(model)
     cpu = model.embed.weight.device.type == "cpu"
-    if isinstance(layout, str):
-        if layout not in ("auto", "columns", "rows"):
+    wide = {name for name, linears in groups.items() if linears[0].out_features >= linears[0].in_features}
+    if isinstance(layout, str):  # each named layout is a set of the projections stored column-major
+        named = {"auto": wide if cpu else GPU_COLUMNS, "columns": wide, "rows": set()}
+        if layout not in named:
             raise ValueError(f"layout must be auto, columns, rows or a set of projection names, got {layout!r}")
-        if layout == "auto":
-            layout = "columns" if cpu else GPU_COLUMNS
-    if not isinstance(layout, str):
-        layout = frozenset(layout)
-        if unknown := layout - groups.keys():
-            raise ValueError(f"unknown projection name(s) {sorted(unknown)} in layout; known: {', '.join(groups)}")
+        layout = named[layout]
+    layout = frozenset(layout)
+    if unknown := layout - groups.keys():
+        raise ValueError(f"unknown projection name(s) {sorted(unknown)} in layout; known: {', '.join(groups)}")
     if parts is None:
         parts = torch.get_num_threads() if cpu else 1
     if parts < 1:
         raise ValueError(f"parts must be >= 1, got {parts}")
     for name, linears in groups.items():
+        columns = name in layout
         for lin in linears:
             w = lin.weight
             out_features, in_features = w.shape
-            columns = out_features >= in_features if layout == "columns" else layout != "rows" and name in layout
             stored = w.t().contiguous().t() if columns else w.contiguous()
             if stored is not w:
                 lin.weight = nn.Parameter(stored, requires_grad=w.requires_grad)
