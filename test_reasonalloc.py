@@ -1006,17 +1006,31 @@ def test_packed_scores_and_selection_equal_reference_other_policies(tiny_model, 
 
 
 def test_packed_redundancy_in_row_blocks_equals_per_head():
+    """Every head's redundancy over its own rows, in one padded block or in row blocks, with the heads in one
+    group or in groups of similar length (lengths given), whatever the padding holds (here NaN)."""
     torch.manual_seed(0)
-    k = torch.randn(3, 50, 16)
+    k = torch.randn(4, 50, 16)
     k[:, 20] = k[:, 5] * 2  # planted duplicates
-    n = torch.tensor([50, 31, 12])
+    n = torch.tensor([50, 31, 12, 45])
+    for h in range(4):
+        k[h, n[h]:] = float("nan")
     for quirk in (True, False):
-        for chunk in (1 << 26, 3 * 50 * 7):  # one block, and blocks of 7 rows
-            got = Fa.redundancy(k, n, zero_col0_quirk=quirk, chunk_elems=chunk)
-            for h in range(3):
-                want = E.redundancy(k[h, :n[h]], zero_col0_quirk=quirk)
-                torch.testing.assert_close(got[h, :n[h]], want, rtol=1e-6, atol=1e-7)
-                assert (got[h, n[h]:] == 0).all()
+        for threshold in (0.5, -0.1):  # below 0, padding's zero cosines must still not count as similar
+            for chunk in (1 << 26, 4 * 50 * 7):  # one block, and blocks of 7 rows
+                for lengths in (None, n):
+                    got = Fa.redundancy(k, n, zero_col0_quirk=quirk, sim_threshold=threshold, chunk_elems=chunk,
+                                        lengths=lengths)
+                    for h in range(4):
+                        want = E.redundancy(k[h, :n[h]], zero_col0_quirk=quirk, sim_threshold=threshold)
+                        torch.testing.assert_close(got[h, :n[h]], want, rtol=1e-6, atol=1e-7)
+                        assert (got[h, n[h]:] == 0).all()
+
+
+def test_length_groups_by_hand():
+    """Longest first; a head joins while it holds at least 3/4 of its group's longest; empty heads are left out."""
+    assert Fa.length_groups([50, 31, 12, 45, 0, 38]) == [([0, 3, 5], 50), ([1], 31), ([2], 12)]
+    assert Fa.length_groups([8, 8, 8]) == [([0, 1, 2], 8)]
+    assert Fa.length_groups([0, 0]) == []
 
 
 def test_packed_cache_appends_in_place_and_trims_to_budget_plus_interval(tiny_model):
