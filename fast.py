@@ -24,6 +24,17 @@ import torch.nn.functional as F
 import evict
 from model import HeadCache, ModelConfig, Transformer, check_context
 
+
+def to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device`, without making the host wait: a plain copy to a GPU waits for all the work
+    queued before it, a copy from pinned memory is queued behind that work instead (PyTorch keeps the pinned
+    block until the copy is done). A compression's few small host-made tensors go this way, so the host can run
+    ahead of the GPU (uniform R-KV's compression then never waits for it)."""
+    device = torch.device(device)
+    if device.type != "cuda" or x.device.type != "cpu":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
 # ----------------------------------------------------------------------------------------------
 # The cache
 
@@ -393,12 +404,17 @@ def redundancy(k, n, *, sim_threshold=0.5, zero_col0_quirk=True, chunk_elems: in
     own length, instead of all at the longest."""
     out = torch.zeros(k.shape[:2], dtype=k.dtype, device=k.device)
     groups = length_groups(lengths.tolist()) if lengths is not None else [(None, k.shape[1])]
+    if len(groups) == 1 and (groups[0][0] is None or len(groups[0][0]) == k.shape[0]):  # every head: no gather
+        out[:, :groups[0][1]] = _redundancy(k[:, :groups[0][1]], n, sim_threshold, zero_col0_quirk, chunk_elems)
+        return out
+    # The heads longest first, as length_groups orders them (a stable sort on both sides), sorted on the device:
+    # each group is then a slice of `order`, with no index list sent from the host.
+    order = torch.sort(n, descending=True, stable=True).indices
+    start = 0
     for heads, S in groups:
-        if heads is None or len(heads) == k.shape[0]:  # every head: no gather
-            out[:, :S] = _redundancy(k[:, :S], n, sim_threshold, zero_col0_quirk, chunk_elems)
-        else:
-            idx = torch.tensor(heads, device=k.device)
-            out[idx, :S] = _redundancy(k[idx, :S], n[idx], sim_threshold, zero_col0_quirk, chunk_elems)
+        idx = order[start:start + len(heads)]
+        start += len(heads)
+        out[idx, :S] = _redundancy(k[idx, :S], n[idx], sim_threshold, zero_col0_quirk, chunk_elems)
     return out
 
 

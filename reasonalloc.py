@@ -323,7 +323,10 @@ def head_demand_rows(scores: torch.Tensor, held: torch.Tensor, layer_budget, *, 
     elif utility != "raw":
         raise ValueError(f"head_demand_rows pools 'length' or 'raw' utilities, not {utility!r}")
     evictable = (held - window).clamp(min=0)  # (n, Hk)
-    k = Hk * (torch.as_tensor(layer_budget, dtype=torch.long, device=s.device).expand(n) - window)  # (n,)
+    from fast import to_device
+
+    budget = to_device(torch.as_tensor(layer_budget, dtype=torch.long, device="cpu"), s.device)  # no wait for the device
+    k = Hk * (budget.expand(n) - window)  # (n,)
     # A stable sort of the flattened (Hk·S) row orders ties by head, then by row: the order of the pooled lists;
     # each row's first k entries win (none when k <= 0).
     top = torch.sort(s.view(n, Hk * S), dim=1, descending=True, stable=True).indices
@@ -507,7 +510,7 @@ def compress_sequences(cache, layer_b: torch.Tensor, allocator: str, policy: str
     rows = torch.tensor([i for i in range(n) if due[i]], dtype=torch.long, device="cpu")
     budgets = cache.n.view(L, n, Hk).clone()  # (L, n, Hk); not due: a budget of what a head holds keeps every token
     dev = cache.k[0].device
-    dev_rows, r = rows.to(dev), len(rows)
+    dev_rows, r = (slice(None) if len(rows) == n else fast.to_device(rows, dev)), len(rows)  # all due: no index
     for layers in fast.layer_groups(cache):
         g = slice(layers[0], layers[-1] + 1)
         s = fast.score_layers(cache, layers, policy, **(policy_options or {}))  # (len(layers)·H, S)
@@ -521,7 +524,8 @@ def compress_sequences(cache, layer_b: torch.Tensor, allocator: str, policy: str
             budgets[g, rows] = b.view(-1, r, Hk)
         if policy == "full":  # "full" never evicts (as evict.compress_layer)
             continue
-        b, b_dev = budgets[g].reshape(-1), budgets[g].reshape(-1).to(dev)
+        b = budgets[g].reshape(-1)
+        b_dev = fast.to_device(b, dev)
         keep, counts = fast.keep_rows(s, cache.n[g].reshape(-1), b, cache.window,
                                       on_device=(held_dev.reshape(-1), b_dev))
         counts_dev = torch.minimum(held_dev.reshape(-1), b_dev)

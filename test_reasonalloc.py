@@ -1009,18 +1009,18 @@ def test_packed_redundancy_in_row_blocks_equals_per_head():
     """Every head's redundancy over its own rows, in one padded block or in row blocks, with the heads in one
     group or in groups of similar length (lengths given), whatever the padding holds (here NaN)."""
     torch.manual_seed(0)
-    k = torch.randn(4, 50, 16)
+    k = torch.randn(6, 50, 16)
     k[:, 20] = k[:, 5] * 2  # planted duplicates
-    n = torch.tensor([50, 31, 12, 45])
-    for h in range(4):
+    n = torch.tensor([50, 31, 12, 45, 31, 40])  # groups [0, 3, 5], [1, 4] (a tie), [2]
+    for h in range(6):
         k[h, n[h]:] = float("nan")
     for quirk in (True, False):
         for threshold in (0.5, -0.1):  # below 0, padding's zero cosines must still not count as similar
-            for chunk in (1 << 26, 4 * 50 * 7):  # one block, and blocks of 7 rows
+            for chunk in (1 << 26, 6 * 50 * 7):  # one block, and blocks of 7 rows
                 for lengths in (None, n):
                     got = Fa.redundancy(k, n, zero_col0_quirk=quirk, sim_threshold=threshold, chunk_elems=chunk,
                                         lengths=lengths)
-                    for h in range(4):
+                    for h in range(6):
                         want = E.redundancy(k[h, :n[h]], zero_col0_quirk=quirk, sim_threshold=threshold)
                         torch.testing.assert_close(got[h, :n[h]], want, rtol=1e-6, atol=1e-7)
                         assert (got[h, n[h]:] == 0).all()
