@@ -441,8 +441,9 @@ def _redundancy(k, n, sim_threshold, zero_col0_quirk, chunk_elems):
         found = hit.bool()
         newest = torch.where(found, S - 1 - last, 0)[..., None]  # (Hk, r, 1); 0 where none (R-KV's quirk)
         zero = torch.zeros((), dtype=cos.dtype, device=cos.device)
+        # Quirk off: a row without a hit keeps its entry (its own value written back).
         cos.scatter_(2, newest, zero.expand(newest.shape) if zero_col0_quirk else
-                     torch.where(found[..., None], zero, cos.gather(2, newest)))  # quirk off: rows without a hit keep theirs
+                     torch.where(found[..., None], zero, cos.gather(2, newest)))
         colsum += cos.sum(dim=1)
     mean = colsum / n.clamp(min=1)[:, None].to(k.dtype)
     return torch.softmax(mean.masked_fill(~valid, float("-inf")), dim=-1)  # (Hk, S)

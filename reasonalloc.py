@@ -325,7 +325,7 @@ def head_demand_rows(scores: torch.Tensor, held: torch.Tensor, layer_budget, *, 
     evictable = (held - window).clamp(min=0)  # (n, Hk)
     from fast import to_device
 
-    budget = to_device(torch.as_tensor(layer_budget, dtype=torch.long, device="cpu"), s.device)  # no wait for the device
+    budget = to_device(torch.as_tensor(layer_budget, dtype=torch.long, device="cpu"), s.device)  # without a wait
     k = Hk * (budget.expand(n) - window)  # (n,)
     # A stable sort of the flattened (Hk·S) row orders ties by head, then by row: the order of the pooled lists;
     # each row's first k entries win (none when k <= 0).
