@@ -121,7 +121,7 @@ def run_ours(model, ids, steps, *, budget=None, allocator="reasonalloc", interva
     static cache. Returns (decode seconds, mean K/V tokens held while decoding, cache bytes allocated, (graph
     captures, seconds spent capturing and compiling) inside the timed decode)."""
     cfg = model.config
-    cache = fast.new_cache(model, window, spare=interval)
+    cache = fast.new_cache(model, window, spare=interval, queries=bool(budget))  # FullKV is never scored
     layer_b = None
     if budget:
         layer_b = R.layer_budgets(allocator, cfg.num_layers, budget, window=window, profile=profile)

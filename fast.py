@@ -64,10 +64,14 @@ class PackedCache:
     band = 1
 
     def __init__(self, config: ModelConfig, window: int = 8, *, dtype=torch.float32, device="cpu",
-                 spare: int = 128):
+                 spare: int = 128, queries: bool = True):
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self.config, self.window, self.spare = config, window, max(int(spare), 1)
+        # queries=False: the w newest queries are not kept. Only the policies read them, so a cache that is never
+        # compressed (FullKV) has no use for them, and keeping them costs a copy per layer per step (on the GPU,
+        # 32 of a step's ~500 kernels at Llama-3.1-8B's shapes).
+        self.queries = queries
         L, Hk, D = config.num_layers, config.num_kv_heads, config.head_dim
         self.k = [torch.empty(Hk, 0, D, dtype=dtype, device=device) for _ in range(L)]
         self.v = [torch.empty(Hk, 0, D, dtype=dtype, device=device) for _ in range(L)]
@@ -115,8 +119,14 @@ class PackedCache:
         return [self.head(layer, h) for h in range(self.config.num_kv_heads)]
 
     def window_queries(self, layer: int, kv_head: int) -> torch.Tensor:
+        self.check_queries()
         G = self.config.group_size
         return self.q_win[layer][kv_head * G:(kv_head + 1) * G]
+
+    def check_queries(self):
+        if not self.queries:
+            raise ValueError("this cache keeps no window queries (made with queries=False, for a run that never "
+                             "compresses), so its heads cannot be scored; make it with queries=True")
 
     def _spare(self, rows: int) -> int:
         """Spare rows beside `rows` held: `spare`, but at most max(rows, 64), so memory follows holdings."""
@@ -149,8 +159,9 @@ class PackedCache:
             heads, rows = self.heads, self.n_dev[layer]
             K[heads, rows], V[heads, rows], P[heads, rows] = k[0], v[0], pos[:, 0]
             self.n_dev[layer] += 1
-            qw = self.q_win[layer]
-            qw.copy_(torch.cat([qw[:, 1:], q.transpose(0, 1)], dim=1))
+            if self.queries:
+                qw = self.q_win[layer]
+                qw.copy_(torch.cat([qw[:, 1:], q.transpose(0, 1)], dim=1))
             return
         n = self.n[layer]
         self._reserve(layer, int(n.max()) + T)
@@ -167,7 +178,8 @@ class PackedCache:
                 K[h, t:t + T], V[h, t:t + T], P[h, t:t + T] = k[:, h], v[:, h], pos[h]
         self.n[layer] += T
         self.n_dev[layer] += T
-        self.q_win[layer] = torch.cat([self.q_win[layer], q.transpose(0, 1)], dim=1)[:, -self.window:]
+        if self.queries:
+            self.q_win[layer] = torch.cat([self.q_win[layer], q.transpose(0, 1)], dim=1)[:, -self.window:]
 
     def attend(self, layer: int, q: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
         """(T, Hq, D): all heads of `layer` in one fused attention call (scaled_dot_product_attention, softmax
@@ -237,10 +249,11 @@ class PackedCache:
         return sum(k.nbytes + v.nbytes for k, v in zip(self.k, self.v))
 
 
-def new_cache(model: Transformer, window: int = 8, *, spare: int = 128) -> PackedCache:
-    """An empty PackedCache in the model's dtype and device (equals model.new_cache(window))."""
+def new_cache(model: Transformer, window: int = 8, *, spare: int = 128, queries: bool = True) -> PackedCache:
+    """An empty PackedCache in the model's dtype and device (equals model.new_cache(window)); queries=False for
+    a cache that is never compressed (see PackedCache)."""
     p = model.embed.weight
-    return PackedCache(model.config, window, dtype=p.dtype, device=p.device, spare=spare)
+    return PackedCache(model.config, window, dtype=p.dtype, device=p.device, spare=spare, queries=queries)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,6 +292,8 @@ class BatchCache(PackedCache):
             raise ValueError("no sequences to batch")
         c0 = caches[0]
         config, Hk, D = c0.config, c0.config.num_kv_heads, c0.config.head_dim
+        for c in caches:
+            c.check_queries()
         short = [i for i, c in enumerate(caches) if c.q_win[0].shape[1] < c.window]
         if short:
             raise ValueError(f"sequence(s) {short} hold fewer than window = {c0.window} tokens; a batched step "
@@ -487,6 +502,7 @@ def score_layers(cache: PackedCache, layers: list[int], policy: str = "rkv", **o
     on a GPU waits on the host's launches, not on this arithmetic. Rows equal score_packed's, up to the
     rounding of sums over the longer padding."""
     evict.get_policy(policy)
+    cache.check_queries()
     S = max(int(cache.n[l].max()) for l in layers)
     Hk, G, w = cache.config.num_kv_heads, cache.config.group_size, cache.window
     n = torch.cat([cache.n_dev[l] for l in layers])
@@ -652,7 +668,7 @@ class GraphDecoder:
         the (n, vocab) float32 logits."""
         c = self.cache
         check_context(self.model.config, int(c.positions().max()) + 1)
-        if c.q_win[0].shape[1] < c.window:
+        if c.queries and c.q_win[0].shape[1] < c.window:
             raise ValueError(f"GraphDecoder needs at least window = {c.window} tokens in the cache first")
         for layer in range(len(c)):
             c._reserve(layer, int(c.n[layer].max()) + 2)  # room for this step (and a warm-up step)

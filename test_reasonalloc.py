@@ -1098,6 +1098,28 @@ def test_graph_decoder_static_step_equals_eager_packed(tiny_model):
         Fa.GraphDecoder(tiny_model, tiny_model.new_cache(8))
 
 
+def test_cache_without_window_queries_decodes_the_same_and_refuses_scoring(tiny_model):
+    """queries=False (a FullKV run that never compresses): the same logits, eager and in the static step, with
+    no window queries kept; scoring, compressing or batching it is refused with a clear error."""
+    force = ((torch.arange(12) * 7 + 3) % 97).tolist()
+    logits = []
+    for queries in (True, False):
+        for graph in (False, True):
+            cache = Fa.new_cache(tiny_model, 8, spare=4, queries=queries)
+            out = [tiny_model(TINY_PROMPT, cache)[-1]]
+            step = Fa.GraphDecoder(tiny_model, cache) if graph else (lambda t: tiny_model(torch.tensor([t]), cache))
+            out += [step(t)[-1] for t in force]
+            logits.append(torch.stack(out))
+            assert cache.q_win[0].shape[1] == (8 if queries else 0)
+    for other in logits[1:]:
+        torch.testing.assert_close(other, logits[0], rtol=1e-5, atol=1e-5)
+    for call in (lambda: R.compress(cache, torch.tensor([14, 10, 12]), "reasonalloc", "rkv"),
+                 lambda: Fa.score_packed(cache, 0, "rkv"), lambda: cache.window_queries(0, 0),
+                 lambda: Fa.BatchCache.stack([cache])):
+        with pytest.raises(ValueError, match="queries=True"):
+            call()
+
+
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("cl") is None,
                     reason="torch.compile's CPU backend needs a C++ compiler")
 def test_compiled_static_step_equals_eager(tiny_model):
