@@ -245,11 +245,12 @@ def adakv_head_budgets(scores: list[torch.Tensor], layer_budget: int, *, window:
 
 
 def round_rows(x: torch.Tensor, total, prefer: torch.Tensor | None = None) -> torch.Tensor:
-    """round_to_total of every row of x (n, k) float64, row i to total[i] (an int: the same for every row)."""
+    """round_to_total of every row of x (n, k) float64, row i to total[i] (an int: the same for every row), on x's
+    device (checked there only on the CPU: a check on a GPU would make the host wait for it)."""
     base = torch.floor(x + 1e-9).long()
     total = torch.as_tensor(total, dtype=torch.long, device=x.device)
     short = total - base.sum(dim=1)  # (n,)
-    if ((short < 0) | (short > x.shape[1])).any():
+    if x.device.type == "cpu" and ((short < 0) | (short > x.shape[1])).any():
         raise AssertionError(f"cannot round rows of {x.tolist()} to totals {total.tolist()}")
     n, k = x.shape
     order = torch.arange(k, device=x.device).expand(n, k)
@@ -261,21 +262,41 @@ def round_rows(x: torch.Tensor, total, prefer: torch.Tensor | None = None) -> to
     return base.scatter_add(1, order, bump)
 
 
+def left_sum(t: torch.Tensor) -> torch.Tensor:
+    """Σ over the last dim, added from the left as Python's sum adds: the same bits on every device (a GPU's sum
+    or cumsum promises no order)."""
+    acc = t[..., 0]
+    for j in range(1, t.shape[-1]):
+        acc = acc + t[..., j]
+    return acc
+
+
+# robustify_rows' search: the float64 bit patterns it searches span less than 2^63, and each round cuts a row's
+# span to at most span // (tries + 1) + 1, so 11 rounds of 63 tries end every row (rows that end early stay put).
+SEARCH_TRIES, SEARCH_ROUNDS = 63, 11
+
+
 def robustify_rows(demand: torch.Tensor, total, *, power: float = 0.5, lo: float = 0.25, hi: float = 2.0,
                    floor: int = 0) -> torch.Tensor:
-    """robustify of every row of demand (n, k), row i to total[i] (an int: the same for every row), on the CPU.
-    The same scale as robustify's bisection, every row at once (found by a search over float64 bit patterns,
-    see below). Its sums are a CPU cumsum's last column: a running sum from the left, as robustify's Python
-    sum, so each row gives robustify's bits (tested); a handful of tensor ops per search round for all rows
-    (one compression splits every layer in one call)."""
-    d = demand.to("cpu", torch.float64)
-    if torch.isnan(d).any() or (d < 0).any():
+    """robustify of every row of demand (n, k), row i to total[i] (an int: the same for every row), on demand's
+    device. The same scale as robustify's bisection, every row at once (found by a search over float64 bit
+    patterns, see below), with its sums added from the left as robustify's Python sums: each row gives
+    robustify's bits (tested on the CPU; on a GPU too where demand ** power rounds as on the CPU, as the
+    default 0.5, a square root, does). A fixed number of rounds of a handful of tensor ops and no value read
+    back, so on a GPU the split queues behind the scores and the host never waits for it. Inputs are checked
+    on the CPU only."""
+    d = demand.to(torch.float64)
+    dev = d.device
+    if dev.type == "cpu" and (torch.isnan(d).any() or (d < 0).any()):
         raise ValueError(f"demand must be non-negative numbers, got {d.tolist()}")
     n, k = d.shape
     total = torch.as_tensor(total, dtype=torch.long, device="cpu").expand(n)
     if (total < k * floor).any():
         raise ValueError(f"totals {total.tolist()} cannot give each of {k} units its floor of {floor}")
     tot = total.double()  # exact: totals stay far below 2^53 (MAX_BUDGET)
+    if dev.type != "cpu":
+        tot = tot.pin_memory().to(dev, non_blocking=True)  # without a wait (fast.to_device)
+    total = tot.long()
     m = tot / k  # (n,), as robustify's total / n
     low = (lo * m).clamp(min=floor)[:, None]  # max(lo·m, floor)
     high = torch.stack([hi * m, lo * m, m.clamp(min=floor)]).max(dim=0).values[:, None]  # max(hi·m, lo·m, floor, m)
@@ -286,27 +307,31 @@ def robustify_rows(demand: torch.Tensor, total, *, power: float = 0.5, lo: float
     x = x / x.max(dim=1, keepdim=True).values + 1e-12
 
     def filled(s):  # (n, c) Σ clip(s·x, low, high) at c scales s (n, c) per row, summed from the left
-        return torch.clamp(x[:, None, :] * s[:, :, None], low[:, :, None], high[:, :, None]).cumsum(dim=2)[..., -1]
+        return left_sum(torch.clamp(x[:, None, :] * s[:, :, None], low[:, :, None], high[:, :, None]))
 
     # robustify's bisection, run to the last bit, ends at the smallest float64 b with filled(b) >= total:
     # filled is non-decreasing in s (each s·x rounds monotonically; a clip and a running sum keep the order).
     # Non-negative float64s are ordered as their bit patterns, so the same b is found by searching the patterns
-    # `tries` at a time: about 11 rounds of one (n, tries, k) evaluation instead of ~60 bisection steps.
-    tries = 63
-    a = torch.zeros(n, dtype=torch.long, device="cpu")  # the bits of 0.0: filled(a) < total (or a == 0)
-    b = torch.tensor(2.0 ** 1000, dtype=torch.float64, device="cpu").view(torch.long).expand(n)  # past the clips
-    step = torch.arange(1, tries + 1, device="cpu")
-    while bool((b - a > 1).any()):
+    # SEARCH_TRIES at a time: 11 rounds of one (n, tries, k) evaluation instead of ~60 bisection steps.
+    tries = SEARCH_TRIES
+    a = torch.zeros(n, dtype=torch.long, device=dev)  # the bits of 0.0: filled(a) < total (or a == 0)
+    b = torch.tensor(2.0 ** 1000, dtype=torch.float64, device=dev).view(torch.long).expand(n)  # past the clips
+    step = torch.arange(1, tries + 1, device=dev)
+    for _ in range(SEARCH_ROUNDS):
         q, rem = (b - a) // (tries + 1), (b - a) % (tries + 1)  # (b - a)·j/(tries + 1) without overflow
         cand = a[:, None] + q[:, None] * step + rem[:, None] * step // (tries + 1)  # (n, tries), ascending
         below = (filled(cand.view(torch.float64)) < tot[:, None]).sum(dim=1, keepdim=True)  # a prefix is below
         ends = torch.cat([a[:, None], cand, b[:, None]], dim=1)
-        a, b = ends.gather(1, below)[:, 0], ends.gather(1, below + 1)[:, 0]
+        going = b - a > 1
+        a, b = torch.where(going, ends.gather(1, below)[:, 0], a), torch.where(going, ends.gather(1, below + 1)[:, 0], b)
+    if dev.type == "cpu":
+        assert bool((b - a <= 1).all()), "the bit-pattern search did not finish in SEARCH_ROUNDS rounds"
     b = b.view(torch.float64)
     r = torch.clamp(x * b[:, None], low, high)
-    r = r * (tot / r.cumsum(dim=1)[:, -1])[:, None]
+    r = r * (tot / left_sum(r))[:, None]
     out = round_rows(r, total, prefer=d)
-    assert bool((out.sum(dim=1) == total).all()) and bool((out >= floor).all())
+    if dev.type == "cpu":
+        assert bool((out.sum(dim=1) == total).all()) and bool((out >= floor).all())
     return out
 
 
@@ -337,8 +362,8 @@ def head_demand_rows(scores: torch.Tensor, held: torch.Tensor, layer_budget, *, 
 
 def head_budgets_rows(scores, held, layer_budget, *, window=8, beta=0.5, mu=0.25, hi=2.0, utility="length",
                       normalize_heads=False, **_):
-    """head_budgets of every row (see head_demand_rows for the layout)."""
-    r = head_demand_rows(scores, held, layer_budget, window=window, utility=utility).cpu()  # the one host sync
+    """head_budgets of every row (see head_demand_rows for the layout), on the scores' device."""
+    r = head_demand_rows(scores, held, layer_budget, window=window, utility=utility)
     total = held.shape[1] * torch.as_tensor(layer_budget, dtype=torch.long, device="cpu")
     return robustify_rows(r, total, power=beta, lo=mu, hi=hi, floor=window)
 
@@ -357,7 +382,8 @@ def head_rule_rows(rule, scores: torch.Tensor, held: torch.Tensor, layer_budget,
                    **options) -> torch.Tensor:
     """Head budgets (n, Hk) of every row (a sequence's heads in one layer) by the head rule `rule`, layer_budget
     an int or (n,) one per row: its row-wise twin where there is one, else the rule on each row's per-head
-    lists (e.g. utility "rank")."""
+    lists (e.g. utility "rank"). On the host, but on the scores' device from head_budgets_rows (ReasonAlloc's
+    rule), which reads nothing back."""
     n, Hk, _ = scores.shape
     budget = torch.as_tensor(layer_budget, dtype=torch.long, device="cpu").expand(n)
     if rule is uniform_heads:
@@ -499,8 +525,9 @@ def compress_sequences(cache, layer_b: torch.Tensor, allocator: str, policy: str
     group is one batch: scored in one call (fast.score_layers), its head budgets split by the allocator's head
     rule in one call (the row-wise twin, head_rule_rows: one row per layer and sequence), and its rows
     selected in one sort (fast.keep_rows), before each layer's storage is packed. A batch-1 step on a GPU is
-    bound by the host launching kernels, so this keeps a compression to a few hundred launches and one wait for
-    the device per group. Returns, per due sequence (None for the others), its head budgets (L, Hk) and
+    bound by the host launching kernels, so this keeps a compression to a few hundred launches and at most one
+    wait for the device per group (ReasonAlloc's head budgets, read back after they are split on the device;
+    uniform heads need none), and that wait comes after all the group's scoring and splitting is queued. Returns, per due sequence (None for the others), its head budgets (L, Hk) and
     (positions=True) its kept positions [l][h]."""
     import fast
 
@@ -521,7 +548,8 @@ def compress_sequences(cache, layer_b: torch.Tensor, allocator: str, policy: str
                                held_dev[:, dev_rows].reshape(-1, Hk),
                                layer_b[g, None].long().expand(-1, r).reshape(-1), window=cache.window,
                                **(head_options or {}))
-            budgets[g, rows] = b.view(-1, r, Hk)
+            budgets[g, rows] = b.view(-1, r, Hk).cpu()  # ReasonAlloc's split ran on the device: the one wait for it
+            assert bool((budgets[g, rows].sum(dim=2) == Hk * layer_b[g, None].long()).all()), "budgets must sum to Hk·B_l"
         if policy == "full":  # "full" never evicts (as evict.compress_layer)
             continue
         b = budgets[g].reshape(-1)
