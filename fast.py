@@ -217,28 +217,42 @@ class PackedCache:
     def keep(self, layer: int, rows: torch.Tensor, counts: torch.Tensor, counts_dev: torch.Tensor | None = None):
         """Compress `layer` in place: rows (Hk, m) ascending row indices (padded past counts[h]),
         counts (Hk,) how many each head keeps (counts_dev: the same on the device, if the caller has it).
-        Packs them to the front and trims the capacity."""
+        Packs them to the front and trims the capacity: pack, then settle."""
+        self.pack(layer, rows, counts if counts_dev is None else counts_dev)
+        self.settle(layer, counts)
+
+    def pack(self, layer: int, rows: torch.Tensor, counts_dev: torch.Tensor):
+        """keep's first half, on the device with nothing read back: the rows (Hk, m) (m at most the capacity)
+        moved to the front of the storage in place, and the device lengths set to counts_dev (Hk,). The host's
+        lengths are those from before until settle, so a caller can queue every layer's packing before it waits
+        for counts it does not know yet (ReasonAlloc's head budgets, split on the device)."""
         m = rows.shape[1]
         idx = rows.to(self.k[layer].device)
         D = self.k[layer].shape[2]
         k = torch.gather(self.k[layer], 1, idx[:, :, None].expand(-1, -1, D))
         v = torch.gather(self.v[layer], 1, idx[:, :, None].expand(-1, -1, D))
         p = torch.gather(self.pos[layer], 1, idx)
-        cap, spare = self.k[layer].shape[1], self._spare(m)
+        self.k[layer][:, :m], self.v[layer][:, :m], self.pos[layer][:, :m] = k, v, p
+        self.n_dev[layer].copy_(counts_dev)
+
+    def settle(self, layer: int, counts: torch.Tensor):
+        """keep's second half, on the host: the host's lengths set to counts (Hk,), and the capacity trimmed."""
+        m, cap = int(counts.max()), self.k[layer].shape[1]
+        spare = self._spare(m)
         # The storage is reused while it holds the kept rows plus one `spare` (the appends until the next
         # compression) and at most `band` spares more (see the class attribute).
         if not m + spare <= cap <= m + (1 + self.band) * spare:
             # Trim (or grow) to the kept rows plus `spare`, plus half a band of slack so the next
             # compression, whose longest head may differ by some rows, can reuse the storage.
             cap = m + spare + self.band * spare // 2
-            self.k[layer] = k.new_zeros(k.shape[0], cap, D)
-            self.v[layer] = v.new_zeros(v.shape[0], cap, D)
-            self.pos[layer] = p.new_zeros(p.shape[0], cap)
+            for name in ("k", "v", "pos"):
+                old = getattr(self, name)[layer]
+                new = old.new_zeros(old.shape[0], cap, *old.shape[2:])
+                new[:, :m] = old[:, :m]
+                getattr(self, name)[layer] = new
         # else: already within one spare of that size, so reuse the storage in place; its address stays,
         # and a captured CUDA graph (GraphDecoder) stays valid across the compression.
-        self.k[layer][:, :m], self.v[layer][:, :m], self.pos[layer][:, :m] = k, v, p
         self.n[layer] = counts.cpu()
-        self.n_dev[layer].copy_(counts if counts_dev is None else counts_dev)
 
     def nbytes(self) -> int:
         """K and V bytes held by the heads (padding excluded, to compare with KVCache.nbytes())."""
@@ -551,18 +565,21 @@ def layer_groups(cache: PackedCache, max_rows: int = 1 << 21) -> list[list[int]]
     return groups
 
 
-def keep_rows(scores: torch.Tensor, n: torch.Tensor, budgets: torch.Tensor, window: int, *, on_device=None):
+def keep_rows(scores: torch.Tensor, n: torch.Tensor, budgets, window: int, *, on_device=None):
     """Equals evict.keep_indices for every head at once. scores: (Hk, S) (-inf where not evictable), n: (Hk,)
     rows held, budgets: (Hk,), both on the host; on_device: the same two already on the scores' device, if the
-    caller has them (each copy from the host makes the host wait for the device). Returns (rows (Hk, m)
-    ascending, padded, on the device; counts (Hk,) on the host)."""
+    caller has them (each copy from the host makes the host wait for the device). budgets=None: known on the
+    device only (on_device). Returns (rows (Hk, m) ascending, padded, on the device; counts (Hk,) on the host),
+    m the largest count, or S and counts None when budgets is None."""
     Hk, S = scores.shape
     dev = scores.device
-    if (budgets < window).any():
-        raise ValueError(f"budgets {budgets.tolist()} go below the window {window}; a head always keeps its window")
-    # A head keeps all n rows when n <= b, else its b - w best and its w newest: b rows. So the counts are known
-    # on the host, without waiting for the device.
-    counts = torch.minimum(n, budgets)
+    counts = None
+    if budgets is not None:
+        if (budgets < window).any():
+            raise ValueError(f"budgets {budgets.tolist()} go below the window {window}; a head always keeps its window")
+        # A head keeps all n rows when n <= b, else its b - w best and its w newest: b rows. So the counts are
+        # known on the host, without waiting for the device.
+        counts = torch.minimum(n, budgets)
     n, budgets = on_device or (n.to(dev), budgets.to(dev))
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # ties -> older row, as keep_indices
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(S, device=dev).expand(Hk, S))
@@ -570,7 +587,7 @@ def keep_rows(scores: torch.Tensor, n: torch.Tensor, budgets: torch.Tensor, wind
     top = (rank < (budgets - window)[:, None]) & (row < (n - window)[:, None])
     newest = (row >= (n - window)[:, None]) & (row < n[:, None])
     keep = torch.where((n <= budgets)[:, None], row < n[:, None], top | newest)  # (Hk, S), counts[h] rows each
-    rows = torch.where(keep, row, S).sort(dim=1).values[:, : int(counts.max())]
+    rows = torch.where(keep, row, S).sort(dim=1).values[:, : S if counts is None else int(counts.max())]
     return rows.clamp(max=max(S - 1, 0)), counts
 
 

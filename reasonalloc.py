@@ -543,24 +543,32 @@ def compress_sequences(cache, layer_b: torch.Tensor, allocator: str, policy: str
         s = fast.score_layers(cache, layers, policy, **(policy_options or {}))  # (len(layers)·H, S)
         S = s.shape[1]
         held_dev = torch.stack(cache.n_dev[g]).view(-1, n, Hk)  # read on the device: a copy would wait for it
+        pending = None  # every sequence's head budgets, still on the device (ReasonAlloc's split runs there)
         if r:
             b = head_rule_rows(head_rule, s.view(-1, n, Hk, S)[:, dev_rows].reshape(-1, Hk, S),
                                held_dev[:, dev_rows].reshape(-1, Hk),
                                layer_b[g, None].long().expand(-1, r).reshape(-1), window=cache.window,
                                **(head_options or {}))
-            budgets[g, rows] = b.view(-1, r, Hk).cpu()  # ReasonAlloc's split ran on the device: the one wait for it
-            assert bool((budgets[g, rows].sum(dim=2) == Hk * layer_b[g, None].long()).all()), "budgets must sum to Hk·B_l"
-        if policy == "full":  # "full" never evicts (as evict.compress_layer)
-            continue
-        b = budgets[g].reshape(-1)
-        b_dev = fast.to_device(b, dev)
-        keep, counts = fast.keep_rows(s, cache.n[g].reshape(-1), b, cache.window,
-                                      on_device=(held_dev.reshape(-1), b_dev))
-        counts_dev = torch.minimum(held_dev.reshape(-1), b_dev)
-        for i, l in enumerate(layers):  # each layer's rows: its slice of the batch, padding clamped to its storage
-            c, h = counts[i * H:(i + 1) * H], slice(i * H, (i + 1) * H)
-            last = max(int(cache.n[l].max()) - 1, 0)
-            cache.keep(l, keep[h, :int(c.max())].clamp(max=last), c, counts_dev[h])
+            if b.device == dev and r == n:  # (on a CPU always: the same path as on a GPU, tested)
+                pending = b.view(-1, n, Hk)
+            else:
+                budgets[g, rows] = b.view(-1, r, Hk).cpu()
+        if policy != "full":  # "full" never evicts (as evict.compress_layer)
+            b_dev = pending.reshape(-1) if pending is not None else fast.to_device(budgets[g].reshape(-1), dev)
+            keep, counts = fast.keep_rows(s, cache.n[g].reshape(-1), None if pending is not None else
+                                          budgets[g].reshape(-1), cache.window, on_device=(held_dev.reshape(-1), b_dev))
+            counts_dev = torch.minimum(held_dev.reshape(-1), b_dev)
+            for i, l in enumerate(layers):  # each layer's rows, up to its longest head (within its storage)
+                w, h = int(cache.n[l].max()), slice(i * H, (i + 1) * H)
+                cache.pack(l, keep[h, :w].clamp(max=max(w - 1, 0)), counts_dev[h])
+        if pending is not None:  # the one wait for the device, after the packing is queued behind the split
+            budgets[g] = pending.cpu()
+            counts = torch.minimum(cache.n[g].reshape(-1), budgets[g].reshape(-1))
+        if r:
+            assert bool((budgets[g, rows].sum(dim=2) == Hk * layer_b[g, None].long()).all()), "budgets sum to Hk·B_l"
+        if policy != "full":
+            for i, l in enumerate(layers):
+                cache.settle(l, counts[i * H:(i + 1) * H])
     kept = [[] if d else None for d in due]
     if positions:
         for l in range(L):
