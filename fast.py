@@ -24,17 +24,6 @@ import torch.nn.functional as F
 import evict
 from model import HeadCache, ModelConfig, Transformer, check_context
 
-
-def to_device(x: torch.Tensor, device) -> torch.Tensor:
-    """A host tensor on `device`, without making the host wait: a plain copy to a GPU waits for all the work
-    queued before it, a copy from pinned memory is queued behind that work instead (PyTorch keeps the pinned
-    block until the copy is done). A compression's few small host-made tensors go this way, so the host can run
-    ahead of the GPU (uniform R-KV's compression then never waits for it)."""
-    device = torch.device(device)
-    if device.type != "cuda" or x.device.type != "cpu":
-        return x.to(device)
-    return x.pin_memory().to(device, non_blocking=True)
-
 # ----------------------------------------------------------------------------------------------
 # The cache
 

@@ -244,6 +244,17 @@ def adakv_head_budgets(scores: list[torch.Tensor], layer_budget: int, *, window:
 # row equals the rule above on that sequence's heads, bit for bit (tested), without a Python loop over rows.
 
 
+def to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device`, without making the host wait: a plain copy to a GPU waits for all the work
+    queued before it, a copy from pinned memory is queued behind that work instead (PyTorch keeps the pinned
+    block until the copy is done). A compression's few small host-made tensors go this way, so the host can run
+    ahead of the GPU (uniform R-KV's compression then never waits for it)."""
+    device = torch.device(device)
+    if device.type != "cuda" or x.device.type != "cpu":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 def round_rows(x: torch.Tensor, total, prefer: torch.Tensor | None = None) -> torch.Tensor:
     """round_to_total of every row of x (n, k) float64, row i to total[i] (an int: the same for every row), on x's
     device (checked there only on the CPU: a check on a GPU would make the host wait for it)."""
@@ -295,7 +306,7 @@ def robustify_rows(demand: torch.Tensor, total, *, power: float = 0.5, lo: float
         raise ValueError(f"totals {total.tolist()} cannot give each of {k} units its floor of {floor}")
     tot = total.double()  # exact: totals stay far below 2^53 (MAX_BUDGET)
     if dev.type != "cpu":
-        tot = tot.pin_memory().to(dev, non_blocking=True)  # without a wait (fast.to_device)
+        tot = to_device(tot, dev)
     total = tot.long()
     m = tot / k  # (n,), as robustify's total / n
     low = (lo * m).clamp(min=floor)[:, None]  # max(lo·m, floor)
@@ -348,8 +359,6 @@ def head_demand_rows(scores: torch.Tensor, held: torch.Tensor, layer_budget, *, 
     elif utility != "raw":
         raise ValueError(f"head_demand_rows pools 'length' or 'raw' utilities, not {utility!r}")
     evictable = (held - window).clamp(min=0)  # (n, Hk)
-    from fast import to_device
-
     budget = to_device(torch.as_tensor(layer_budget, dtype=torch.long, device="cpu"), s.device)  # without a wait
     k = Hk * (budget.expand(n) - window)  # (n,)
     # A stable sort of the flattened (Hk·S) row orders ties by head, then by row: the order of the pooled lists;
@@ -537,7 +546,7 @@ def compress_sequences(cache, layer_b: torch.Tensor, allocator: str, policy: str
     rows = torch.tensor([i for i in range(n) if due[i]], dtype=torch.long, device="cpu")
     budgets = cache.n.view(L, n, Hk).clone()  # (L, n, Hk); not due: a budget of what a head holds keeps every token
     dev = cache.k[0].device
-    dev_rows, r = (slice(None) if len(rows) == n else fast.to_device(rows, dev)), len(rows)  # all due: no index
+    dev_rows, r = (slice(None) if len(rows) == n else to_device(rows, dev)), len(rows)  # all due: no index
     for layers in fast.layer_groups(cache):
         g = slice(layers[0], layers[-1] + 1)
         s = fast.score_layers(cache, layers, policy, **(policy_options or {}))  # (len(layers)·H, S)
@@ -554,7 +563,7 @@ def compress_sequences(cache, layer_b: torch.Tensor, allocator: str, policy: str
             else:
                 budgets[g, rows] = b.view(-1, r, Hk).cpu()
         if policy != "full":  # "full" never evicts (as evict.compress_layer)
-            b_dev = pending.reshape(-1) if pending is not None else fast.to_device(budgets[g].reshape(-1), dev)
+            b_dev = pending.reshape(-1) if pending is not None else to_device(budgets[g].reshape(-1), dev)
             keep, counts = fast.keep_rows(s, cache.n[g].reshape(-1), None if pending is not None else
                                           budgets[g].reshape(-1), cache.window, on_device=(held_dev.reshape(-1), b_dev))
             counts_dev = torch.minimum(held_dev.reshape(-1), b_dev)
