@@ -305,8 +305,7 @@ def robustify_rows(demand: torch.Tensor, total, *, power: float = 0.5, lo: float
     if (total < k * floor).any():
         raise ValueError(f"totals {total.tolist()} cannot give each of {k} units its floor of {floor}")
     tot = total.double()  # exact: totals stay far below 2^53 (MAX_BUDGET)
-    if dev.type != "cpu":
-        tot = to_device(tot, dev)
+    tot = to_device(tot, dev)
     total = tot.long()
     m = tot / k  # (n,), as robustify's total / n
     low = (lo * m).clamp(min=floor)[:, None]  # max(lo·m, floor)
@@ -333,8 +332,9 @@ def robustify_rows(demand: torch.Tensor, total, *, power: float = 0.5, lo: float
         cand = a[:, None] + q[:, None] * step + rem[:, None] * step // (tries + 1)  # (n, tries), ascending
         below = (filled(cand.view(torch.float64)) < tot[:, None]).sum(dim=1, keepdim=True)  # a prefix is below
         ends = torch.cat([a[:, None], cand, b[:, None]], dim=1)
-        going = b - a > 1
-        a, b = torch.where(going, ends.gather(1, below)[:, 0], a), torch.where(going, ends.gather(1, below + 1)[:, 0], b)
+        going = b - a > 1  # a row that has ended stays put
+        a = torch.where(going, ends.gather(1, below)[:, 0], a)
+        b = torch.where(going, ends.gather(1, below + 1)[:, 0], b)
     if dev.type == "cpu":
         assert bool((b - a <= 1).all()), "the bit-pattern search did not finish in SEARCH_ROUNDS rounds"
     b = b.view(torch.float64)
@@ -536,7 +536,8 @@ def compress_sequences(cache, layer_b: torch.Tensor, allocator: str, policy: str
     selected in one sort (fast.keep_rows), before each layer's storage is packed. A batch-1 step on a GPU is
     bound by the host launching kernels, so this keeps a compression to a few hundred launches and at most one
     wait for the device per group (ReasonAlloc's head budgets, read back after they are split on the device;
-    uniform heads need none), and that wait comes after all the group's scoring and splitting is queued. Returns, per due sequence (None for the others), its head budgets (L, Hk) and
+    uniform heads need none), and that wait comes after the group's scoring, split and packing are queued.
+    Returns, per due sequence (None for the others), its head budgets (L, Hk) and
     (positions=True) its kept positions [l][h]."""
     import fast
 
