@@ -420,10 +420,13 @@ def redundancy(k, n, *, sim_threshold=0.5, zero_col0_quirk=True, chunk_elems: in
     """Equals evict.redundancy of every head, over its n_h rows: (Hk, S), 0 past n_h. lengths: n on the host,
     if the caller has it: the heads are then scored in groups of similar length (length_groups), each at its
     own length, instead of all at the longest."""
+    if lengths is None:
+        return _redundancy(k, n, sim_threshold, zero_col0_quirk, chunk_elems)
     out = torch.zeros(k.shape[:2], dtype=k.dtype, device=k.device)
-    groups = length_groups(lengths.tolist()) if lengths is not None else [(None, k.shape[1])]
-    if len(groups) == 1 and (groups[0][0] is None or len(groups[0][0]) == k.shape[0]):  # every head: no gather
-        out[:, :groups[0][1]] = _redundancy(k[:, :groups[0][1]], n, sim_threshold, zero_col0_quirk, chunk_elems)
+    groups = length_groups(lengths.tolist())
+    if len(groups) == 1 and len(groups[0][0]) == k.shape[0]:  # one group of every head: no gather
+        S = groups[0][1]
+        out[:, :S] = _redundancy(k[:, :S], n, sim_threshold, zero_col0_quirk, chunk_elems)
         return out
     # The heads longest first, as length_groups orders them (a stable sort on both sides), sorted on the device:
     # each group is then a slice of `order`, with no index list sent from the host.
@@ -676,8 +679,9 @@ class GraphDecoder:
         check_context(self.model.config, int(c.positions().max()) + 1)
         if c.queries and c.q_win[0].shape[1] < c.window:
             raise ValueError(f"GraphDecoder needs at least window = {c.window} tokens in the cache first")
-        for layer in range(len(c)):
-            c._reserve(layer, int(c.n[layer].max()) + 2)  # room for this step (and a warm-up step)
+        longest, shortest = c.n.amax(dim=1), c.n.amin(dim=1)  # (L,) each, on the host
+        for layer, t in enumerate(longest.tolist()):
+            c._reserve(layer, t + 2)  # room for this step (and a warm-up step)
         if self.token.numel() != c.batch:  # a BatchCache dropped sequences: new buffers, so a new capture
             self.token, self.pos, self.host_pos = self.token.new_zeros(c.batch), self.pos.new_zeros(c.batch), None
         self.token.copy_(torch.as_tensor(token, device=self.token.device).view(c.batch))
@@ -689,7 +693,7 @@ class GraphDecoder:
         self.host_pos = want
         # Layers whose heads all hold one length (one mask row in attend). Every step: a compression that reuses the
         # storage, so keeps the layout, can still change it.
-        c.even = tuple((c.n.amax(dim=1) == c.n.amin(dim=1)).tolist())
+        c.even = tuple((longest == shortest).tolist())
         if self.use_graph:
             layout = tuple(t.data_ptr() for t in (*c.k, *c.v, *c.pos, *c.n_dev, *c.q_win, self.token, self.pos)) + c.even
             if layout != self.layout:

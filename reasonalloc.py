@@ -553,16 +553,17 @@ def compress_sequences(cache, layer_b: torch.Tensor, allocator: str, policy: str
         s = fast.score_layers(cache, layers, policy, **(policy_options or {}))  # (len(layers)·H, S)
         S = s.shape[1]
         held_dev = torch.stack(cache.n_dev[g]).view(-1, n, Hk)  # read on the device: a copy would wait for it
-        pending = None  # every sequence's head budgets, still on the device (ReasonAlloc's split runs there)
+        pending = None  # the group's head budgets, still on the device (ReasonAlloc's split runs there)
         if r:
             b = head_rule_rows(head_rule, s.view(-1, n, Hk, S)[:, dev_rows].reshape(-1, Hk, S),
                                held_dev[:, dev_rows].reshape(-1, Hk),
                                layer_b[g, None].long().expand(-1, r).reshape(-1), window=cache.window,
                                **(head_options or {}))
-            if b.device == dev and r == n:  # (on a CPU always: the same path as on a GPU, tested)
-                pending = b.view(-1, n, Hk)
+            if b.device == dev:  # split on the device (on a CPU always: the GPU's path, tested): read back later
+                pending = to_device(budgets[g].clone(), dev)  # (layers, n, Hk), the due sequences' rows replaced
+                pending[:, dev_rows] = b.view(-1, r, Hk)
             else:
-                budgets[g, rows] = b.view(-1, r, Hk).cpu()
+                budgets[g, rows] = b.view(-1, r, Hk)
         if policy != "full":  # "full" never evicts (as evict.compress_layer)
             b_dev = pending.reshape(-1) if pending is not None else to_device(budgets[g].reshape(-1), dev)
             keep, counts = fast.keep_rows(s, cache.n[g].reshape(-1), None if pending is not None else
