@@ -255,6 +255,20 @@ def to_device(x: torch.Tensor, device) -> torch.Tensor:
     return x.pin_memory().to(device, non_blocking=True)
 
 
+def start_to_host(x: torch.Tensor):
+    """Start copying x to the host without waiting: (host tensor, ready), ready() blocking until the copy has
+    landed. On a GPU the copy goes into pinned memory behind the work queued so far, so the host can queue more
+    (a compression's packing) before it waits, and the GPU still has that work to run while the host reads the
+    values. On a CPU: x itself, and ready does nothing."""
+    if x.device.type != "cuda":
+        return x, lambda: None
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    host.copy_(x, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(x.device))
+    return host, done.synchronize
+
+
 def round_rows(x: torch.Tensor, total, prefer: torch.Tensor | None = None) -> torch.Tensor:
     """round_to_total of every row of x (n, k) float64, row i to total[i] (an int: the same for every row), on x's
     device (checked there only on the CPU: a check on a GPU would make the host wait for it)."""
@@ -325,7 +339,9 @@ def robustify_rows(demand: torch.Tensor, total, *, power: float = 0.5, lo: float
     # SEARCH_TRIES at a time: 11 rounds of one (n, tries, k) evaluation instead of ~60 bisection steps.
     tries = SEARCH_TRIES
     a = torch.zeros(n, dtype=torch.long, device=dev)  # the bits of 0.0: filled(a) < total (or a == 0)
-    b = torch.tensor(2.0 ** 1000, dtype=torch.float64, device=dev).view(torch.long).expand(n)  # past the clips
+    # past the clips; made by a fill on the device (torch.tensor(value, device=...) would copy from the host and
+    # make it wait for all the GPU's queued work)
+    b = torch.full((n,), 2.0 ** 1000, dtype=torch.float64, device=dev).view(torch.long)
     step = torch.arange(1, tries + 1, device=dev)
     for _ in range(SEARCH_ROUNDS):
         q, rem = (b - a) // (tries + 1), (b - a) % (tries + 1)  # (b - a)·j/(tries + 1) without overflow
@@ -562,6 +578,10 @@ def compress_sequences(cache, layer_b: torch.Tensor, allocator: str, policy: str
             if b.device == dev:  # split on the device (on a CPU always: the GPU's path, tested): read back later
                 pending = to_device(budgets[g].clone(), dev)  # (layers, n, Hk), the due sequences' rows replaced
                 pending[:, dev_rows] = b.view(-1, r, Hk)
+                # Its copy to the host starts now, behind the split and ahead of the packing: when the host has
+                # it, the GPU still has the packing to run, and meanwhile the host settles the lengths and
+                # launches the next step (a GPU that waited for the host here was ~3 ms a compression on an H100).
+                fetched, ready = start_to_host(pending)
             else:
                 budgets[g, rows] = b.view(-1, r, Hk)
         if policy != "full":  # "full" never evicts (as evict.compress_layer)
@@ -572,8 +592,9 @@ def compress_sequences(cache, layer_b: torch.Tensor, allocator: str, policy: str
             for i, l in enumerate(layers):  # each layer's rows, up to its longest head (within its storage)
                 w, h = int(cache.n[l].max()), slice(i * H, (i + 1) * H)
                 cache.pack(l, keep[h, :w].clamp(max=max(w - 1, 0)), counts_dev[h])
-        if pending is not None:  # the one wait for the device, after the packing is queued behind the split
-            budgets[g] = pending.cpu()
+        if pending is not None:  # the one wait for the device, once the packing is queued behind the split
+            ready()
+            budgets[g] = fetched
             counts = torch.minimum(cache.n[g].reshape(-1), budgets[g].reshape(-1))
         if r:
             assert bool((budgets[g, rows].sum(dim=2) == Hk * layer_b[g, None].long()).all()), "budgets sum to Hk·B_l"
@@ -590,10 +611,12 @@ def compress_sequences(cache, layer_b: torch.Tensor, allocator: str, policy: str
 
 
 def compress(cache, layer_b: torch.Tensor, allocator: str = "reasonalloc", policy: str = "rkv", *,
-             policy_options=None, head_options=None) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+             policy_options=None, head_options=None, positions: bool = True) -> tuple[torch.Tensor, list | None]:
     """One compression over all layers: score every head with the policy, split each layer's budget over
     its heads with the allocator's head rule, cut every head to its budget.
-    Returns (head budgets (L, Hk), the kept absolute positions [l][h] (n_lh,))."""
+    Returns (head budgets (L, Hk), the kept absolute positions [l][h] (n_lh,), or None with positions=False:
+    a decode loop that does not record them skips building L·Hk views, host time that on a GPU comes right
+    after the compression's one wait)."""
     import evict
     import fast
 
@@ -601,9 +624,9 @@ def compress(cache, layer_b: torch.Tensor, allocator: str = "reasonalloc", polic
     before = cache.lengths()
     if isinstance(cache, fast.PackedCache):  # the fast path: padded scores and the row-wise head rules
         budgets, kept = compress_sequences(cache, layer_b, allocator, policy, [True], policy_options=policy_options,
-                                           head_options=head_options)
+                                           head_options=head_options, positions=positions)
         assert (cache.lengths() <= torch.maximum(budgets[0], before)).all(), "a head holds more than its budget"
-        return budgets[0], kept[0]
+        return budgets[0], kept[0] if positions else None
     path = evict  # the per-head reference
     head_rule = get_allocator(allocator).heads
     heads_b, kept = [], []
@@ -614,7 +637,7 @@ def compress(cache, layer_b: torch.Tensor, allocator: str = "reasonalloc", polic
         heads_b.append(b)
     heads_b = torch.stack(heads_b)
     assert (cache.lengths() <= torch.maximum(heads_b, before)).all(), "a head holds more than its budget"
-    return heads_b, kept
+    return heads_b, kept if positions else None
 
 
 def compress_event(cache, step: int, layer_b: torch.Tensor, allocator: str, policy: str, *, policy_options,
@@ -622,7 +645,7 @@ def compress_event(cache, step: int, layer_b: torch.Tensor, allocator: str, poli
     """`compress`, and the record of it: (head budgets (L, Hk), the event as generate() reports it)."""
     before = cache.lengths()
     budgets, kept = compress(cache, layer_b, allocator, policy, policy_options=policy_options,
-                             head_options=head_options)
+                             head_options=head_options, positions=record_positions)
     event = {"step": step, "layer_budgets": layer_b.tolist(), "head_budgets": budgets.tolist(),
              "lengths_before": before.tolist(), "lengths_after": cache.lengths().tolist()}
     if record_positions:
