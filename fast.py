@@ -68,6 +68,10 @@ class PackedCache:
         self.n = torch.zeros(L, Hk, dtype=torch.long, device="cpu")  # tokens held, on the CPU (no device sync to read)
         self.n_dev = [torch.zeros(Hk, dtype=torch.long, device=device) for _ in range(L)]  # the same, on device
         self.q_win = [torch.empty(config.num_heads, 0, D, dtype=dtype, device=device) for _ in range(L)]
+        # In static mode the w window queries are a ring (see append): q_slot (on the device) is the slot the next
+        # query overwrites, the oldest; q_shift (on the host) the same number, static steps since they were in order.
+        self.q_slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.q_shift = 0
         self.next_pos = 0
         self.heads = torch.arange(Hk, device=device)  # (Hk,) for the per-head scatter of an append
 
@@ -109,8 +113,18 @@ class PackedCache:
 
     def window_queries(self, layer: int, kv_head: int) -> torch.Tensor:
         self.check_queries()
+        self.order_queries()
         G = self.config.group_size
         return self.q_win[layer][kv_head * G:(kv_head + 1) * G]
+
+    def order_queries(self):
+        """Put every layer's window queries back in order, oldest first, in place (after static steps they are a
+        ring; see append). Everything but the static step reads them through this."""
+        if self.q_shift:
+            for qw in self.q_win:
+                qw.copy_(torch.roll(qw, -self.q_shift, dims=1))
+            self.q_slot.zero_()
+            self.q_shift = 0
 
     def check_queries(self):
         if not self.queries:
@@ -148,9 +162,11 @@ class PackedCache:
             heads, rows = self.heads, self.n_dev[layer]
             K[heads, rows], V[heads, rows], P[heads, rows] = k[0], v[0], pos[:, 0]
             self.n_dev[layer] += 1
-            if self.queries:
-                qw = self.q_win[layer]
-                qw.copy_(torch.cat([qw[:, 1:], q.transpose(0, 1)], dim=1))
+            if self.queries:  # the new query overwrites the oldest, at q_slot: a ring, so a write of one row (which
+                # Inductor can fuse into the query's RoPE) instead of a copy of all w rows per layer
+                self.q_win[layer][:, self.q_slot] = q.transpose(0, 1)
+                if layer == len(self) - 1:  # the step's last layer: the next step writes the next slot
+                    self.q_slot.copy_((self.q_slot + 1) % self.window)
             return
         n = self.n[layer]
         self._reserve(layer, int(n.max()) + T)
@@ -168,6 +184,7 @@ class PackedCache:
         self.n[layer] += T
         self.n_dev[layer] += T
         if self.queries:
+            self.order_queries()
             self.q_win[layer] = torch.cat([self.q_win[layer], q.transpose(0, 1)], dim=1)[:, -self.window:]
 
     def attend(self, layer: int, q: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
@@ -297,6 +314,7 @@ class BatchCache(PackedCache):
         config, Hk, D = c0.config, c0.config.num_kv_heads, c0.config.head_dim
         for c in caches:
             c.check_queries()
+            c.order_queries()
         short = [i for i, c in enumerate(caches) if c.q_win[0].shape[1] < c.window]
         if short:
             raise ValueError(f"sequence(s) {short} hold fewer than window = {c0.window} tokens; a batched step "
@@ -509,6 +527,7 @@ def score_layers(cache: PackedCache, layers: list[int], policy: str = "rkv", **o
     rounding of sums over the longer padding."""
     evict.get_policy(policy)
     cache.check_queries()
+    cache.order_queries()
     S = max(int(cache.n[l].max()) for l in layers)
     Hk, G, w = cache.config.num_kv_heads, cache.config.group_size, cache.window
     n = torch.cat([cache.n_dev[l] for l in layers])
@@ -618,8 +637,9 @@ class GraphDecoder:
 
     Eager decode of a batch-1 model is bound by the host launching ~45 small kernels per layer, not
     by the GPU. Here the step runs in the cache's static mode: attention spans the whole capacity with
-    the length mask, the new token is scattered at each head's length, and the window queries roll in
-    place, so every tensor keeps its shape and address from step to step and the step can be captured
+    the length mask, the new token is scattered at each head's length, and the new query overwrites the
+    oldest of the window queries (a ring, put back in order before anything else reads them), so every
+    tensor keeps its shape and address from step to step and the step can be captured
     once and replayed. A compression (or a capacity growth) moves the storage and triggers a new
     capture. On CPU there are no graphs: the same static step runs eagerly (which is what the parity
     test checks)."""
@@ -654,7 +674,7 @@ class GraphDecoder:
     def _capture(self):
         t0 = time.perf_counter()
         c = self.cache
-        saved_n, saved_q = [n.clone() for n in c.n_dev], [q.clone() for q in c.q_win]
+        saved_n, saved_q, saved_slot = [n.clone() for n in c.n_dev], [q.clone() for q in c.q_win], c.q_slot.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm up on a side stream before capturing, as CUDA graphs require
@@ -665,6 +685,7 @@ class GraphDecoder:
             n.copy_(old)
         for q, old in zip(c.q_win, saved_q):
             q.copy_(old)
+        c.q_slot.copy_(saved_slot)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self._step()
@@ -695,7 +716,8 @@ class GraphDecoder:
         # storage, so keeps the layout, can still change it.
         c.even = tuple((longest == shortest).tolist())
         if self.use_graph:
-            layout = tuple(t.data_ptr() for t in (*c.k, *c.v, *c.pos, *c.n_dev, *c.q_win, self.token, self.pos)) + c.even
+            layout = tuple(t.data_ptr() for t in (*c.k, *c.v, *c.pos, *c.n_dev, *c.q_win, c.q_slot, self.token,
+                                                  self.pos)) + c.even
             if layout != self.layout:
                 self._capture()
                 self.layout = layout
@@ -704,5 +726,7 @@ class GraphDecoder:
         else:
             logits = self._step()
         c.n += 1
+        if c.queries:
+            c.q_shift = (c.q_shift + 1) % c.window
         c.advance()
         return logits

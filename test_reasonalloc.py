@@ -8,6 +8,7 @@ Run: python -m pytest -q   (both files; shared fixtures in conftest.py)
 
 import ast
 import copy
+import functools
 import json
 import math
 import os
@@ -1096,6 +1097,43 @@ def test_graph_decoder_static_step_equals_eager_packed(tiny_model):
         torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="PackedCache"):
         Fa.GraphDecoder(tiny_model, tiny_model.new_cache(8))
+
+
+@torch.inference_mode()
+def test_static_step_keeps_window_queries_as_a_ring_read_in_order(tiny_model):
+    """The static step writes each new query over the oldest window query (a ring); everything else reads them
+    oldest first: after 11 steps (not a multiple of w = 8) the window queries equal the reference cache's, read
+    through window_queries, after scoring, and in a BatchCache stacked from a cache left mid-ring."""
+    force = ((torch.arange(11) * 5 + 1) % 97).tolist()
+    ref = tiny_model.new_cache(8)
+    tiny_model(TINY_PROMPT, ref)
+    for t in force:
+        tiny_model(torch.tensor([t]), ref)
+
+    def ring():
+        cache = Fa.new_cache(tiny_model, 8)
+        tiny_model(TINY_PROMPT, cache)
+        step = Fa.GraphDecoder(tiny_model, cache)
+        for t in force:
+            step(t)
+        assert cache.q_shift == 3 and cache.q_slot.tolist() == [3]  # 11 steps past an ordered window of 8
+        return cache
+
+    close = functools.partial(torch.testing.assert_close, rtol=1e-5, atol=1e-5)
+    cache = ring()
+    close(torch.roll(cache.q_win[0], -3, dims=1), ref.q_win[0])  # as the static step left them: a ring
+    assert not torch.allclose(cache.q_win[0], ref.q_win[0], rtol=1e-3, atol=1e-3)
+    for l in range(3):
+        for h in range(2):
+            close(cache.window_queries(l, h), ref.window_queries(l, h))
+    assert cache.q_shift == 0 and cache.q_slot.tolist() == [0]
+    cache = ring()
+    Fa.score_packed(cache, 1, "rkv")
+    assert cache.q_shift == 0
+    close(cache.q_win[1], ref.q_win[1])
+    batch = Fa.BatchCache.stack([ring(), ring()])
+    for l in range(3):
+        close(batch.q_win[l], torch.cat([ref.q_win[l]] * 2))
 
 
 def test_cache_without_window_queries_decodes_the_same_and_refuses_scoring(tiny_model):
