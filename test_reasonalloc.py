@@ -689,6 +689,20 @@ def test_score_layers_stacks_score_packed(tiny_model, policy):
     assert Fa.layer_groups(cache, max_rows=Hk * int(cache.n.max())) == [[0], [1], [2]]
 
 
+def test_compress_without_positions_cuts_the_same(tiny_model):
+    """compress(positions=False) returns no kept positions and cuts every head as positions=True does, on both paths."""
+    for new_cache in (tiny_model.new_cache, lambda w: Fa.new_cache(tiny_model, w)):
+        out = []
+        for positions in (True, False):
+            cache = new_cache(4)
+            tiny_model(TINY_PROMPT, cache)
+            budgets, kept = R.compress(cache, torch.tensor([30, 12, 20]), "reasonalloc", "rkv", positions=positions)
+            assert (kept is None) == (not positions)
+            out.append((budgets, cache.lengths(), [cache[l][h].pos for l in range(3) for h in range(2)]))
+        assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+        assert all(torch.equal(a, b) for a, b in zip(out[0][2], out[1][2]))
+
+
 def test_compress_with_the_full_policy_evicts_nothing_on_both_paths(tiny_model):
     out = []
     for cache in (tiny_model.new_cache(4), Fa.new_cache(tiny_model, 4)):
