@@ -112,24 +112,22 @@ class PackedCache:
         return [self.head(layer, h) for h in range(self.config.num_kv_heads)]
 
     def window_queries(self, layer: int, kv_head: int) -> torch.Tensor:
-        self.check_queries()
         self.order_queries()
         G = self.config.group_size
         return self.q_win[layer][kv_head * G:(kv_head + 1) * G]
 
     def order_queries(self):
         """Put every layer's window queries back in order, oldest first, in place (after static steps they are a
-        ring; see append). Everything but the static step reads them through this."""
+        ring; see append). Everything but the static step reads them through this, so it also refuses a cache
+        that keeps none."""
+        if not self.queries:
+            raise ValueError("this cache keeps no window queries (made with queries=False, for a run that never "
+                             "compresses), so its heads cannot be scored; make it with queries=True")
         if self.q_shift:
             for qw in self.q_win:
                 qw.copy_(torch.roll(qw, -self.q_shift, dims=1))
             self.q_slot.zero_()
             self.q_shift = 0
-
-    def check_queries(self):
-        if not self.queries:
-            raise ValueError("this cache keeps no window queries (made with queries=False, for a run that never "
-                             "compresses), so its heads cannot be scored; make it with queries=True")
 
     def _spare(self, rows: int) -> int:
         """Spare rows beside `rows` held: `spare`, but at most max(rows, 64), so memory follows holdings."""
@@ -313,7 +311,6 @@ class BatchCache(PackedCache):
         c0 = caches[0]
         config, Hk, D = c0.config, c0.config.num_kv_heads, c0.config.head_dim
         for c in caches:
-            c.check_queries()
             c.order_queries()
         short = [i for i, c in enumerate(caches) if c.q_win[0].shape[1] < c.window]
         if short:
@@ -526,7 +523,6 @@ def score_layers(cache: PackedCache, layers: list[int], policy: str = "rkv", **o
     on a GPU waits on the host's launches, not on this arithmetic. Rows equal score_packed's, up to the
     rounding of sums over the longer padding."""
     evict.get_policy(policy)
-    cache.check_queries()
     cache.order_queries()
     S = max(int(cache.n[l].max()) for l in layers)
     Hk, G, w = cache.config.num_kv_heads, cache.config.group_size, cache.window

@@ -318,8 +318,7 @@ def robustify_rows(demand: torch.Tensor, total, *, power: float = 0.5, lo: float
     total = torch.as_tensor(total, dtype=torch.long, device="cpu").expand(n)
     if (total < k * floor).any():
         raise ValueError(f"totals {total.tolist()} cannot give each of {k} units its floor of {floor}")
-    tot = total.double()  # exact: totals stay far below 2^53 (MAX_BUDGET)
-    tot = to_device(tot, dev)
+    tot = to_device(total.double(), dev)  # exact: totals stay far below 2^53 (MAX_BUDGET)
     total = tot.long()
     m = tot / k  # (n,), as robustify's total / n
     low = (lo * m).clamp(min=floor)[:, None]  # max(lo·m, floor)
@@ -585,9 +584,11 @@ def compress_sequences(cache, layer_b: torch.Tensor, allocator: str, policy: str
             else:
                 budgets[g, rows] = b.view(-1, r, Hk)
         if policy != "full":  # "full" never evicts (as evict.compress_layer)
+            # Selected and packed from the budgets on the device (uniform heads: sent from pinned memory), so
+            # both kinds of split take one path and only ReasonAlloc's waits, below, for its budgets.
             b_dev = pending.reshape(-1) if pending is not None else to_device(budgets[g].reshape(-1), dev)
-            keep, counts = fast.keep_rows(s, cache.n[g].reshape(-1), None if pending is not None else
-                                          budgets[g].reshape(-1), cache.window, on_device=(held_dev.reshape(-1), b_dev))
+            keep = fast.keep_rows(s, cache.n[g].reshape(-1), None, cache.window,
+                                  on_device=(held_dev.reshape(-1), b_dev))[0]
             counts_dev = torch.minimum(held_dev.reshape(-1), b_dev)
             for i, l in enumerate(layers):  # each layer's rows, up to its longest head (within its storage)
                 w, h = int(cache.n[l].max()), slice(i * H, (i + 1) * H)
@@ -595,13 +596,13 @@ def compress_sequences(cache, layer_b: torch.Tensor, allocator: str, policy: str
         if pending is not None:  # the one wait for the device, once the packing is queued behind the split
             ready()
             budgets[g] = fetched
-            counts = torch.minimum(cache.n[g].reshape(-1), budgets[g].reshape(-1))
         if r:
             assert bool((budgets[g, rows].sum(dim=2) == Hk * layer_b[g, None].long()).all()), "budgets sum to Hk·B_l"
-        if policy != "full":
+        if policy != "full":  # the host's lengths: a head keeps min(held, budget) rows
+            counts = torch.minimum(cache.n[g].reshape(-1), budgets[g].reshape(-1))
             for i, l in enumerate(layers):
                 cache.settle(l, counts[i * H:(i + 1) * H])
-    kept = [[] if d else None for d in due]
+    kept = [[] if d and positions else None for d in due]
     if positions:
         for l in range(L):
             counts = cache.n[l].tolist()
@@ -626,7 +627,7 @@ def compress(cache, layer_b: torch.Tensor, allocator: str = "reasonalloc", polic
         budgets, kept = compress_sequences(cache, layer_b, allocator, policy, [True], policy_options=policy_options,
                                            head_options=head_options, positions=positions)
         assert (cache.lengths() <= torch.maximum(budgets[0], before)).all(), "a head holds more than its budget"
-        return budgets[0], kept[0] if positions else None
+        return budgets[0], kept[0]
     path = evict  # the per-head reference
     head_rule = get_allocator(allocator).heads
     heads_b, kept = [], []
