@@ -201,10 +201,14 @@ class PackedCache:
             # This layout, not (Hk, 1, G, D) with G query rows per KV head, is what lets the fused kernel spread
             # one long cache over many blocks (README, "GPU": our compiled FullKV at 32k went from 30 % to 68 % of
             # the roofline with it and the fused projections).
-            if self.static and layer < len(self.even) and self.even[layer]:  # every head at one length: one row
-                mask = held[:1, None, None, :]  # (1, 1, 1, S), broadcast over the heads: a cheaper SDPA
-            else:
-                mask = None if held is None else held.repeat_interleave(G, dim=0)[None, :, None, :]  # (1, Hq, 1, S)
+            even = self.static and layer < len(self.even) and self.even[layer]  # every head at one length
+            if held is not None and not even:  # ragged heads: a batch of Hk, each one KV head and its G queries,
+                # so that one mask row per KV head broadcasts over its queries (the same numbers as a row per
+                # query head, with a smaller mask to build: 1.2-1.4 against 1.3-1.8 µs a layer on an H100)
+                y = F.scaled_dot_product_attention(q.reshape(Hk, G, 1, D), K, V, attn_mask=held[:, None, None, :],
+                                                   enable_gqa=True)  # (Hk, G, 1, D)
+                return y.view(1, Hq, D)
+            mask = None if held is None else held[:1, None, None, :]  # (1, 1, 1, S): one row for every head
             y = F.scaled_dot_product_attention(q.transpose(0, 1)[None], K.transpose(0, 1), V.transpose(0, 1),
                                                attn_mask=mask, enable_gqa=True)  # (1, Hq, 1, D)
             return y.view(1, Hq, D)

@@ -296,20 +296,27 @@ def left_sum(t: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-# robustify_rows' search: the float64 bit patterns it searches span less than 2^63, and each round cuts a row's
-# span to at most span // (tries + 1) + 1, so 11 rounds of 63 tries end every row (rows that end early stay put).
-SEARCH_TRIES, SEARCH_ROUNDS = 63, 11
+def search_rounds(tries: int) -> int:
+    """Rounds robustify_rows' search needs at `tries` candidates a round: the float64 bit patterns it searches
+    span less than 2^63, and each round cuts a row's span to at most ceil(span / (tries + 1)) (rows that end
+    early stay put). 11 rounds at 63 tries, 6 at 4095."""
+    span, rounds = 2 ** 63, 0
+    while span > 1:
+        span, rounds = -(-span // (tries + 1)), rounds + 1
+    return rounds
 
 
 def robustify_rows(demand: torch.Tensor, total, *, power: float = 0.5, lo: float = 0.25, hi: float = 2.0,
-                   floor: int = 0) -> torch.Tensor:
+                   floor: int = 0, tries: int | None = None) -> torch.Tensor:
     """robustify of every row of demand (n, k), row i to total[i] (an int: the same for every row), on demand's
     device. The same scale as robustify's bisection, every row at once (found by a search over float64 bit
     patterns, see below), with its sums added from the left as robustify's Python sums: each row gives
     robustify's bits (tested on the CPU; on a GPU too where demand ** power rounds as on the CPU, as the
     default 0.5, a square root, does). A fixed number of rounds of a handful of tensor ops and no value read
     back, so on a GPU the split queues behind the scores and the host never waits for it. Inputs are checked
-    on the CPU only."""
+    on the CPU only. tries: candidates per round of the search; any number finds the same scale. None: 63 on
+    the CPU (11 rounds), 4095 elsewhere (6 rounds: a round is ~25 small kernels, whose launches, not the
+    (n, tries, k) work, set a GPU's time)."""
     d = demand.to(torch.float64)
     dev = d.device
     if dev.type == "cpu" and (torch.isnan(d).any() or (d < 0).any()):
@@ -335,14 +342,16 @@ def robustify_rows(demand: torch.Tensor, total, *, power: float = 0.5, lo: float
     # robustify's bisection, run to the last bit, ends at the smallest float64 b with filled(b) >= total:
     # filled is non-decreasing in s (each s·x rounds monotonically; a clip and a running sum keep the order).
     # Non-negative float64s are ordered as their bit patterns, so the same b is found by searching the patterns
-    # SEARCH_TRIES at a time: 11 rounds of one (n, tries, k) evaluation instead of ~60 bisection steps.
-    tries = SEARCH_TRIES
+    # `tries` at a time: a few rounds of one (n, tries, k) evaluation instead of ~60 bisection steps.
+    tries = (63 if dev.type == "cpu" else 4095) if tries is None else int(tries)
+    if tries < 1:
+        raise ValueError(f"tries must be >= 1, got {tries}")
     a = torch.zeros(n, dtype=torch.long, device=dev)  # the bits of 0.0: filled(a) < total (or a == 0)
     # past the clips; made by a fill on the device (torch.tensor(value, device=...) would copy from the host and
     # make it wait for all the GPU's queued work)
     b = torch.full((n,), 2.0 ** 1000, dtype=torch.float64, device=dev).view(torch.long)
     step = torch.arange(1, tries + 1, device=dev)
-    for _ in range(SEARCH_ROUNDS):
+    for _ in range(search_rounds(tries)):
         q, rem = (b - a) // (tries + 1), (b - a) % (tries + 1)  # (b - a)·j/(tries + 1) without overflow
         cand = a[:, None] + q[:, None] * step + rem[:, None] * step // (tries + 1)  # (n, tries), ascending
         below = (filled(cand.view(torch.float64)) < tot[:, None]).sum(dim=1, keepdim=True)  # a prefix is below
@@ -351,7 +360,7 @@ def robustify_rows(demand: torch.Tensor, total, *, power: float = 0.5, lo: float
         a = torch.where(going, ends.gather(1, below)[:, 0], a)
         b = torch.where(going, ends.gather(1, below + 1)[:, 0], b)
     if dev.type == "cpu":
-        assert bool((b - a <= 1).all()), "the bit-pattern search did not finish in SEARCH_ROUNDS rounds"
+        assert bool((b - a <= 1).all()), "the bit-pattern search did not finish in its rounds"
     b = b.view(torch.float64)
     r = torch.clamp(x * b[:, None], low, high)
     r = r * (tot / left_sum(r))[:, None]
