@@ -350,6 +350,29 @@ def test_bench_gemv_times_every_layout_of_each_shape(tiny_model):
     assert "| odd |" in text and "| — | — |" in text and "split_product_op" in text
 
 
+def test_bench_attention_layouts_agree_and_it_asks_for_cuda(monkeypatch):
+    """bench_attention.py: its mask layouts give the same attention on the CPU (one mask row per KV head, as
+    PackedCache.attend uses for ragged heads, equals one per query head; one shared row where every head holds one
+    length), and without CUDA it says what it needs instead of failing in a kernel."""
+    import bench_attention as BA
+
+    g = torch.Generator().manual_seed(0)
+    S = 40
+    K, V = torch.randn(BA.HK, S, BA.D, generator=g), torch.randn(BA.HK, S, BA.D, generator=g)
+    q = torch.randn(BA.HQ, BA.D, generator=g)
+    ragged, even = torch.tensor([40, 9, 17, 33, 1, 25, 8, 12]), torch.full((BA.HK,), 23)
+    torch.testing.assert_close(BA.kv_rows(q, K, V, ragged), BA.query_rows(q, K, V, ragged))
+    torch.testing.assert_close(BA.one_row(q, K, V, even), BA.query_rows(q, K, V, even))
+    # against plain softmax attention over each head's own rows
+    ref = torch.stack([torch.softmax(q[i] @ K[i // BA.G, :int(ragged[i // BA.G])].T / BA.D ** 0.5, dim=0)
+                       @ V[i // BA.G, :int(ragged[i // BA.G])] for i in range(BA.HQ)])
+    torch.testing.assert_close(BA.kv_rows(q, K, V, ragged), ref, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["bench_attention.py"])
+    with pytest.raises(SystemExit, match="run it on a CUDA GPU"):
+        BA.main()
+
+
 def test_bench_speed_times_both_weight_layouts_beside_transformers(tiny_dir, tmp_path, capsys):
     """bench.py speed --layouts: the fast path over the default layout and over the weights as loaded, beside
     transformers, each with its ratio and its range over the interleaved rounds."""
