@@ -306,6 +306,14 @@ def search_rounds(tries: int) -> int:
     return rounds
 
 
+def search_tries(n: int, k: int, device_type: str) -> int:
+    """robustify_rows' default width: 63 candidates a round on the CPU (11 rounds, the least work); elsewhere as
+    wide as 4095 (6 rounds: a round is ~25 small kernels, and on a GPU their launches, not the (n, tries, k)
+    work, set its time) while that block stays within 2^24 float64s (128 MiB; a BatchCache splits n = layers x
+    sequences rows at once)."""
+    return 63 if device_type == "cpu" else max(63, min(4095, (1 << 24) // (n * k) - 1))
+
+
 def robustify_rows(demand: torch.Tensor, total, *, power: float = 0.5, lo: float = 0.25, hi: float = 2.0,
                    floor: int = 0, tries: int | None = None) -> torch.Tensor:
     """robustify of every row of demand (n, k), row i to total[i] (an int: the same for every row), on demand's
@@ -314,9 +322,8 @@ def robustify_rows(demand: torch.Tensor, total, *, power: float = 0.5, lo: float
     robustify's bits (tested on the CPU; on a GPU too where demand ** power rounds as on the CPU, as the
     default 0.5, a square root, does). A fixed number of rounds of a handful of tensor ops and no value read
     back, so on a GPU the split queues behind the scores and the host never waits for it. Inputs are checked
-    on the CPU only. tries: candidates per round of the search; any number finds the same scale. None: 63 on
-    the CPU (11 rounds), 4095 elsewhere (6 rounds: a round is ~25 small kernels, whose launches, not the
-    (n, tries, k) work, set a GPU's time)."""
+    on the CPU only. tries: candidates per round of the search; any number finds the same scale (None:
+    search_tries)."""
     d = demand.to(torch.float64)
     dev = d.device
     if dev.type == "cpu" and (torch.isnan(d).any() or (d < 0).any()):
@@ -343,7 +350,7 @@ def robustify_rows(demand: torch.Tensor, total, *, power: float = 0.5, lo: float
     # filled is non-decreasing in s (each s·x rounds monotonically; a clip and a running sum keep the order).
     # Non-negative float64s are ordered as their bit patterns, so the same b is found by searching the patterns
     # `tries` at a time: a few rounds of one (n, tries, k) evaluation instead of ~60 bisection steps.
-    tries = (63 if dev.type == "cpu" else 4095) if tries is None else int(tries)
+    tries = search_tries(n, k, dev.type) if tries is None else int(tries)
     if tries < 1:
         raise ValueError(f"tries must be >= 1, got {tries}")
     a = torch.zeros(n, dtype=torch.long, device=dev)  # the bits of 0.0: filled(a) < total (or a == 0)

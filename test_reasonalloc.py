@@ -107,6 +107,11 @@ def test_robustify_rows_gives_robustify_bits(seed):
         # The search's width changes its rounds (63 at 1 try, 6 at 4095, a GPU's default), not what it finds.
         tries = [1, 7, 4095][trial % 3]
         assert torch.equal(R.robustify_rows(d, total, floor=floor, tries=tries, **options), rows), (trial, tries)
+    # the default widths: the CPU's; a GPU's for one sequence (32 layers of 8 heads); a GPU's for 512 sequences,
+    # narrowed so the (n, tries, k) block stays within 2^24 elements
+    assert [R.search_tries(32, 8, "cpu"), R.search_tries(32, 8, "cuda"), R.search_tries(32 * 512, 8, "cuda")] == \
+        [63, 4095, 127]
+    assert [R.search_rounds(t) for t in (63, 4095, 127)] == [11, 6, 9]
 
 
 def test_robustify_errors():
