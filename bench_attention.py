@@ -44,21 +44,26 @@ CELLS = [
 ]
 
 
+def held_rows(K, n):
+    """(Hk, S): row j of head h is held (j < n[h])."""
+    return torch.arange(K.shape[1], device=K.device)[None] < n[:, None]
+
+
 def one_row(q, K, V, n):
-    held = torch.arange(K.shape[1], device=K.device)[None] < n[:, None]
+    held = held_rows(K, n)
     return F.scaled_dot_product_attention(q.view(1, HQ, 1, D), K[None], V[None], attn_mask=held[:1, None, None, :],
                                           enable_gqa=True).view(HQ, D)
 
 
 def query_rows(q, K, V, n):
-    held = torch.arange(K.shape[1], device=K.device)[None] < n[:, None]
+    held = held_rows(K, n)
     mask = held.repeat_interleave(G, dim=0)[None, :, None, :]  # (1, Hq, 1, S)
     return F.scaled_dot_product_attention(q.view(1, HQ, 1, D), K[None], V[None], attn_mask=mask,
                                           enable_gqa=True).view(HQ, D)
 
 
 def kv_rows(q, K, V, n):
-    held = torch.arange(K.shape[1], device=K.device)[None] < n[:, None]
+    held = held_rows(K, n)
     return F.scaled_dot_product_attention(q.view(HK, G, 1, D), K[:, None], V[:, None],
                                           attn_mask=held[:, None, None, :], enable_gqa=True).view(HQ, D)
 

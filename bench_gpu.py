@@ -42,8 +42,8 @@ import time
 # The caching allocator grows by mapping more memory into one range instead of new cudaMalloc segments (unless
 # the caller set PYTORCH_CUDA_ALLOC_CONF). ReasonAlloc's compression workspace changes size with each head split,
 # and a new segment made the host wait for the GPU to drain its queue mid-compression; the rest of that
-# compression then ran at the host's launch rate, 7-10 ms more GPU time on the H100, in about half of the
-# compressions of a 390-step run. With it, new memory stops being needed after the warm-up. Set before torch
+# compression then ran at the host's launch rate, with the GPU idle between launches (seen in a diagnostic
+# timeline not kept in the project). With it, new memory is rarely needed after the warm-up. Set before torch
 # starts CUDA; it changes nothing else (the peer's and FullKV's shapes are fixed).
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
