@@ -11,8 +11,8 @@ batch-1 greedy decoding of --steps tokens, for each of (--rows):
   reasonalloc, rkv        ReasonAlloc and uniform R-KV (fast path, R-KV policy) at each budget
 
 and our fast path in each of --modes: eager, the static step in a CUDA graph, or that step compiled by
-torch.compile inside the graph. Every cell is warmed up once (the compile time shows there), then timed
---repeats times, interleaved over the cells; the table gives the median, and ReasonAlloc's time per token
+torch.compile inside the graph. Every cell is warmed up once, through its first decode compression (the
+compile time shows there), then timed --repeats times, interleaved over the cells; the table gives the median, and ReasonAlloc's time per token
 over R-KV's is printed per repeat.
 
 Long prompts are prefilled in chunks (--chunk), and the compressed methods compress after every chunk that
@@ -39,12 +39,16 @@ import statistics
 import sys
 import time
 
-# The caching allocator grows by mapping more memory into one range instead of new cudaMalloc segments (unless
-# the caller set PYTORCH_CUDA_ALLOC_CONF). ReasonAlloc's compression workspace changes size with each head split,
-# and a new segment made the host wait for the GPU to drain its queue mid-compression; the rest of that
-# compression then ran at the host's launch rate, with the GPU idle between launches (seen in a diagnostic
-# timeline not kept in the project). With it, new memory is rarely needed after the warm-up. Set before torch
-# starts CUDA; it changes nothing else (the peer's and FullKV's shapes are fixed).
+# Two settings for the whole run, peer included, made before torch starts CUDA unless the caller set them:
+# - Every kernel loaded when CUDA starts (CUDA_MODULE_LOADING=EAGER; PyTorch's default is LAZY, each kernel loaded
+#   on its first launch). A kernel's first load made the host wait for the GPU to drain its whole queue; the rest
+#   of that compression then ran at the host's launch rate, the GPU idle between launches. ReasonAlloc's ragged
+#   scoring runs matrix products of new shapes for a while (cuBLAS picks its kernel by shape), so its compressions
+#   met such loads in the timed steps where uniform R-KV's, of one shape, had met them in its first compression:
+#   a one-time cost per process that the timed steps should not hold (README, "GPU").
+# - The caching allocator grows by mapping more memory into one range instead of new cudaMalloc segments
+#   (expandable segments): ReasonAlloc's compression workspace changes size with each head split.
+os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
@@ -296,7 +300,9 @@ def main(args):
     wbytes = weight_bytes(model)
     kv_token = 2 * cfg.head_dim * model.embed.weight.element_size()  # K and V of one token in one head
     print(f"bench_gpu: {name}, {cfg.num_layers} layers, {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params "
-          f"({wbytes / 1e9:.2f} GB read per step), bandwidth {bw / 1e12 if bw else float('nan'):.2f} TB/s",
+          f"({wbytes / 1e9:.2f} GB read per step), bandwidth {bw / 1e12 if bw else float('nan'):.2f} TB/s, "
+          f"CUDA_MODULE_LOADING={os.environ.get('CUDA_MODULE_LOADING')}, "
+          f"PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF')}",
           file=sys.stderr)
     cuda = torch.device(device).type == "cuda"
     rows, ratios, profiled = [], [], False
@@ -318,12 +324,15 @@ def main(args):
                             interval=args.interval, chunk=args.chunk, profile=profile, graph=graph, compile=compiled,
                             dynamic=False if args.static_shapes else None, around=around)
 
-        for v in cells:  # warm-up (allocator, kernels; compiled: the first compile of a layout) and peak memory
+        # Warm-up (allocator, kernels; compiled: the first compile of a layout) and peak memory: through one decode
+        # compression where the timed steps hold one, so its first run is not timed either.
+        warm = min(args.steps, args.interval + 8)
+        for v in cells:
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             t = time.perf_counter()
-            run(v, 8)
+            run(v, warm)
             v["warmup_s"] = time.perf_counter() - t
             v["times"] = []
         for rep in range(args.repeats):  # the timed runs, interleaved over the cells
@@ -363,7 +372,8 @@ def main(args):
             profiled = True
         if args.out:  # after every context, so a run cut short keeps what it measured
             with open(args.out, "w") as f:
-                json.dump({"gpu": name, "bandwidth": bw, "args": vars(args), "rows": rows, "time_ratios": ratios}, f,
+                json.dump({"gpu": name, "bandwidth": bw, "args": vars(args), "env": {k: os.environ.get(k) for k in (
+                    "CUDA_MODULE_LOADING", "PYTORCH_CUDA_ALLOC_CONF")}, "rows": rows, "time_ratios": ratios}, f,
                           indent=1)
     print(table(rows, name, bw, args))
     for r in ratios:
