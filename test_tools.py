@@ -486,6 +486,33 @@ def test_bench_gpu_static_shapes_and_tune_reach_the_compiler(monkeypatch):
     assert inductor_config.coordinate_descent_tuning and seen[-1] == {"dynamic": False}
 
 
+def test_bench_gpu_warms_up_through_a_compression_and_loads_kernels_up_front(monkeypatch):
+    """Each cell's untimed warm-up runs past its first decode compression (interval + 8 steps, at most --steps), and
+    importing bench_gpu asks CUDA to load every kernel at start unless the caller chose (CUDA_MODULE_LOADING)."""
+    import bench_gpu as BG
+
+    seen = []
+
+    def fake_run_ours(model, ids, steps, **kw):
+        seen.append((kw["budget"], steps))
+        return 1.0, 10.0, 0, (0, 0.0)
+
+    monkeypatch.setattr(BG, "run_ours", fake_run_ours)
+    common = ["--device", "cpu", "--layers", "1", "--contexts", "16", "--budgets", "8", "--rows", "reasonalloc",
+              "--modes", "eager", "--dtype", "float32", "--repeats", "1"]
+    BG.main(BG.parser().parse_args(common + ["--steps", "300", "--interval", "16"]))
+    assert seen == [(8, 24), (8, 300)]
+    seen.clear()
+    BG.main(BG.parser().parse_args(common + ["--steps", "5", "--interval", "16"]))
+    assert seen == [(8, 5), (8, 5)]
+    code = "import os, bench_gpu; print(os.environ['CUDA_MODULE_LOADING'])"
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_MODULE_LOADING"}
+    for given, want in ((None, "EAGER"), ("LAZY", "LAZY")):
+        e = env if given is None else {**env, "CUDA_MODULE_LOADING": given}
+        out = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, cwd=HERE, check=True)
+        assert out.stdout.split()[-1] == want
+
+
 def test_bench_gpu_profile_cells_on_cpu(capsys):
     """--profile-steps profiles each cell's timed steps (a compression among them) and prints one row per cell."""
     import bench_gpu as BG
