@@ -12,8 +12,8 @@ batch-1 greedy decoding of --steps tokens, for each of (--rows):
 
 and our fast path in each of --modes: eager, the static step in a CUDA graph, or that step compiled by
 torch.compile inside the graph. Every cell is warmed up once, through its first decode compression (the
-compile time shows there), then timed --repeats times, interleaved over the cells; the table gives the median, and ReasonAlloc's time per token
-over R-KV's is printed per repeat.
+compile time shows there), then timed --repeats times, interleaved over the cells; the table gives the median,
+and ReasonAlloc's time per token over R-KV's is printed per repeat.
 
 Long prompts are prefilled in chunks (--chunk), and the compressed methods compress after every chunk that
 leaves a head over budget, so the cache never holds more than the budget plus a chunk. Decode then
@@ -41,11 +41,12 @@ import time
 
 # Two settings for the whole run, peer included, made before torch starts CUDA unless the caller set them:
 # - Every kernel loaded when CUDA starts (CUDA_MODULE_LOADING=EAGER; PyTorch's default is LAZY, each kernel loaded
-#   on its first launch). A kernel's first load made the host wait for the GPU to drain its whole queue; the rest
-#   of that compression then ran at the host's launch rate, the GPU idle between launches. ReasonAlloc's ragged
-#   scoring runs matrix products of new shapes for a while (cuBLAS picks its kernel by shape), so its compressions
-#   met such loads in the timed steps where uniform R-KV's, of one shape, had met them in its first compression:
-#   a one-time cost per process that the timed steps should not hold (README, "GPU").
+#   on its first launch). Some compressions made the host wait for the GPU to drain its whole queue, with no new
+#   memory allocated, and the rest of such a compression ran at the host's launch rate, the GPU idle between
+#   launches; with every kernel loaded at start, none did so in the scoring (a diagnostic not kept). ReasonAlloc's
+#   ragged scoring runs matrix products of new shapes for a while (cuBLAS picks its kernel by shape), so its
+#   compressions met such loads in the timed steps where uniform R-KV's, of one shape, had met them in its first
+#   compression: a one-time cost per process that the timed steps should not hold (README, "GPU").
 # - The caching allocator grows by mapping more memory into one range instead of new cudaMalloc segments
 #   (expandable segments): ReasonAlloc's compression workspace changes size with each head split.
 os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
