@@ -241,9 +241,17 @@ def test_torchrun_a_failing_process_fails_the_run_and_a_rerun_resumes(tiny_dir, 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "What is 2+3?"}) + "\n" + json.dumps({"prompt": "why " * 200}) + "\n")
     out, same = tmp_path / "r.json", ["--methods", "FullKV,R-KV", "--prompts", str(prompts)]
+    # Cells already written: a one-process run fails at the long prompt after writing the short one's. (Seeding them
+    # this way, not from the two-process run, keeps the check independent of which process gets to write first.)
+    _, r = run_bench(tiny_dir, out, *same, expect_ok=False)
+    written = json.loads((tmp_path / "r.json.part0").read_text())["cells"]
+    assert written and not out.exists() and "exceeds the model's context of 512 tokens" in r.stderr
     _, r = run_bench(tiny_dir, out, *same, torchrun=True, expect_ok=False)
     assert "exceeds the model's context of 512 tokens" in r.stderr, r.stderr[-2000:]
-    assert not out.exists() and json.loads((tmp_path / "r.json.part0").read_text())["cells"]  # process 0's cells kept
+    kept = {}
+    for part in tmp_path.glob("r.json.part*"):
+        kept.update(json.loads(part.read_text())["cells"])
+    assert not out.exists() and written.items() <= kept.items()  # the failed run kept what was written before it
     # An interrupted run: process 0 had written two of its three cells.
     one, _ = run_bench(tiny_dir, tmp_path / "one.json", "--methods", "FullKV,R-KV")
     part = json.loads((tmp_path / "one.json").read_text())
