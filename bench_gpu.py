@@ -49,8 +49,9 @@ import time
 #   compression: a one-time cost per process that the timed steps should not hold (README, "GPU").
 # - The caching allocator grows by mapping more memory into one range instead of new cudaMalloc segments
 #   (expandable segments): ReasonAlloc's compression workspace changes size with each head split.
-os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+RUN_ENV = {"CUDA_MODULE_LOADING": "EAGER", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+for _name, _value in RUN_ENV.items():
+    os.environ.setdefault(_name, _value)
 
 import torch  # noqa: E402
 
@@ -299,11 +300,11 @@ def main(args):
         torch._inductor.config.coordinate_descent_tuning = True
     profile = made_up_wave(cfg.num_layers)
     wbytes = weight_bytes(model)
+    env = {k: os.environ.get(k) for k in RUN_ENV}  # what this run was given (the caller may have set them)
     kv_token = 2 * cfg.head_dim * model.embed.weight.element_size()  # K and V of one token in one head
     print(f"bench_gpu: {name}, {cfg.num_layers} layers, {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params "
           f"({wbytes / 1e9:.2f} GB read per step), bandwidth {bw / 1e12 if bw else float('nan'):.2f} TB/s, "
-          f"CUDA_MODULE_LOADING={os.environ.get('CUDA_MODULE_LOADING')}, "
-          f"PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF')}",
+          + ", ".join(f"{k}={v}" for k, v in env.items()),
           file=sys.stderr)
     cuda = torch.device(device).type == "cuda"
     rows, ratios, profiled = [], [], False
@@ -373,9 +374,8 @@ def main(args):
             profiled = True
         if args.out:  # after every context, so a run cut short keeps what it measured
             with open(args.out, "w") as f:
-                json.dump({"gpu": name, "bandwidth": bw, "args": vars(args), "env": {k: os.environ.get(k) for k in (
-                    "CUDA_MODULE_LOADING", "PYTORCH_CUDA_ALLOC_CONF")}, "rows": rows, "time_ratios": ratios}, f,
-                          indent=1)
+                json.dump({"gpu": name, "bandwidth": bw, "args": vars(args), "env": env, "rows": rows,
+                           "time_ratios": ratios}, f, indent=1)
     print(table(rows, name, bw, args))
     for r in ratios:
         print(f"ReasonAlloc / R-KV time per token, context {r['context']}, B={r['budget']}, {MODE_LABEL[r['mode']]}: "
