@@ -12,9 +12,13 @@ layer's output plus a fixed vector) under torch.compile with CUDA graphs, as the
   varlen       FlashAttention's variable-length kernel, each head its own sequence with `seqused_k`, so it
                reads only the rows each head holds (torch.ops.aten._flash_attention_forward)
   chunks       each head cut into 128-row sequences for the same kernel (balanced work), merged by log-sum-exp
+  flex         FlexAttention (its decoding kernel splits each head's rows over blocks), rows past a head's length
+               scored -inf
+  flex blocks  the same with a block mask made from the lengths each step, so blocks past a head's end are skipped
 
 Cells are interleaved over --repeats; each prints microseconds per layer (CUDA events over the replayed graph,
-median over repeats) and, from torch.profiler, the attention kernel's and the mask kernel's own time per layer.
+median over repeats) and, from torch.profiler, the attention kernel's and the mask kernel's own time per layer,
+and that of every kernel of the chain.
 The kernel columns are the measurement: the events also time the host's launch of each replay, which passes
 torch.compile's guards for every compiled chain (all share one function), and on an H100 that made them
 host-bound and noisy (results/attention_h100.log: 19-40 µs a layer for 7-15 µs of attention kernel).
@@ -93,7 +97,32 @@ def chunks(q, K, V, n):
     return (out.view(HK, c, G, D).float() * w[..., None]).sum(1).to(q.dtype).reshape(HQ, D)
 
 
-VARIANTS = {"one row": one_row, "query rows": query_rows, "kv rows": kv_rows, "varlen": varlen, "chunks": chunks}
+def flex(q, K, V, n):
+    """FlexAttention (its decoding kernel splits each head's rows over many blocks), rows past a head's length
+    scored -inf; one batch of Hk KV heads, as kv rows."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def held(score, b, h, q_idx, kv_idx):
+        return torch.where(kv_idx < n[b], score, float("-inf"))
+
+    return flex_attention(q.view(HK, G, 1, D), K[:, None], V[:, None], score_mod=held,
+                          enable_gqa=True).reshape(HQ, D)
+
+
+def flex_blocks(q, K, V, n):
+    """flex with a block mask made from the lengths each step, so blocks past a head's length are not read."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def held(b, h, q_idx, kv_idx):
+        return kv_idx < n[b]
+
+    mask = create_block_mask(held, HK, None, 1, K.shape[1], device=K.device)
+    return flex_attention(q.view(HK, G, 1, D), K[:, None], V[:, None], block_mask=mask,
+                          enable_gqa=True).reshape(HQ, D)
+
+
+VARIANTS = {"one row": one_row, "query rows": query_rows, "kv rows": kv_rows, "varlen": varlen, "chunks": chunks,
+            "flex": flex, "flex blocks": flex_blocks}
 
 
 def chain(attend, Ks, Vs, n, q0):
@@ -119,29 +148,40 @@ def time_us(f, replays):
 
 
 def kernel_us(f, replays):
-    """(attention kernel, mask-building kernel) microseconds per layer, from the profiler."""
+    """(attention kernels, mask-building kernel, every kernel) microseconds per layer, from the profiler (every kernel:
+    the chain's add too, one small kernel a layer)."""
     with profile(activities=[ProfilerActivity.CUDA]) as p:
         for _ in range(replays):
             f()
         torch.cuda.synchronize()
-    att = mask = 0.0
+    att = mask = every = 0.0
     for e in p.key_averages():
         name = e.key.lower()
         if e.device_type.name != "CUDA" or e.self_device_time_total <= 0:
             continue
-        if name.startswith("triton") and "attention" in name:
+        every += e.self_device_time_total
+        if name.startswith("triton_tem") or "flex" in name:  # FlexAttention's kernels (Inductor templates)
+            att += e.self_device_time_total
+        elif name.startswith("triton") and "attention" in name:
             mask += e.self_device_time_total
         elif any(k in name for k in ("sdpa", "flash", "fmha", "attention")):
             att += e.self_device_time_total
-    return att / replays / LAYERS, mask / replays / LAYERS
+    return att / replays / LAYERS, mask / replays / LAYERS, every / replays / LAYERS
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every cell (default 3)")
     p.add_argument("--replays", type=int, default=300, help="graph replays timed per repeat (default 300)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated, of: {', '.join(VARIANTS)} (default: all)")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args()
+    chosen = args.variants.split(",")
+    if not set(chosen) <= set(VARIANTS):
+        raise SystemExit(f"unknown --variants {sorted(set(chosen) - set(VARIANTS))}; choose of {', '.join(VARIANTS)}")
+    if "query rows" not in chosen:  # the reference every variant is checked against
+        chosen.insert(0, "query rows")
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention.py times CUDA kernels (cuDNN and FlashAttention): run it on a CUDA GPU")
     torch._dynamo.config.recompile_limit = 1000
@@ -156,7 +196,7 @@ def main():
         n = torch.tensor(lengths, device=dev)
         q0 = torch.randn(HQ, D, device=dev, dtype=dt)
         ref = query_rows(q0, Ks[0], Vs[0], n)
-        names = [v for v in VARIANTS if v != "one row" or len(set(lengths)) == 1]
+        names = [v for v in chosen if v != "one row" or len(set(lengths)) == 1]
         steps, times = {}, {v: [] for v in names}
         for v in names:
             err = (VARIANTS[v](q0, Ks[0], Vs[0], n).float() - ref.float()).abs().max().item()
@@ -167,13 +207,14 @@ def main():
                 times[v].append(time_us(steps[v][0], args.replays))
         print(f"{name}: capacity {S}, rows held {lengths}", flush=True)
         for v in names:
-            att, mask = kernel_us(steps[v][0], 50)
+            att, mask, every = kernel_us(steps[v][0], 50)
             row = dict(cell=name, capacity=S, lengths=lengths, variant=v, us_per_layer=statistics.median(times[v]),
-                       us_all=times[v], attention_kernel_us=att, mask_kernel_us=mask, max_abs_diff=steps[v][1])
+                       us_all=times[v], attention_kernel_us=att, mask_kernel_us=mask, all_kernels_us=every,
+                       max_abs_diff=steps[v][1])
             results.append(row)
             print(f"  {v:11s} {row['us_per_layer']:6.2f} µs a layer (range {min(times[v]):.2f}-{max(times[v]):.2f}),"
-                  f" attention kernel {att:5.2f} µs, mask {mask:4.2f} µs, max |diff| against query rows "
-                  f"{steps[v][1]:.1e}", flush=True)
+                  f" attention kernel {att:5.2f} µs, mask {mask:4.2f} µs, all kernels {every:5.2f} µs, max |diff| "
+                  f"against query rows {steps[v][1]:.1e}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, rows=results), f, indent=1)

@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -361,7 +362,8 @@ def test_bench_gemv_times_every_layout_of_each_shape(tiny_model):
 def test_bench_attention_layouts_agree_and_it_asks_for_cuda(monkeypatch):
     """bench_attention.py: its mask layouts give the same attention on the CPU (one mask row per KV head, as
     PackedCache.attend uses for ragged heads, equals one per query head; one shared row where every head holds one
-    length), and without CUDA it says what it needs instead of failing in a kernel."""
+    length; FlexAttention's two ways), an unknown --variants is refused, and without CUDA it says what it needs
+    instead of failing in a kernel."""
     import bench_attention as BA
 
     g = torch.Generator().manual_seed(0)
@@ -375,6 +377,13 @@ def test_bench_attention_layouts_agree_and_it_asks_for_cuda(monkeypatch):
     ref = torch.stack([torch.softmax(q[i] @ K[i // BA.G, :int(ragged[i // BA.G])].T / BA.D ** 0.5, dim=0)
                        @ V[i // BA.G, :int(ragged[i // BA.G])] for i in range(BA.HQ)])
     torch.testing.assert_close(BA.kv_rows(q, K, V, ragged), ref, rtol=1e-5, atol=1e-5)
+    with warnings.catch_warnings():  # FlexAttention unfused (eager, on a CPU): right, and says it is slow
+        warnings.simplefilter("ignore")
+        for flex in (BA.flex, BA.flex_blocks):
+            torch.testing.assert_close(flex(q, K, V, ragged), ref, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(sys, "argv", ["bench_attention.py", "--variants", "flex,none"])
+    with pytest.raises(SystemExit, match="unknown --variants"):
+        BA.main()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(sys, "argv", ["bench_attention.py"])
     with pytest.raises(SystemExit, match="run it on a CUDA GPU"):
