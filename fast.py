@@ -418,15 +418,13 @@ def snapkv_score(q_win, k, n, window, *, gqa_reduce="max", kernel=7, **_):
     return F.max_pool1d(att.nan_to_num(0.0)[:, None], kernel_size=kernel, stride=1, padding=kernel // 2)[:, 0]
 
 
-def length_groups(lengths: list[int], ratio: float = 0.9) -> list[tuple[list[int], int]]:
+def length_groups(lengths: list[int], ratio: float = 0.75) -> list[tuple[list[int], int]]:
     """The heads (by index) in groups of similar length, longest first, each with its longest head: a head
     joins the current group while it holds at least `ratio` of the group's longest (0 holds none: left out).
     Redundancy costs S² per head at the padded length S, so scoring each group at its own length does about
     the work of the heads' own T_h² (ReasonAlloc's heads span 1/4 to 2 times their layer's budget, and its
-    layers differ again) at a few groups; uniform heads make one group. 0.9 wastes at most 19 % of a group's
-    area. It was 3/4 (at most 44 %): on an H100 at Llama-3.1-8B's shapes (2k context, one ReasonAlloc
-    compression; a diagnostic, not kept) 0.9 did the least GPU work at B = 512 of the ratios tried (0.75 to 0.95)
-    and less than 3/4 at B = 1024; the added groups' launches are host time, queued ahead of the GPU."""
+    layers differ again) at a few groups; uniform heads make one group. 3/4 wastes at most 44 % of a
+    group's area."""
     groups = []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         if lengths[i] <= 0:

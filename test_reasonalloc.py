@@ -1050,10 +1050,8 @@ def test_packed_redundancy_in_row_blocks_equals_per_head():
 
 
 def test_length_groups_by_hand():
-    """Longest first; a head joins while it holds at least `ratio` (0.9) of its group's longest; empty heads are
-    left out."""
-    assert Fa.length_groups([50, 31, 12, 45, 0, 38]) == [([0, 3], 50), ([5], 38), ([1], 31), ([2], 12)]
-    assert Fa.length_groups([50, 31, 12, 45, 0, 38], ratio=0.75) == [([0, 3, 5], 50), ([1], 31), ([2], 12)]
+    """Longest first; a head joins while it holds at least 3/4 of its group's longest; empty heads are left out."""
+    assert Fa.length_groups([50, 31, 12, 45, 0, 38]) == [([0, 3, 5], 50), ([1], 31), ([2], 12)]
     assert Fa.length_groups([8, 8, 8]) == [([0, 1, 2], 8)]
     assert Fa.length_groups([0, 0]) == []
 
