@@ -180,7 +180,7 @@ def main():
     chosen = args.variants.split(",")
     if not set(chosen) <= set(VARIANTS):
         raise SystemExit(f"unknown --variants {sorted(set(chosen) - set(VARIANTS))}; choose of {', '.join(VARIANTS)}")
-    if "query rows" not in chosen:  # the reference every variant is checked against
+    if "query rows" not in chosen:  # timed in every run too: the layout each cell's variants are checked against
         chosen.insert(0, "query rows")
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention.py times CUDA kernels (cuDNN and FlashAttention): run it on a CUDA GPU")
