@@ -45,6 +45,9 @@ CELLS = [
     ("ragged B=512", 1280, [1024, 300, 640, 900, 350, 700, 512, 670]),
     ("uniform B=1024", 1280, [1024] * HK),
     ("ragged B=1024", 2304, [2048, 600, 1200, 1700, 700, 1400, 1000, 1544]),
+    # ReasonAlloc's capacities before GraphDecoder rounded them to 16 rows (fast.PackedCache.align): the same
+    # ragged layer with its mask rows 1283 elements apart
+    ("ragged B=512, capacity 1283", 1283, [1024, 300, 640, 900, 350, 700, 512, 670]),
 ]
 
 

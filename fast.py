@@ -51,6 +51,11 @@ class PackedCache:
     # (it left the band of 1 once in 256 steps at 8k, B = 1024, on the GPU); the padding is a few MiB of
     # attention reads against GiBs of weights per token.
     band = 1
+    # Capacities are rounded up to a multiple of `align` rows. GraphDecoder sets 16: its ragged layers give the
+    # fused attention one mask row per KV head, rows `capacity` elements apart, and on an H100 cuDNN's kernel took
+    # ~1 µs more per layer when that stride was not a multiple of 16 (a diagnostic at 2k, B = 512: ReasonAlloc's
+    # odd capacities cost 0.5 % a step; README, "GPU"). 1 elsewhere: the eager path's masks are built per call.
+    align = 1
 
     def __init__(self, config: ModelConfig, window: int = 8, *, dtype=torch.float32, device="cpu",
                  spare: int = 128, queries: bool = True):
@@ -139,11 +144,14 @@ class PackedCache:
         for layer in range(len(self)):
             self._reserve(layer, rows, exact=True)
 
+    def _aligned(self, rows: int) -> int:
+        return -(-rows // self.align) * self.align
+
     def _reserve(self, layer: int, rows: int, *, exact: bool = False):
         cap = self.k[layer].shape[1]
         if rows <= cap:
             return
-        new = rows if exact else rows + self._spare(rows)
+        new = rows if exact else self._aligned(rows + self._spare(rows))
         for name in ("k", "v", "pos"):
             old = getattr(self, name)[layer]
             buf = old.new_zeros(old.shape[0], new, *old.shape[2:])
@@ -249,10 +257,10 @@ class PackedCache:
         spare = self._spare(m)
         # The storage is reused while it holds the kept rows plus one `spare` (the appends until the next
         # compression) and at most `band` spares more (see the class attribute).
-        if not m + spare <= cap <= m + (1 + self.band) * spare:
+        if not m + spare <= cap <= self._aligned(m + (1 + self.band) * spare):
             # Trim (or grow) to the kept rows plus `spare`, plus half a band of slack so the next
             # compression, whose longest head may differ by some rows, can reuse the storage.
-            cap = m + spare + self.band * spare // 2
+            cap = self._aligned(m + spare + self.band * spare // 2)
             for name in ("k", "v", "pos"):
                 old = getattr(self, name)[layer]
                 new = old.new_zeros(old.shape[0], cap, *old.shape[2:])
@@ -650,6 +658,9 @@ class GraphDecoder:
         dev = model.embed.weight.device
         self.model, self.cache = model, cache
         cache.band = 2  # a new storage costs a capture: reuse it longer (PackedCache.band)
+        cache.align = 16  # mask rows 16 apart (PackedCache.align); storage made before now is widened to that
+        for layer in range(len(cache)):
+            cache._reserve(layer, cache._aligned(cache.k[layer].shape[1]), exact=True)
         self.token = torch.zeros(cache.batch, dtype=torch.long, device=dev)  # one per sequence (a BatchCache: n)
         self.pos = torch.zeros(cache.batch, dtype=torch.long, device=dev)
         self.host_pos = None  # what self.pos holds (read without asking the device)

@@ -1091,9 +1091,34 @@ def test_graph_decoder_widens_the_reuse_band(tiny_model):
         if graphed:
             Fa.GraphDecoder(tiny_model, cache)
         storage = cache.k[0].data_ptr()
-        R.compress(cache, torch.full((3,), 20), "uniform", "rkv")  # 20 rows a head: 56 = 20 + 2.25 intervals
+        R.compress(cache, torch.full((3,), 20), "uniform", "rkv")  # 20 rows a head: 64 = 20 + 2.75 intervals
         assert (cache.k[0].data_ptr() == storage) == graphed
-        assert cache.k[0].shape[1] == (56 if graphed else 20 + 16 + 8)
+        # GraphDecoder rounded the 56 rows up to 64, a multiple of PackedCache.align = 16
+        assert cache.k[0].shape[1] == (64 if graphed else 20 + 16 + 8)
+
+
+def test_graph_decoder_rounds_capacities_to_16_rows(tiny_model):
+    """Under GraphDecoder every layer's storage holds a multiple of 16 rows (its ragged layers' mask rows are
+    that far apart): the storage it finds, after each compression's trim and after a growth; eager caches
+    keep exact capacities."""
+    cache = Fa.new_cache(tiny_model, 8, spare=16)
+    tiny_model(TINY_PROMPT, cache)  # 40 tokens: capacity 56
+    assert [k.shape[1] for k in cache.k] == [56] * 3
+    decode = Fa.GraphDecoder(tiny_model, cache)
+    caps = lambda: [k.shape[1] for k in cache.k]  # noqa: E731
+    assert caps() == [64] * 3 and all(v.shape[1] == 64 and p.shape[1] == 64 for v, p in zip(cache.v, cache.pos))
+    for step in range(62):
+        decode(step % 50)
+        assert all(c % 16 == 0 and c >= n + 1 for c, n in zip(caps(), cache.lengths().amax(dim=1).tolist()))
+        if step == 28:
+            assert caps() == [96] * 3  # grown at 40 + 23 + 2 rows to those plus a spare, rounded up: 96
+        if step >= 29 and (step - 29) % 16 == 0:
+            before = caps()
+            R.compress(cache, torch.tensor([12, 20, 28]), "reasonalloc", "rkv", positions=False)
+            longest = cache.lengths().amax(dim=1).tolist()
+            for c0, c, m in zip(before, caps(), longest):
+                assert c % 16 == 0 and m + 16 <= c <= -(-(m + 48) // 16) * 16  # 1 to 3 spares, rounded up
+                assert c == c0 or c == -(-(m + 32) // 16) * 16  # reused, or trimmed to 2 spares rounded up
 
 
 def test_graph_decoder_static_step_equals_eager_packed(tiny_model):
