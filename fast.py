@@ -52,9 +52,9 @@ class PackedCache:
     # attention reads against GiBs of weights per token.
     band = 1
     # Capacities are rounded up to a multiple of `align` rows. GraphDecoder sets 16: its ragged layers give the
-    # fused attention one mask row per KV head, rows `capacity` elements apart, and on an H100 cuDNN's kernel took
-    # ~1 µs more per layer when that stride was not a multiple of 16 (a diagnostic at 2k, B = 512: ReasonAlloc's
-    # odd capacities cost 0.5 % a step; README, "GPU"). 1 elsewhere: the eager path's masks are built per call.
+    # fused attention one mask row per KV head, rows `capacity` elements apart, and on an H100 cuDNN's kernel is
+    # slower when that stride is not a multiple of 16 (bench_attention.py: 9.27 against 7.65 µs a layer at capacity
+    # 1283 against 1280; README, "GPU"). 1 elsewhere: the eager path's masks are built per call.
     align = 1
 
     def __init__(self, config: ModelConfig, window: int = 8, *, dtype=torch.float32, device="cpu",
@@ -369,7 +369,7 @@ class BatchCache(PackedCache):
         dev = self.k[0].device
         for l in range(c.num_layers):
             S = int(self.n[l, kv].max())
-            cap = S + self._spare(S) + self._spare(S) // 2
+            cap = self._aligned(S + self._spare(S) + self._spare(S) // 2)
             for name in ("k", "v", "pos"):
                 getattr(self, name)[l] = getattr(self, name)[l][kv.to(dev), :cap].contiguous()
             self.q_win[l] = self.q_win[l][qh.to(dev)]

@@ -1119,6 +1119,13 @@ def test_graph_decoder_rounds_capacities_to_16_rows(tiny_model):
             for c0, c, m in zip(before, caps(), longest):
                 assert c % 16 == 0 and m + 16 <= c <= -(-(m + 48) // 16) * 16  # 1 to 3 spares, rounded up
                 assert c == c0 or c == -(-(m + 32) // 16) * 16  # reused, or trimmed to 2 spares rounded up
+    caches = [Fa.new_cache(tiny_model, 8, spare=16) for _ in range(2)]
+    for c, ids in zip(caches, (TINY_PROMPT, TINY_PROMPT[:33])):
+        tiny_model(ids, c)
+    batch = Fa.BatchCache.stack(caches)  # capacities 40 + 16 rows
+    Fa.GraphDecoder(tiny_model, batch)
+    batch.select([1])  # sequence 1 holds 33 rows: 33 + 16 + 8, rounded up
+    assert [k.shape[1] for k in batch.k] == [64] * 3 and batch.n.amax().item() == 33
 
 
 def test_graph_decoder_static_step_equals_eager_packed(tiny_model):
