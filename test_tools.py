@@ -567,8 +567,8 @@ def test_bench_gpu_throughput_harness_on_cpu():
     layer_b = torch.tensor([24, 40])
     secs, captures = BG.run_batch(ours, 3, 100, layer_b, "reasonalloc", steps=20, interval=8, window=4)
     assert secs > 0 and captures == 0  # no CUDA graphs on CPU
-    assert BG.seq_bytes(c, 100, None, steps=20, interval=8, elem=4) == 2 * 128 * 2 * 2 * 16 * 4
-    assert BG.seq_bytes(c, 100, layer_b, steps=20, interval=8, elem=4) == (48 + 18 + 80 + 18) * 2 * 2 * 16 * 4
+    assert BG.seq_bytes(c, 100, None, steps=20, interval=8, elem=4) == 2 * (128 + 15) * 2 * 2 * 16 * 4
+    assert BG.seq_bytes(c, 100, layer_b, steps=20, interval=8, elem=4) == (48 + 18 + 80 + 18 + 2 * 15) * 2 * 2 * 16 * 4
     rows = [{"context": 100, "method": m, "batch": b, "largest": True, "fits": True, "tokens_per_s": t, "step_ms": 1.0,
              "kv_gib_per_seq": 0.01, "peak_gib": 1.0} for m, b, t in (("FullKV", 4, 100.0), ("ReasonAlloc B=8", 40, 900.0))]
     rows.append({"context": 100, "method": "FullKV", "batch": 32, "fits": False, "tokens_per_s": None})
