@@ -463,12 +463,13 @@ def random_batch_cache(model, n: int, ctx: int, layer_b, *, window: int, spare: 
 def seq_bytes(cfg, ctx: int, layer_b, *, steps: int, interval: int, elem: int, hi: float = 2.0) -> int:
     """Bytes of K/V storage one sequence takes: FullKV its context plus the steps; a compressed cache, per
     layer, its longest head (at most hi·B_l after the head split) plus 2 intervals of spare (what a
-    compression under GraphDecoder trims the storage to, PackedCache.band); each plus the 15 rows GraphDecoder may
-    add to round a capacity up to 16 (PackedCache.align)."""
+    compression under GraphDecoder trims the storage to, PackedCache.band); each plus the rows GraphDecoder may
+    add to round a capacity up to a multiple of GraphDecoder.align."""
     per_row = cfg.num_kv_heads * 2 * cfg.head_dim * elem
+    rounding = fast.GraphDecoder.align - 1
     if layer_b is None:
-        return cfg.num_layers * (ctx + steps + 8 + 15) * per_row
-    return sum(int(hi * int(b)) + 2 * interval + 2 + 15 for b in layer_b) * per_row
+        return cfg.num_layers * (ctx + steps + 8 + rounding) * per_row
+    return sum(int(hi * int(b)) + 2 * interval + 2 + rounding for b in layer_b) * per_row
 
 
 @torch.inference_mode()
