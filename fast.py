@@ -51,10 +51,10 @@ class PackedCache:
     # (it left the band of 1 once in 256 steps at 8k, B = 1024, on the GPU); the padding is a few MiB of
     # attention reads against GiBs of weights per token.
     band = 1
-    # Capacities are rounded up to a multiple of `align` rows. GraphDecoder sets its own (16): its ragged layers give the
-    # fused attention one mask row per KV head, rows `capacity` elements apart, and on an H100 cuDNN's kernel is
-    # slower when that stride is not a multiple of 16 (bench_attention.py: 9.27 against 7.65 µs a layer at capacity
-    # 1283 against 1280; README, "GPU"). 1 elsewhere: the eager path's masks are built per call.
+    # Capacities are rounded up to a multiple of `align` rows. GraphDecoder sets its own (16): its ragged layers
+    # give the fused attention one mask row per KV head, rows `capacity` elements apart, and on an H100 cuDNN's
+    # kernel is slower when that stride is not a multiple of 16 (bench_attention.py: 9.27 against 7.65 µs a layer
+    # at capacity 1283 against 1280; README, "GPU"). 1 elsewhere: the eager path's masks are built per call.
     align = 1
 
     def __init__(self, config: ModelConfig, window: int = 8, *, dtype=torch.float32, device="cpu",
@@ -652,7 +652,7 @@ class GraphDecoder:
     capture. On CPU there are no graphs: the same static step runs eagerly (which is what the parity
     test checks)."""
 
-    align = 16  # the cache's capacities in multiples of this many rows: its mask rows that far apart (PackedCache.align)
+    align = 16  # the cache's capacities in multiples of this many rows, so its mask rows lie that far apart
 
     def __init__(self, model: Transformer, cache: PackedCache, *, compile: bool = False, dynamic: bool | None = None):
         if not isinstance(cache, PackedCache):
