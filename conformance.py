@@ -2,21 +2,26 @@
 
 Legend: L layers, Hk KV heads, D head dim, w window, B budget, b_lh head budgets, Δ interval.
 
-`vectors/`: inputs and expected outputs of the pure functions (robustify, every allocator's layer rule,
-the head rules, keep_indices, the R-KV and SnapKV scores), hand-sized and adversarial (ties, all-equal
-demand, heads shorter than the window, a head at the floor), computed in float64 and written to 12
-significant digits; and `vectors/events/`, full events files (reasonalloc.py section 5, events.schema.json)
-of a tiny model whose weights any language rebuilds from a seed (`model.recipe_weights`), one per
-allocator. `python conformance.py vectors` regenerates them; a test checks they come out byte for byte
-equal, and `python reasonalloc.py check vectors/events/FILE` replays each.
+The tooling around the spec for the authors of other backends (docs/backends.md):
+- the events format (events.schema.json): one run's compressions, written by `record`, replayed on the
+  per-head reference with the same tokens forced by `check`, which reports the first difference;
+- weights any language rebuilds from a seed (`recipe_weights`) and a model folder's fingerprint;
+- `vectors/`: inputs and expected outputs of the pure functions (robustify, every allocator's layer rule,
+  the head rules, keep_indices, the R-KV and SnapKV scores), hand-sized and adversarial (ties, all-equal
+  demand, heads shorter than the window, a head at the floor), computed in float64 and written to 12
+  significant digits; and `vectors/events/`, full events files of a tiny recipe model, one per allocator.
 
-Run it:  python conformance.py vectors [--out vectors]
+Run it:  python conformance.py record --prompt "..." --events FILE [--fast] [reasonalloc.py's flags]
+         python conformance.py check EVENTS.json [--model DIR]
+         python conformance.py vectors [--out vectors]             (a test checks they regenerate byte for byte)
          python conformance.py random-model --out DIR [--seed 0]    (a random Llama folder, for GPU runs)
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import inspect
 import json
 import math
 import sys
@@ -25,12 +30,369 @@ from pathlib import Path
 import torch
 
 import evict
+import fast
 import model as M
 import reasonalloc as R
+from convert import resolve_model_dir, safetensors_files
+from files import check_output, write_atomic
 
 HERE = Path(__file__).resolve().parent
 
-# The tiny model of the events vectors (weights: model.recipe_weights)
+# ----------------------------------------------------------------------------------------------
+# Weights any language can rebuild from a seed (the events vectors' tiny model), and a model folder's identity
+
+LCG_A, LCG_C = 6364136223846793005, 1442695040888963407  # Knuth's MMIX 64-bit linear congruential generator
+
+
+def lcg_uniform(n: int, seed: int) -> list[float]:
+    """n values in [-1, 1): x ← (A·x + C) mod 2^64 from x = seed, each value 2·(x >> 40)/2^24 − 1."""
+    x, out = seed % 2**64, []
+    for _ in range(n):
+        x = (LCG_A * x + LCG_C) % 2**64
+        out.append(2 * (x >> 40) / 2**24 - 1)
+    return out
+
+
+def recipe_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors (Hugging Face names) from `seed`, reproducible in any language:
+    for the names in byte order, every norm weight is 1; every other tensor is filled row-major from one
+    stream x ← (6364136223846793005·x + 1442695040888963407) mod 2^64 (x starts at `seed`), each value
+    (2·u − 1)/√(columns) with u = (x >> 40) / 2^24, then rounded to float32."""
+    cfg = M.ModelConfig.from_hf(config)
+    shapes = M.checkpoint_shapes(cfg)
+    drawn = [name for name in sorted(shapes) if not name.endswith("norm.weight")]
+    stream = lcg_uniform(sum(math.prod(shapes[name]) for name in drawn), seed)
+    out, start = {}, 0
+    for name in sorted(shapes):
+        shape = shapes[name]
+        if name not in drawn:
+            out[name] = torch.ones(shape, dtype=torch.float32, device="cpu")
+            continue
+        values = torch.tensor(stream[start:start + math.prod(shape)], dtype=torch.float64, device="cpu")
+        start += math.prod(shape)
+        out[name] = (values / math.sqrt(shape[-1])).float().view(shape)
+    return out
+
+
+def recipe_model(config: dict, seed: int, dtype=torch.float64) -> M.Transformer:
+    """A model with `recipe_weights`, for conformance tests (float64 by default: choices far from float noise)."""
+    cfg = M.ModelConfig.from_hf(config)
+    model = M.Transformer(cfg)
+    model.load_state_dict(M.fuse_checkpoint(recipe_weights(config, seed), cfg), strict=False)
+    return model.to(dtype).eval()
+
+
+def model_fingerprint(path: Path, *, samples: int = 16, sample_bytes: int = 1 << 16) -> str:
+    """A short identity of a model folder's contents, for keying saved results: sha256 over config.json,
+    the tokenizer files, and each weight file's size, header (every tensor's name, dtype, shape and offset)
+    and `samples` slices of its data spread evenly over the file. Any re-conversion, fine-tune or swapped
+    shard changes it; hashing every byte instead would take minutes on a multi-GB checkpoint."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        h.update(name.encode() + b"\0" + ((path / name).read_bytes() if (path / name).is_file() else b"-") + b"\0")
+    for file in safetensors_files(path):
+        size = file.stat().st_size
+        h.update(f"{file.name}:{size}\0".encode())
+        with open(file, "rb") as f:
+            head = f.read(8)
+            header_len = int.from_bytes(head, "little") if len(head) == 8 else 0
+            h.update(head + f.read(min(header_len, size)))
+            for i in range(samples):
+                f.seek(size * i // samples)
+                h.update(f.read(sample_bytes))
+    return h.hexdigest()[:16]
+
+
+
+# ----------------------------------------------------------------------------------------------
+# The events document and the replay checker: the golden reference for other backends.
+#
+# A backend (vLLM, SGLang, a custom kernel) that implements these allocators writes, for one run, what it
+# decided at each compression in the versioned format of events.schema.json: B_l, b_lh, the lengths before
+# and after, and the absolute positions each head kept. `python conformance.py check EVENTS.json` replays
+# the run on the per-head reference path with the same tokens forced and reports the first difference,
+# with the reference's scores of the tokens involved. Budgets and kept positions must be equal; scores
+# only explain a difference: two within rtol·max(|a|, |b|) + atol are a tie (or float noise), and the
+# reference breaks ties toward the older token (a stable sort).
+
+SCHEMA_NAME, SCHEMA_VERSION = "reasonalloc-events", 1
+SCHEMA_FILE = HERE / "events.schema.json"
+RTOL, ATOL = 1e-3, 1e-6  # scores this close are a tie when a difference is explained (bfloat16 keeps ~3 digits)
+
+
+def resolved_options(fn, given: dict | None, skip=("window", "profile")) -> dict:
+    """Every keyword option `fn` takes, with its default unless `given` sets it: the complete record."""
+    params = inspect.signature(fn).parameters.values()
+    out = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name not in skip}
+    return out | {k: v for k, v in (given or {}).items() if k in out}
+
+
+def model_identity(c, *, source: dict) -> dict:
+    """What an events document says about its model (`c`: a model.ModelConfig)."""
+    return {"architecture": c.model_type, "num_layers": c.num_layers, "num_heads": c.num_heads,
+            "num_kv_heads": c.num_kv_heads, "head_dim": c.head_dim, "vocab_size": c.vocab_size,
+            "config_hash": c.config_hash, "source": source}
+
+
+def events_document(model, g: R.Generation, *, source: dict) -> dict:
+    """One run as a versioned events document. `source`: where the weights come from, {"fingerprint": ...}
+    of a model folder (`model_fingerprint`) or {"recipe": "lcg64", "seed": s, "config": {...}}."""
+    s = g.settings
+    alloc = R.get_allocator(s["allocator"])
+    settings = {
+        "budget": s["budget"], "allocator": s["allocator"], "policy": s["policy"], "interval": s["interval"],
+        "window": s["window"],
+        "layer_options": resolved_options(alloc.layers, s["layer_options"]),
+        "head_options": resolved_options(alloc.heads, s["head_options"]),
+        "policy_options": resolved_options(evict.get_policy(s["policy"]), s["policy_options"]),
+        "profile_demand": s["profile_demand"], "max_new_tokens": s["max_new_tokens"],
+        "temperature": s["temperature"], "top_p": s["top_p"], "seed": s["seed"], "chat": s["chat"],
+        "dtype": str(model.embed.weight.dtype).removeprefix("torch."), "path": "fast" if s["packed"] else "reference",
+    }
+    events = [{k: e[k] for k in ("step", "layer_budgets", "head_budgets", "lengths_before", "lengths_after",
+                                 "kept_positions")} for e in g.events]
+    return {"schema": SCHEMA_NAME, "version": SCHEMA_VERSION, "model": model_identity(model.config, source=source),
+            "settings": settings, "prompt_ids": g.prompt_ids, "tokens": g.tokens, "events": events}
+
+
+def schema_errors(value, schema: dict, where: str = "$") -> list[str]:
+    """The subset of JSON Schema that events.schema.json uses (type, const, enum, minimum, required,
+    properties, additionalProperties, items), so no validator package is needed."""
+    types = schema.get("type")
+    if types is not None:
+        ok = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
+        names = types if isinstance(types, list) else [types]
+        good = any(isinstance(value, ok[t]) if t in ok else
+                   (isinstance(value, int) and not isinstance(value, bool)) if t == "integer" else
+                   (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+                   for t in names)
+        if not good:
+            return [f"{where} must be {' or '.join(names)}, got {json.dumps(value)[:40]}"]
+    if "const" in schema and value != schema["const"]:
+        return [f"{where} must be {json.dumps(schema['const'])}, got {json.dumps(value)[:40]}"]
+    if "enum" in schema and value not in schema["enum"]:
+        return [f"{where} must be one of {', '.join(map(str, schema['enum']))}, got {json.dumps(value)[:40]}"]
+    if "minimum" in schema and value < schema["minimum"]:
+        return [f"{where} must be >= {schema['minimum']}, got {value}"]
+    errors = []
+    if isinstance(value, dict):
+        errors += [f"{where} lacks {k!r}" for k in schema.get("required", []) if k not in value]
+        props = schema.get("properties", {})
+        for k, v in value.items():
+            if k in props:
+                errors += schema_errors(v, props[k], f"{where}.{k}")
+            elif schema.get("additionalProperties") is False:
+                errors.append(f"{where} has an unknown key {k!r}")
+    if isinstance(value, list) and "items" in schema:
+        for i, v in enumerate(value):
+            errors += schema_errors(v, schema["items"], f"{where}[{i}]")
+            if len(errors) > 5:
+                break
+    return errors
+
+
+def check_totals(doc: dict, path) -> None:
+    """Shapes and totals: Σ B_l = L·B, Σ_h b_lh = Hk·B_l, each head keeps lengths_after[l][h] positions."""
+    L, Hk, B = doc["model"]["num_layers"], doc["model"]["num_kv_heads"], doc["settings"]["budget"]
+    for e in doc["events"]:
+        at = f"{path}: event at step {e['step']}"
+        lb, hb = e["layer_budgets"], e["head_budgets"]
+        shapes = [len(lb) == L, len(hb) == L and all(len(r) == Hk for r in hb),
+                  all(len(e[k]) == L and all(len(r) == Hk for r in e[k]) for k in ("lengths_before", "lengths_after")),
+                  len(e["kept_positions"]) == L and all(len(r) == Hk for r in e["kept_positions"])]
+        if not all(shapes):
+            raise ValueError(f"{at}: every per-layer list needs {L} entries of {Hk} heads (the model's L and Hk)")
+        if sum(lb) != L * B:
+            raise ValueError(f"{at}: the layer budgets sum to {sum(lb)}, not L·B = {L}·{B} = {L * B}")
+        for l in range(L):
+            if sum(hb[l]) != Hk * lb[l]:
+                raise ValueError(f"{at}: layer {l}'s head budgets {hb[l]} sum to {sum(hb[l])}, not Hk·B_l = "
+                                 f"{Hk}·{lb[l]} = {Hk * lb[l]}")
+            for h in range(Hk):
+                if len(e["kept_positions"][l][h]) != e["lengths_after"][l][h]:
+                    raise ValueError(f"{at}: layer {l} head {h} keeps {len(e['kept_positions'][l][h])} positions "
+                                     f"but lengths_after says {e['lengths_after'][l][h]}")
+
+
+def read_events(path) -> dict:
+    """An events file, checked: JSON, the format and its version, the schema, and every budget's total."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no events file {path}")
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({getattr(e, 'msg', e)}); is it truncated? Write it again") from None
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA_NAME:
+        old = isinstance(doc, dict) and "events" in doc and "version" not in doc
+        raise ValueError(f"{path} is not a {SCHEMA_NAME} file" + (
+            ": it is an events file from before the format was versioned (no 'version'); write it again with "
+            "python conformance.py record --events FILE" if old else ""))
+    if doc.get("version") != SCHEMA_VERSION:
+        raise ValueError(f"{path} has {SCHEMA_NAME} version {doc.get('version')!r}; this reasonalloc reads version "
+                         f"{SCHEMA_VERSION} only (see events.schema.json): write the file again in version "
+                         f"{SCHEMA_VERSION}")
+    errors = schema_errors(doc, json.loads(SCHEMA_FILE.read_text()))
+    if errors:
+        raise ValueError(f"{path} does not follow events.schema.json: " + "; ".join(errors[:5]))
+    check_totals(doc, path)
+    return doc
+
+
+def load_for(doc: dict, model_dir=None, device="cpu"):
+    """The model an events document names: its recipe, or a model folder (default: the embedded model)."""
+    src, dtype = doc["model"]["source"], getattr(torch, doc["settings"]["dtype"])
+    recipe = "recipe" in src and model_dir is None
+    if recipe and src["recipe"] != "lcg64":
+        raise ValueError(f"unknown weight recipe {src['recipe']!r}; this reasonalloc knows 'lcg64'")
+    path = None if recipe else resolve_model_dir(model_dir)
+    config = M.ModelConfig.from_hf(src["config"] if recipe else path)
+    ident = model_identity(config, source=src)  # checked before any weights are read
+    diff = [k for k in ident if k != "source" and ident[k] != doc["model"].get(k)]
+    if diff:
+        there = doc["model"]
+        what = ", ".join(f"{k} {there.get(k)!r} in the file, {ident[k]!r} here" for k in diff)
+        raise ValueError(f"the events file was made for another model ({what}); pass the model it was made "
+                         f"with as --model DIR")
+    if recipe:
+        return recipe_model(src["config"], src["seed"], dtype)
+    fp = model_fingerprint(path)
+    if src.get("fingerprint") not in (None, fp):
+        raise ValueError(f"the events were made with other weights (fingerprint {src['fingerprint']}) than "
+                         f"{path} (fingerprint {fp}); pass the model they were made with as --model DIR")
+    return M.load_model(path, dtype=dtype, device=device)
+
+
+def replay(model, doc: dict, *, at_step=None, layer=None):
+    """Rerun the document's run on the per-head reference path with its tokens forced. With `at_step`, also
+    return the scores every head of `layer` had just before the compression at that step:
+    [(positions the head holds, the scores of its evictable rows: all but the last w)] per head."""
+    s, tokens = doc["settings"], doc["tokens"]
+    seen = {}
+
+    def hook(step, token, logits, cache):
+        if step == at_step:
+            scores = evict.score_layer(cache, layer, s["policy"], **s["policy_options"])
+            seen["scores"] = [(cache[layer][h].pos.tolist(), sc.double().tolist()) for h, sc in enumerate(scores)]
+        return tokens[step] if step < len(tokens) else None
+
+    g = R.generate(model, None, torch.tensor(doc["prompt_ids"], dtype=torch.long, device="cpu"),
+                   budget=s["budget"], allocator=s["allocator"], policy=s["policy"], interval=s["interval"],
+                   window=s["window"], max_new_tokens=len(tokens), profile=s["profile_demand"],
+                   layer_options=s["layer_options"], head_options=s["head_options"],
+                   policy_options=s["policy_options"], record_positions=True, hook=hook)
+    return g, seen.get("scores")
+
+
+def first_difference(theirs: list[dict], ours: list[dict]) -> dict | None:
+    """The first (event, field, layer, head) where the two event lists differ, or None."""
+    for i, (a, b) in enumerate(zip(theirs, ours)):
+        for key in ("step", "layer_budgets", "lengths_before", "head_budgets", "lengths_after", "kept_positions"):
+            x, y = a[key], b[key]
+            if x == y:
+                continue
+            found = {"event": i, "step": b["step"], "field": key, "theirs": x, "ours": y, "layer": None, "head": None}
+            if key == "layer_budgets":
+                found["layer"] = next(l for l in range(len(x)) if x[l] != y[l])
+            elif key != "step":
+                found["layer"], found["head"] = next((l, h) for l in range(len(x)) for h in range(len(x[l]))
+                                                     if x[l][h] != y[l][h])
+                found["theirs"], found["ours"] = x[found["layer"]][found["head"]], y[found["layer"]][found["head"]]
+            return found
+    if len(theirs) != len(ours):
+        i = min(len(theirs), len(ours))
+        step = (theirs if len(theirs) > i else ours)[i]["step"]
+        return {"event": i, "step": step, "field": "count", "theirs": len(theirs), "ours": len(ours),
+                "layer": None, "head": None}
+    return None
+
+
+def tie(a: float, b: float, rtol: float = RTOL, atol: float = ATOL) -> bool:
+    return abs(a - b) <= atol + rtol * max(abs(a), abs(b))
+
+
+def explain(d: dict, scores, policy: str, policy_options: dict, rtol: float = RTOL, atol: float = ATOL) -> list[str]:
+    """Lines that say what differs at the first difference `d`, with the reference's scores."""
+    where = f"event {d['event']} (step {d['step']})"
+    if d["field"] == "count":
+        return [f"{where}: the backend has {d['theirs']} compression events, the reference {d['ours']}"]
+    if d["field"] == "kept_positions":
+        head = f"{where}, layer {d['layer']}, KV head {d['head']}"
+        pos, sc = scores[d["head"]]
+        score_of = dict(zip(pos, sc))  # the evictable rows; the last w rows are the window
+
+        def label(p):
+            return round(score_of[p], 8) if p in score_of else "window" if p in pos else "not held (evicted before)"
+
+        only_theirs = sorted(set(d["theirs"]) - set(d["ours"]))
+        only_ours = sorted(set(d["ours"]) - set(d["theirs"]))
+        lines = [f"{head}: kept positions differ",
+                 f"  kept only by the backend:   {only_theirs} (reference scores {[label(p) for p in only_theirs]})",
+                 f"  kept only by the reference: {only_ours} (reference scores {[label(p) for p in only_ours]})"]
+        pairs = [(score_of.get(a), score_of.get(b)) for a in only_theirs for b in only_ours]
+        if pairs and all(a is not None and b is not None and tie(a, b, rtol, atol) for a, b in pairs):
+            lines.append(f"  a tie: these scores are equal within rtol {rtol:g}, atol {atol:g}. The reference "
+                         f"keeps the older token among equal scores (stable sort); check the backend's tie rule "
+                         f"or its score precision")
+        else:
+            lines.append(f"  not a tie: the backend kept tokens the reference scores lower or does not hold; check "
+                         f"the score function ({policy} with {policy_options}) or the selection")
+        return lines
+    if d["head"] is not None:
+        return [f"{where}, layer {d['layer']}, KV head {d['head']}: {d['field']} {d['theirs']} in the backend, "
+                f"{d['ours']} in the reference"]
+    if d["layer"] is not None:
+        return [f"{where}, layer {d['layer']}: layer budget {d['theirs'][d['layer']]} in the backend, "
+                f"{d['ours'][d['layer']]} in the reference (layer budgets {d['theirs']} vs {d['ours']})"]
+    return [f"{where}: {d['field']} {d['theirs']} in the backend, {d['ours']} in the reference"]
+
+
+def check(doc: dict, model, *, rtol: float = RTOL, atol: float = ATOL, out=print) -> bool:
+    """Replay `doc` and compare it event by event; print agreement or the first difference. True if all agree."""
+    g, _ = replay(model, doc)
+    theirs, ours = doc["events"], g.events
+    d = first_difference(theirs, ours)
+    agree = len(theirs) if d is None else d["event"]
+    for i in range(agree):
+        out(f"event {i} (step {ours[i]['step']}): agrees ({sum(map(sum, ours[i]['lengths_after']))} tokens kept)")
+    if d is None:
+        out(f"all {len(ours)} compression events agree: budgets and kept positions are equal")
+        return True
+    scores = None
+    if d["field"] == "kept_positions":
+        _, scores = replay(model, doc, at_step=d["step"], layer=d["layer"])
+    for line in explain(d, scores, doc["settings"]["policy"], doc["settings"]["policy_options"], rtol, atol):
+        out(line)
+    return False
+
+
+def check_main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="conformance.py check",
+        description="Replay an events file on the per-head reference path with the same tokens forced and compare "
+                    "every compression event: layer and head budgets, lengths and kept positions must be equal. "
+                    "On the first difference it prints the event, layer and head, and the reference's scores of "
+                    "the tokens that differ. Exit status 0 only when every event agrees.")
+    p.add_argument("events", help=f"an events file ({SCHEMA_NAME} version {SCHEMA_VERSION}, events.schema.json)")
+    p.add_argument("--model", help="the model folder the events were made with (default: the weight recipe named in "
+                                   "the file, or else the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--rtol", type=float, default=RTOL, help="relative tolerance under which two scores are a tie")
+    p.add_argument("--atol", type=float, default=ATOL, help="absolute tolerance under which two scores are a tie")
+    args = p.parse_args(argv)
+    try:
+        doc = read_events(args.events)
+        model = load_for(doc, args.model)
+        return 0 if check(doc, model, rtol=args.rtol, atol=args.atol) else 1
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+# ----------------------------------------------------------------------------------------------
+# The vectors
+
+# The tiny model of the events vectors (weights: recipe_weights)
 TINY_CONFIG = {"model_type": "llama", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 64,
                "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
                "max_position_embeddings": 512, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
@@ -40,8 +402,8 @@ TINY_CONFIG = {"model_type": "llama", "vocab_size": 96, "hidden_size": 32, "inte
 
 
 def lcg_tensor(shape, seed: int) -> torch.Tensor:
-    """float32 values in [-1, 1) from the LCG of `model.recipe_weights` (stored exactly in the JSON)."""
-    return torch.tensor(M.lcg_uniform(math.prod(shape), seed), dtype=torch.float32, device="cpu").view(shape)
+    """float32 values in [-1, 1) from the LCG of `recipe_weights` (stored exactly in the JSON)."""
+    return torch.tensor(lcg_uniform(math.prod(shape), seed), dtype=torch.float32, device="cpu").view(shape)
 
 
 def num(x) -> float:
@@ -107,13 +469,13 @@ EVENT_RUNS = [("reasonalloc", "rkv"), ("uniform", "rkv"), ("uniform", "snapkv"),
 
 def event_documents(seed: int = 0) -> dict[str, dict]:
     """Full events files of the recipe model (float64, reference path): one per allocator and policy."""
-    model = M.recipe_model(TINY_CONFIG, seed)
+    model = recipe_model(TINY_CONFIG, seed)
     prompt = torch.tensor([(7 * i + 3) % TINY_CONFIG["vocab_size"] for i in range(40)], device="cpu")
     docs = {}
     for allocator, policy in EVENT_RUNS:
         g = R.generate(model, None, prompt, budget=16, window=4, interval=8, max_new_tokens=48, allocator=allocator,
                        policy=policy, profile=[0.5, 0.2, 0.3], record_positions=True)
-        docs[f"{allocator}-{policy}"] = R.events_document(
+        docs[f"{allocator}-{policy}"] = events_document(
             model, g, source={"recipe": "lcg64", "seed": seed, "config": TINY_CONFIG})
     return docs
 
@@ -125,16 +487,16 @@ def write_vectors(out: Path) -> list[Path]:
     files = []
     for name, cases in vector_cases().items():
         files.append(out / f"{name}.json")
-        M.write_atomic(files[-1], json.dumps({"function": name, "cases": cases}, indent=1) + "\n")
+        write_atomic(files[-1], json.dumps({"function": name, "cases": cases}, indent=1) + "\n")
     for name, doc in event_documents().items():
         files.append(out / "events" / f"{name}.json")
-        M.write_atomic(files[-1], json.dumps(doc) + "\n")
+        write_atomic(files[-1], json.dumps(doc) + "\n")
     return files
 
 
 def write_random_model(out: Path, *, seed: int = 0, layers: int = 4, hidden: int = 256, heads: int = 8,
                        kv_heads: int = 2, context: int = 4096) -> Path:
-    """A random Llama model folder made on the spot (weights: `model.recipe_weights` from `seed`), with a
+    """A random Llama model folder made on the spot (weights: `recipe_weights` from `seed`), with a
     byte-level tokenizer (256 bytes + <|im_start|>, <|im_end|>) and a ChatML template: for runs where the
     default model cannot go, e.g. a GPU machine reachable only through a 64 MiB file transfer."""
     from safetensors.torch import save_file
@@ -155,14 +517,50 @@ def write_random_model(out: Path, *, seed: int = 0, layers: int = 4, hidden: int
                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     (out / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
     (out / "config.json").write_text(json.dumps(config, indent=1))
-    save_file(M.recipe_weights(config, seed), out / "model.safetensors", metadata={"format": "pt"})
+    save_file(recipe_weights(config, seed), out / "model.safetensors", metadata={"format": "pt"})
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def record_parser() -> argparse.ArgumentParser:
+    p = R.parser("Run reasonalloc.py's main job (the same flags) and write the run as a versioned events document "
+                 "(events.schema.json): the model's identity, every setting that changes a choice, the prompt and "
+                 "generated token ids, and every compression event with its kept positions.")
+    p.prog = "conformance.py record"
+    p.add_argument("--events", required=True, help="the events JSON file to write")
+    p.add_argument("--fast", action="store_true", help="run on the packed fast path (fast.py) instead of the "
+                                                       "per-head reference")
+    return p
+
+
+def record_main(args):
+    """python conformance.py record: reasonalloc.py's main job, then its events document written to --events."""
+    if args.compare:
+        raise ValueError("--events records one run; --compare makes eight. Drop one of the two")
+    check_output(args.events, "--events")
+
+    def write(path, model, g):
+        doc = events_document(model, g, source={"fingerprint": model_fingerprint(path)})
+        write_atomic(args.events, json.dumps({**doc, "text": g.text}))
+        print(f"events written to {args.events} (check a backend's with: python conformance.py check FILE)")
+
+    gen = fast.generate if args.fast else R.generate
+    R.main(args, generate_fn=lambda *a, **kw: gen(*a, record_positions=True, **kw), after=write,
+           load_fn=fast.load_model if args.fast else None)
+
+
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Regenerate the conformance vectors, or write a random model folder "
-                                            "(see the module docstring).")
-    p.add_argument("what", choices=["vectors", "random-model"])
+    if sys.argv[1:2] == ["check"]:  # the replay checker, with its own exit status (0 agree, 1 differ, 2 bad input)
+        sys.exit(check_main(sys.argv[2:]))
+    if sys.argv[1:2] == ["record"]:
+        R.cli(record_main, record_parser, sys.argv[2:])
+        sys.exit(0)
+    p = argparse.ArgumentParser(description="Regenerate the conformance vectors, or write a random model folder; "
+                                            "`record` and `check` (see their --help) write and replay events files.")
+    p.add_argument("what", choices=["vectors", "random-model", "record", "check"])
     p.add_argument("--out", help="folder to write to (default for vectors: vectors/)")
     p.add_argument("--seed", type=int, default=0, help="random-model: the weights' seed")
     p.add_argument("--layers", type=int, default=4, help="random-model: layers")

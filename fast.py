@@ -1,6 +1,4 @@
-"""The packed fast path: the reference per-head cache, policies and selection, batched over the KV heads
-of a layer, plus a static decode step replayed from a CUDA graph. Every piece equals a reference function
-(named in its docstring); the parity tests in test_reasonalloc.py are this file's spec.
+"""The packed fast path: the twin of the spec modules, tested equal to them, piece by piece.
 
 Legend:
     L   layers              Hq  query heads          Hk  key/value heads
@@ -8,8 +6,18 @@ Legend:
     w   observation window (newest tokens, always kept)
     S   rows of a layer's padded storage that hold tokens (its longest head)
 
-reasonalloc.generate(..., packed=True) (`--fast` on the CLI) runs generation on this path;
-reasonalloc.generate_batch runs many sequences at once on a BatchCache.
+The spec (model.py, evict.py, reasonalloc.py) is written per KV head; this file computes the same numbers
+batched over the heads of a layer, and over many sequences. It imports the spec and never the reverse, and
+each piece's docstring names the reference function or class it equals; the parity tests (test_fast.py) hold
+it there. In the order of the spec:
+
+1. model.py's twin: weights laid out for a one-row product (`store_weights`, `load_model`); `PackedCache`,
+   the per-head cache packed per layer into padded storage; `BatchCache`, many sequences in one;
+   `GraphDecoder`, a static decode step replayed from a CUDA graph.
+2. evict.py's twin: the policies and the selection for every head of a layer at once.
+3. reasonalloc.py's twin: the head rules row by row (`head_rule_rows`), the batched compression
+   (`compress_sequences`, `compress`), and `generate` / `teacher_force` / `generate_batch` on this path.
+4. The CLI: python fast.py --prompt "..." runs the main job on this path (the same flags as reasonalloc.py).
 """
 
 from __future__ import annotations
@@ -19,13 +27,136 @@ import math
 import time
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import evict
+import model as M
+import reasonalloc as R
 from model import HeadCache, ModelConfig, Transformer, check_context
 
 # ----------------------------------------------------------------------------------------------
-# The cache
+# 1. model.py's twin. Weights for a one-row product: the CPU split across threads, the layouts
+
+
+def split_product(x: torch.Tensor, w: torch.Tensor, parts: int) -> torch.Tensor:
+    """x (1, in) @ w.T as `parts` slices run by one torch.bmm, which runs each slice on its own thread (see
+    Linear). Every slice is a view of w as `store_weights` laid it out."""
+    n, k = w.shape
+    if w.stride(0) == 1:  # column-major: (parts, k/p, n) slices of the (in, out) storage, partial sums added
+        return torch.bmm(x.reshape(parts, 1, k // parts), w.t().view(parts, k // parts, n)).sum(0)
+    # row-major: each thread takes n/p output rows
+    return torch.bmm(x.expand(parts, 1, k), w.view(parts, n // parts, k).transpose(1, 2)).reshape(1, n)
+
+
+@torch.library.custom_op("reasonalloc::split_product", mutates_args=())
+def split_product_op(x: torch.Tensor, w: torch.Tensor, parts: int) -> torch.Tensor:
+    """split_product as an operator of its own, for torch.compile to call as it is: Inductor would otherwise
+    fuse the bmm and its sum into a C++ loop of its own, much slower than MKL's (the compiled CPU step went
+    from 23 to 37 tokens/s with the operator, `bench.py speed --compiled`). Eager code calls split_product
+    directly: going through the operator costs about 14 µs a call (`bench_gemv.py`)."""
+    return split_product(x, w, parts)
+
+
+@split_product_op.register_fake
+def _(x, w, parts):
+    return x.new_empty(1, w.shape[0])
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose one-row product (a batch-1 decode step) can be split across the CPU's threads.
+
+    MKL computes a matrix-vector product on one thread, which streams about as fast as one core can read; a
+    batched product over `parts` slices of the weight (`torch.bmm`) runs the slices on `parts` threads at
+    once. How it slices follows how `store_weights` laid the weight out, so every slice is a free view:
+    column-major (in, out storage) slices the input dimension and sums the `parts` partial products;
+    row-major slices the output rows. parts == 1 (the default), several rows, or a GPU: F.linear."""
+
+    parts = 1
+
+    def forward(self, x):
+        p, w = self.parts, self.weight
+        if p == 1 or x.dim() != 2 or x.shape[0] != 1 or x.device.type != "cpu":  # a GPU spreads one product itself
+            return F.linear(x, w, self.bias)
+        y = split_product_op(x, w, p) if torch.compiler.is_compiling() else split_product(x, w, p)
+        return y if self.bias is None else y + self.bias
+
+
+# Which projections "auto" stores column-major on a GPU: measured with bf16 Llama-3.1-8B shapes on one H100
+# (`python bench_gemv.py --device cuda --shapes llama-3.1-8b --dtype bfloat16`, README "The GPU's weight
+# layout"): cuBLAS picks another kernel for (in, out) storage and reads the o weight 19 % faster, gate/up and
+# down 3-4 %, the LM head 7 %; the fused q/k/v 5 % slower, so it stays row-major.
+GPU_COLUMNS = frozenset({"o", "gate/up", "down", "LM head"})
+
+
+def projections(model: Transformer) -> dict[str, list[nn.Linear]]:
+    """Each kind of projection's Linear modules, under the names bench_gemv.py reports them by."""
+    blocks = model.blocks
+    return {"q/k/v": [b.attn.wqkv for b in blocks], "o": [b.attn.wo for b in blocks],
+            "gate/up": [b.mlp.w_gate_up for b in blocks], "down": [b.mlp.w_down for b in blocks],
+            "LM head": [model.lm_head]}
+
+
+def store_weights(model: Transformer, layout="auto", parts: int | None = None) -> Transformer:
+    """Lay out the projection weights for a batch-1 decode step and say how many threads share each product
+    (the values and shapes stay; only the storage order and `Linear.parts` change; each projection's
+    nn.Linear becomes this file's `Linear`, the same module with the split forward).
+
+    A decode step is one matrix-vector product per projection, so its speed is the speed at which each
+    weight is streamed. On the CPU, MKL's product with a row-major (out, in) weight, which is what
+    `nn.Linear` and transformers use, reads about 15 GB/s on this project's 2-core machine, on one thread.
+    The same product over (in, out) storage (the weight column-major) reads up to 28 GB/s when the output is
+    wider than the input (fused q/k/v, gate/up, the LM head), the same when it is square, and less when it
+    is narrower (the down projection: 15 against 21 GB/s). Split over the 2 threads (`Linear`), the chosen
+    layouts read 23-40 GB/s. On an H100, cuBLAS picks its kernel by layout too (GPU_COLUMNS).
+    `python bench_gemv.py [--device cuda]` measures this per shape; `bench.py speed --layouts` times whole
+    decode steps on the CPU, `bench_gpu.py --layout` on the GPU.
+
+    layout: "auto" = "columns" on the CPU and GPU_COLUMNS elsewhere; "columns" = column-major for every
+    projection with out >= in (the wide ones, by the CPU measurement above); "rows" = every weight row-major
+    (contiguous), as loaded; or a collection of projection names (`projections`) to store column-major, the
+    rest row-major. A tied LM head moves with the embedding (one tensor; the embedding then gathers a token's
+    strided row, once a token).
+    parts: threads per product (default: torch.get_num_threads() on the CPU, 1 on the GPU, where one product
+    is spread over the whole device already); a weight whose sliced dimension `parts` does not divide keeps 1."""
+    groups = projections(model)
+    cpu = model.embed.weight.device.type == "cpu"
+    wide = {name for name, linears in groups.items() if linears[0].out_features >= linears[0].in_features}
+    if isinstance(layout, str):  # each named layout is a set of the projections stored column-major
+        named = {"auto": wide if cpu else GPU_COLUMNS, "columns": wide, "rows": set()}
+        if layout not in named:
+            raise ValueError(f"layout must be auto, columns, rows or a set of projection names, got {layout!r}")
+        layout = named[layout]
+    layout = frozenset(layout)
+    if unknown := layout - groups.keys():
+        raise ValueError(f"unknown projection name(s) {sorted(unknown)} in layout; known: {', '.join(groups)}")
+    if parts is None:
+        parts = torch.get_num_threads() if cpu else 1
+    if parts < 1:
+        raise ValueError(f"parts must be >= 1, got {parts}")
+    for name, linears in groups.items():
+        columns = name in layout
+        for lin in linears:
+            lin.__class__ = Linear  # the same module (same parameters), with the split forward
+            w = lin.weight
+            out_features, in_features = w.shape
+            stored = w.t().contiguous().t() if columns else w.contiguous()
+            if stored is not w:
+                lin.weight = nn.Parameter(stored, requires_grad=w.requires_grad)
+            sliced = in_features if columns else out_features
+            lin.parts = parts if sliced % parts == 0 else 1
+    if model.config.tie_word_embeddings:
+        model.embed.weight = model.lm_head.weight
+    return model
+
+
+def load_model(path, dtype=torch.float32, device="cpu", layout="auto", parts=None) -> Transformer:
+    """model.load_model, its weights laid out for decoding by `store_weights(model, layout, parts)`."""
+    return store_weights(M.load_model(path, dtype=dtype, device=device), layout, parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# The packed cache (model.KVCache's twin)
 
 
 class PackedCache:
@@ -405,7 +536,114 @@ def decode_batch(model: Transformer, tokens: torch.Tensor, cache: BatchCache) ->
 
 
 # ----------------------------------------------------------------------------------------------
-# Scores and selection, batched over the heads of a layer (head h holds rows [0, n_h) of (Hk, S, D))
+# The static decode step, captured as a CUDA graph
+
+
+class GraphDecoder:
+    """Equals one Transformer.forward decode step over a PackedCache, replayed from a CUDA graph.
+
+    Eager decode of a batch-1 model is bound by the host launching ~45 small kernels per layer, not
+    by the GPU. Here the step runs in the cache's static mode: attention spans the whole capacity with
+    the length mask, the new token is scattered at each head's length, and the new query overwrites the
+    oldest of the window queries (a ring, put back in order before anything else reads them), so every
+    tensor keeps its shape and address from step to step and the step can be captured
+    once and replayed. A compression (or a capacity growth) moves the storage and triggers a new
+    capture. On CPU there are no graphs: the same static step runs eagerly (which is what the parity
+    test checks)."""
+
+    align = 16  # the cache's capacities in multiples of this many rows, so its mask rows lie that far apart
+
+    def __init__(self, model: Transformer, cache: PackedCache, *, compile: bool = False, dynamic: bool | None = None):
+        if not isinstance(cache, PackedCache):
+            raise ValueError("GraphDecoder needs a PackedCache: fast.new_cache(model, window)")
+        dev = model.embed.weight.device
+        self.model, self.cache = model, cache
+        cache.band = 2  # a new storage costs a capture: reuse it longer (PackedCache.band)
+        cache.align = self.align  # storage made before now is widened to that
+        for layer in range(len(cache)):
+            cache._reserve(layer, cache._aligned(cache.k[layer].shape[1]), exact=True)
+        self.token = torch.zeros(cache.batch, dtype=torch.long, device=dev)  # one per sequence (a BatchCache: n)
+        self.pos = torch.zeros(cache.batch, dtype=torch.long, device=dev)
+        self.host_pos = None  # what self.pos holds (read without asking the device)
+        self.use_graph = dev.type == "cuda"
+        self.graph, self.layout, self.logits, self.captures = None, None, None, 0
+        self.capture_seconds = 0.0  # spent in captures (and, compiled, in compiling each new layout)
+        # compile=True: the static step through torch.compile (Inductor fuses the ~45 small kernels of a
+        # layer), then captured as before. Shapes are fixed between compressions; when a compression moves
+        # the storage to a new capacity, PyTorch's automatic dynamic shapes compile once more with the
+        # capacity symbolic, and later capacities reuse that code (only the graph is captured again).
+        # dynamic=False compiles every capacity on its own instead (torch.compile's own keyword): kernels
+        # specialised to each shape, at one compile per capacity.
+        self.run = torch.compile(model.run, dynamic=dynamic) if compile else model.run
+
+    def _step(self) -> torch.Tensor:
+        self.cache.static = True
+        try:
+            return self.run(self.token, self.pos, self.cache)
+        finally:
+            self.cache.static = False
+
+    def _capture(self):
+        t0 = time.perf_counter()
+        c = self.cache
+        saved_n, saved_q, saved_slot = [n.clone() for n in c.n_dev], [q.clone() for q in c.q_win], c.q_slot.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up on a side stream before capturing, as CUDA graphs require
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        for n, old in zip(c.n_dev, saved_n):  # undo the warm-up steps (their rows lie past the lengths)
+            n.copy_(old)
+        for q, old in zip(c.q_win, saved_q):
+            q.copy_(old)
+        c.q_slot.copy_(saved_slot)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+        self.captures += 1
+        self.capture_seconds += time.perf_counter() - t0
+
+    @torch.no_grad()
+    def __call__(self, token) -> torch.Tensor:
+        """Append `token` (an int or a 1-element tensor; a BatchCache: n tokens, one per sequence) and return
+        the (n, vocab) float32 logits."""
+        c = self.cache
+        check_context(self.model.config, int(c.positions().max()) + 1)
+        if c.queries and c.q_win[0].shape[1] < c.window:
+            raise ValueError(f"GraphDecoder needs at least window = {c.window} tokens in the cache first")
+        longest, shortest = c.n.amax(dim=1), c.n.amin(dim=1)  # (L,) each, on the host
+        for layer, t in enumerate(longest.tolist()):
+            c._reserve(layer, t + 2)  # room for this step (and a warm-up step)
+        if self.token.numel() != c.batch:  # a BatchCache dropped sequences: new buffers, so a new capture
+            self.token, self.pos, self.host_pos = self.token.new_zeros(c.batch), self.pos.new_zeros(c.batch), None
+        self.token.copy_(torch.as_tensor(token, device=self.token.device).view(c.batch))
+        want = c.positions()
+        if self.host_pos is not None and self.host_pos.shape == want.shape and torch.equal(want, self.host_pos + 1):
+            self.pos += 1  # on the device: a copy from the host would make the host wait for the last step
+        else:
+            self.pos.copy_(want)
+        self.host_pos = want
+        # Layers whose heads all hold one length (one mask row in attend). Every step: a compression that reuses the
+        # storage, so keeps the layout, can still change it.
+        c.even = tuple((longest == shortest).tolist())
+        if self.use_graph:
+            layout = tuple(t.data_ptr() for t in (*c.k, *c.v, *c.pos, *c.n_dev, *c.q_win, c.q_slot, self.token,
+                                                  self.pos)) + c.even
+            if layout != self.layout:
+                self._capture()
+                self.layout = layout
+            self.graph.replay()
+            logits = self.logits
+        else:
+            logits = self._step()
+        c.n += 1
+        if c.queries:
+            c.q_shift = (c.q_shift + 1) % c.window
+        c.advance()
+        return logits
+# ----------------------------------------------------------------------------------------------
+# 2. evict.py's twin. Scores and selection, batched over the heads of a layer (head h holds rows [0, n_h) of (Hk, S, D))
 
 
 def window_attention(q_win, k, n_evict, *, gqa_reduce: str = "max"):
@@ -637,109 +875,428 @@ def compress_layer(cache: PackedCache, layer: int, budgets, policy: str = "rkv",
 
 
 # ----------------------------------------------------------------------------------------------
-# The static decode step, captured as a CUDA graph
+# 3. reasonalloc.py's twin. The head rules for many rows at once (a batch's compression: one row per layer and
+#    sequence): the same arithmetic row by row, so each row equals the rule on that row's heads, bit for bit
+#    (tested), without a Python loop over rows.
 
 
-class GraphDecoder:
-    """Equals one Transformer.forward decode step over a PackedCache, replayed from a CUDA graph.
+def to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device`, without making the host wait: a plain copy to a GPU waits for all the work
+    queued before it, a copy from pinned memory is queued behind that work instead (PyTorch keeps the pinned
+    block until the copy is done). A compression's few small host-made tensors go this way, so the host can run
+    ahead of the GPU (uniform R-KV's compression then never waits for it)."""
+    device = torch.device(device)
+    if device.type != "cuda" or x.device.type != "cpu":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
 
-    Eager decode of a batch-1 model is bound by the host launching ~45 small kernels per layer, not
-    by the GPU. Here the step runs in the cache's static mode: attention spans the whole capacity with
-    the length mask, the new token is scattered at each head's length, and the new query overwrites the
-    oldest of the window queries (a ring, put back in order before anything else reads them), so every
-    tensor keeps its shape and address from step to step and the step can be captured
-    once and replayed. A compression (or a capacity growth) moves the storage and triggers a new
-    capture. On CPU there are no graphs: the same static step runs eagerly (which is what the parity
-    test checks)."""
 
-    align = 16  # the cache's capacities in multiples of this many rows, so its mask rows lie that far apart
+def start_to_host(x: torch.Tensor):
+    """Start copying x to the host without waiting: (host tensor, ready), ready() blocking until the copy has
+    landed. On a GPU the copy goes into pinned memory behind the work queued so far, so the host can queue more
+    (a compression's packing) before it waits, and the GPU still has that work to run while the host reads the
+    values. On a CPU: x itself, and ready does nothing."""
+    if x.device.type != "cuda":
+        return x, lambda: None
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    host.copy_(x, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(x.device))
+    return host, done.synchronize
 
-    def __init__(self, model: Transformer, cache: PackedCache, *, compile: bool = False, dynamic: bool | None = None):
-        if not isinstance(cache, PackedCache):
-            raise ValueError("GraphDecoder needs a PackedCache: fast.new_cache(model, window)")
-        dev = model.embed.weight.device
-        self.model, self.cache = model, cache
-        cache.band = 2  # a new storage costs a capture: reuse it longer (PackedCache.band)
-        cache.align = self.align  # storage made before now is widened to that
-        for layer in range(len(cache)):
-            cache._reserve(layer, cache._aligned(cache.k[layer].shape[1]), exact=True)
-        self.token = torch.zeros(cache.batch, dtype=torch.long, device=dev)  # one per sequence (a BatchCache: n)
-        self.pos = torch.zeros(cache.batch, dtype=torch.long, device=dev)
-        self.host_pos = None  # what self.pos holds (read without asking the device)
-        self.use_graph = dev.type == "cuda"
-        self.graph, self.layout, self.logits, self.captures = None, None, None, 0
-        self.capture_seconds = 0.0  # spent in captures (and, compiled, in compiling each new layout)
-        # compile=True: the static step through torch.compile (Inductor fuses the ~45 small kernels of a
-        # layer), then captured as before. Shapes are fixed between compressions; when a compression moves
-        # the storage to a new capacity, PyTorch's automatic dynamic shapes compile once more with the
-        # capacity symbolic, and later capacities reuse that code (only the graph is captured again).
-        # dynamic=False compiles every capacity on its own instead (torch.compile's own keyword): kernels
-        # specialised to each shape, at one compile per capacity.
-        self.run = torch.compile(model.run, dynamic=dynamic) if compile else model.run
 
-    def _step(self) -> torch.Tensor:
-        self.cache.static = True
-        try:
-            return self.run(self.token, self.pos, self.cache)
-        finally:
-            self.cache.static = False
+def round_rows(x: torch.Tensor, total, prefer: torch.Tensor | None = None) -> torch.Tensor:
+    """round_to_total of every row of x (n, k) float64, row i to total[i] (an int: the same for every row), on x's
+    device (checked there only on the CPU: a check on a GPU would make the host wait for it)."""
+    base = torch.floor(x + 1e-9).long()
+    total = torch.as_tensor(total, dtype=torch.long, device=x.device)
+    short = total - base.sum(dim=1)  # (n,)
+    if x.device.type == "cpu" and ((short < 0) | (short > x.shape[1])).any():
+        raise AssertionError(f"cannot round rows of {x.tolist()} to totals {total.tolist()}")
+    n, k = x.shape
+    order = torch.arange(k, device=x.device).expand(n, k)
+    if prefer is not None:
+        order = torch.sort(prefer, dim=1, descending=True, stable=True).indices
+    rem = torch.gather(x - base.double(), 1, order)
+    order = torch.gather(order, 1, torch.sort(rem, dim=1, descending=True, stable=True).indices)
+    bump = (torch.arange(k, device=x.device)[None, :] < short[:, None]).long()
+    return base.scatter_add(1, order, bump)
 
-    def _capture(self):
-        t0 = time.perf_counter()
-        c = self.cache
-        saved_n, saved_q, saved_slot = [n.clone() for n in c.n_dev], [q.clone() for q in c.q_win], c.q_slot.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up on a side stream before capturing, as CUDA graphs require
-            for _ in range(2):
-                self._step()
-        torch.cuda.current_stream().wait_stream(side)
-        for n, old in zip(c.n_dev, saved_n):  # undo the warm-up steps (their rows lie past the lengths)
-            n.copy_(old)
-        for q, old in zip(c.q_win, saved_q):
-            q.copy_(old)
-        c.q_slot.copy_(saved_slot)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._step()
-        self.captures += 1
-        self.capture_seconds += time.perf_counter() - t0
 
-    @torch.no_grad()
-    def __call__(self, token) -> torch.Tensor:
-        """Append `token` (an int or a 1-element tensor; a BatchCache: n tokens, one per sequence) and return
-        the (n, vocab) float32 logits."""
-        c = self.cache
-        check_context(self.model.config, int(c.positions().max()) + 1)
-        if c.queries and c.q_win[0].shape[1] < c.window:
-            raise ValueError(f"GraphDecoder needs at least window = {c.window} tokens in the cache first")
-        longest, shortest = c.n.amax(dim=1), c.n.amin(dim=1)  # (L,) each, on the host
-        for layer, t in enumerate(longest.tolist()):
-            c._reserve(layer, t + 2)  # room for this step (and a warm-up step)
-        if self.token.numel() != c.batch:  # a BatchCache dropped sequences: new buffers, so a new capture
-            self.token, self.pos, self.host_pos = self.token.new_zeros(c.batch), self.pos.new_zeros(c.batch), None
-        self.token.copy_(torch.as_tensor(token, device=self.token.device).view(c.batch))
-        want = c.positions()
-        if self.host_pos is not None and self.host_pos.shape == want.shape and torch.equal(want, self.host_pos + 1):
-            self.pos += 1  # on the device: a copy from the host would make the host wait for the last step
-        else:
-            self.pos.copy_(want)
-        self.host_pos = want
-        # Layers whose heads all hold one length (one mask row in attend). Every step: a compression that reuses the
-        # storage, so keeps the layout, can still change it.
-        c.even = tuple((longest == shortest).tolist())
-        if self.use_graph:
-            layout = tuple(t.data_ptr() for t in (*c.k, *c.v, *c.pos, *c.n_dev, *c.q_win, c.q_slot, self.token,
-                                                  self.pos)) + c.even
-            if layout != self.layout:
-                self._capture()
-                self.layout = layout
-            self.graph.replay()
-            logits = self.logits
-        else:
-            logits = self._step()
-        c.n += 1
-        if c.queries:
-            c.q_shift = (c.q_shift + 1) % c.window
-        c.advance()
-        return logits
+def left_sum(t: torch.Tensor) -> torch.Tensor:
+    """Σ over the last dim, added from the left as Python's sum adds: the same bits on every device (a GPU's sum
+    or cumsum promises no order)."""
+    acc = t[..., 0]
+    for j in range(1, t.shape[-1]):
+        acc = acc + t[..., j]
+    return acc
+
+
+def search_rounds(tries: int) -> int:
+    """Rounds robustify_rows' search needs at `tries` candidates a round: the float64 bit patterns it searches
+    span less than 2^63, and each round cuts a row's span to at most ceil(span / (tries + 1)) (rows that end
+    early stay put). 11 rounds at 63 tries, 6 at 4095."""
+    span, rounds = 2 ** 63, 0
+    while span > 1:
+        span, rounds = -(-span // (tries + 1)), rounds + 1
+    return rounds
+
+
+def search_tries(n: int, k: int, device_type: str) -> int:
+    """robustify_rows' default width: 63 candidates a round on the CPU (11 rounds, the least work); elsewhere as
+    wide as 4095 (6 rounds: a round is ~25 small kernels, and on a GPU their launches, not the (n, tries, k)
+    work, set its time) while that block stays within 2^24 float64s (128 MiB; a BatchCache splits n = layers x
+    sequences rows at once)."""
+    return 63 if device_type == "cpu" else max(63, min(4095, (1 << 24) // (n * k) - 1))
+
+
+def robustify_rows(demand: torch.Tensor, total, *, power: float = 0.5, lo: float = 0.25, hi: float = 2.0,
+                   floor: int = 0, tries: int | None = None) -> torch.Tensor:
+    """robustify of every row of demand (n, k), row i to total[i] (an int: the same for every row), on demand's
+    device. The same scale as robustify's bisection, every row at once (found by a search over float64 bit
+    patterns, see below), with its sums added from the left as robustify's Python sums: each row gives
+    robustify's bits (tested on the CPU; on a GPU too where demand ** power rounds as on the CPU, as the
+    default 0.5, a square root, does). A fixed number of rounds of a handful of tensor ops and no value read
+    back, so on a GPU the split queues behind the scores and the host never waits for it. Inputs are checked
+    on the CPU only. tries: candidates per round of the search; any number finds the same scale (None:
+    search_tries)."""
+    d = demand.to(torch.float64)
+    dev = d.device
+    if dev.type == "cpu" and (torch.isnan(d).any() or (d < 0).any()):
+        raise ValueError(f"demand must be non-negative numbers, got {d.tolist()}")
+    n, k = d.shape
+    total = torch.as_tensor(total, dtype=torch.long, device="cpu").expand(n)
+    if (total < k * floor).any():
+        raise ValueError(f"totals {total.tolist()} cannot give each of {k} units its floor of {floor}")
+    tot = to_device(total.double(), dev)  # exact: totals stay far below 2^53 (MAX_BUDGET)
+    total = tot.long()
+    m = tot / k  # (n,), as robustify's total / n
+    low = (lo * m).clamp(min=floor)[:, None]  # max(lo·m, floor)
+    high = torch.stack([hi * m, lo * m, m.clamp(min=floor)]).max(dim=0).values[:, None]  # max(hi·m, lo·m, floor, m)
+    x = d.pow(power)
+    infinite = torch.isinf(x)
+    x = torch.where((x.sum(dim=1, keepdim=True) <= 0), torch.ones_like(x),
+                    torch.where(infinite.any(dim=1, keepdim=True), infinite.double(), x))
+    x = x / x.max(dim=1, keepdim=True).values + 1e-12
+
+    def filled(s):  # (n, c) Σ clip(s·x, low, high) at c scales s (n, c) per row, summed from the left
+        return left_sum(torch.clamp(x[:, None, :] * s[:, :, None], low[:, :, None], high[:, :, None]))
+
+    # robustify's bisection, run to the last bit, ends at the smallest float64 b with filled(b) >= total:
+    # filled is non-decreasing in s (each s·x rounds monotonically; a clip and a running sum keep the order).
+    # Non-negative float64s are ordered as their bit patterns, so the same b is found by searching the patterns
+    # `tries` at a time: a few rounds of one (n, tries, k) evaluation instead of ~60 bisection steps.
+    tries = search_tries(n, k, dev.type) if tries is None else int(tries)
+    if tries < 1:
+        raise ValueError(f"tries must be >= 1, got {tries}")
+    a = torch.zeros(n, dtype=torch.long, device=dev)  # the bits of 0.0: filled(a) < total (or a == 0)
+    # past the clips; made by a fill on the device (torch.tensor(value, device=...) would copy from the host and
+    # make it wait for all the GPU's queued work)
+    b = torch.full((n,), 2.0 ** 1000, dtype=torch.float64, device=dev).view(torch.long)
+    step = torch.arange(1, tries + 1, device=dev)
+    for _ in range(search_rounds(tries)):
+        q, rem = (b - a) // (tries + 1), (b - a) % (tries + 1)  # (b - a)·j/(tries + 1) without overflow
+        cand = a[:, None] + q[:, None] * step + rem[:, None] * step // (tries + 1)  # (n, tries), ascending
+        below = (filled(cand.view(torch.float64)) < tot[:, None]).sum(dim=1, keepdim=True)  # a prefix is below
+        ends = torch.cat([a[:, None], cand, b[:, None]], dim=1)
+        going = b - a > 1  # a row that has ended stays put
+        a = torch.where(going, ends.gather(1, below)[:, 0], a)
+        b = torch.where(going, ends.gather(1, below + 1)[:, 0], b)
+    if dev.type == "cpu":
+        assert bool((b - a <= 1).all()), "the bit-pattern search did not finish in its rounds"
+    b = b.view(torch.float64)
+    r = torch.clamp(x * b[:, None], low, high)
+    r = r * (tot / left_sum(r))[:, None]
+    out = round_rows(r, total, prefer=d)
+    if dev.type == "cpu":
+        assert bool((out.sum(dim=1) == total).all()) and bool((out >= floor).all())
+    return out
+
+
+def head_demand_rows(scores: torch.Tensor, held: torch.Tensor, layer_budget, *, window: int = 8,
+                     utility: str = "length") -> torch.Tensor:
+    """head_demand of every row: scores (n, Hk, S), -inf where a row is not evictable (fast.score_packed's
+    layout), held (n, Hk) tokens each head holds, layer_budget an int or (n,) one per row. Returns r (n, Hk) on
+    the scores' device (nothing is read back to the host). utility "length" or "raw"."""
+    n, Hk, S = scores.shape
+    held = held.to(scores.device)
+    s = scores.double()
+    if utility == "length":  # score × T_h, T_h the tokens the head holds (comparable's rule)
+        s = torch.where(torch.isinf(s), s, s * held[:, :, None].double())
+    elif utility != "raw":
+        raise ValueError(f"head_demand_rows pools 'length' or 'raw' utilities, not {utility!r}")
+    evictable = (held - window).clamp(min=0)  # (n, Hk)
+    budget = to_device(torch.as_tensor(layer_budget, dtype=torch.long, device="cpu"), s.device)  # without a wait
+    k = Hk * (budget.expand(n) - window)  # (n,)
+    # A stable sort of the flattened (Hk·S) row orders ties by head, then by row: the order of the pooled lists;
+    # each row's first k entries win (none when k <= 0).
+    top = torch.sort(s.view(n, Hk * S), dim=1, descending=True, stable=True).indices
+    win = (torch.arange(Hk * S, device=s.device)[None, :] < k[:, None]).long()
+    r = torch.zeros(n, Hk, dtype=torch.long, device=s.device).scatter_add_(1, top // S, win)
+    return torch.where((evictable.sum(dim=1) <= k)[:, None], evictable, r)  # every candidate fits: all of them
+
+
+def head_budgets_rows(scores, held, layer_budget, *, window=8, beta=0.5, mu=0.25, hi=2.0, utility="length",
+                      normalize_heads=False, **_):
+    """R.head_budgets of every row (see head_demand_rows for the layout), on the scores' device."""
+    r = head_demand_rows(scores, held, layer_budget, window=window, utility=utility)
+    total = held.shape[1] * torch.as_tensor(layer_budget, dtype=torch.long, device="cpu")
+    return robustify_rows(r, total, power=beta, lo=mu, hi=hi, floor=window)
+
+
+def adakv_head_budgets_rows(scores, held, layer_budget, *, window=8, alpha=0.2, **_):
+    """R.adakv_head_budgets of every row."""
+    c = head_demand_rows(scores, held, layer_budget, window=window, utility="raw").cpu().double()
+    Hk = held.shape[1]
+    bp = (torch.as_tensor(layer_budget, dtype=torch.long, device="cpu") - window).expand(c.shape[0])[:, None]  # (n, 1)
+    short = (Hk * bp - c.sum(dim=1, keepdim=True)).clamp(min=0)
+    c = torch.where(short > 0, c + short / Hk, c)
+    return round_rows(c * (1 - alpha) + alpha * bp.double(), Hk * bp[:, 0]) + window
+
+
+def head_rule_rows(rule, scores: torch.Tensor, held: torch.Tensor, layer_budget, *, window: int,
+                   **options) -> torch.Tensor:
+    """Head budgets (n, Hk) of every row (a sequence's heads in one layer) by the head rule `rule`, layer_budget
+    an int or (n,) one per row: its row-wise twin where there is one, else the rule on each row's per-head
+    lists (e.g. utility "rank"). On the host, but on the scores' device from head_budgets_rows (ReasonAlloc's
+    rule), which reads nothing back."""
+    n, Hk, _ = scores.shape
+    budget = torch.as_tensor(layer_budget, dtype=torch.long, device="cpu").expand(n)
+    if rule is R.uniform_heads:
+        return budget[:, None].expand(n, Hk).clone()
+    if rule is R.head_budgets and options.get("utility", "length") in ("length", "raw") \
+            and not options.get("normalize_heads", False):
+        return head_budgets_rows(scores, held, budget, window=window, **options)
+    if rule is R.adakv_head_budgets:
+        return adakv_head_budgets_rows(scores, held, budget, window=window, **options)
+    counts = (held - window).clamp(min=0).tolist()
+    return torch.stack([rule([scores[i, h, :counts[i][h]] for h in range(Hk)], int(budget[i]), window=window,
+                             **options) for i in range(n)])
+
+
+def compress_sequences(cache, layer_b: torch.Tensor, allocator: str, policy: str, due: list[bool], *,
+                       policy_options, head_options, positions: bool = True) -> tuple[list, list]:
+    """`compress` of the sequences of a BatchCache (or the one of a PackedCache: `compress` on the fast
+    path) that are due (the others keep every token), so each sequence is cut exactly as in its own run.
+    The layers go in groups (layer_groups: all of them, for one sequence at small budgets), and each
+    group is one batch: scored in one call (score_layers), its head budgets split by the allocator's head
+    rule in one call (the row-wise twin, head_rule_rows: one row per layer and sequence), and its rows
+    selected in one sort (keep_rows), before each layer's storage is packed. A batch-1 step on a GPU is
+    bound by the host launching kernels, so this keeps a compression to a few hundred launches and at most one
+    wait for the device per group (ReasonAlloc's head budgets, read back after they are split on the device;
+    uniform heads need none), and that wait comes after the group's scoring, split and packing are queued.
+    Returns, per due sequence (None for the others), its head budgets (L, Hk) and
+    (positions=True) its kept positions [l][h]."""
+    L, Hk, n = len(cache), cache.model_config.num_kv_heads, cache.batch
+    H = n * Hk  # heads of one layer, all sequences
+    head_rule = R.get_allocator(allocator).heads
+    rows = torch.tensor([i for i in range(n) if due[i]], dtype=torch.long, device="cpu")
+    budgets = cache.n.view(L, n, Hk).clone()  # (L, n, Hk); not due: a budget of what a head holds keeps every token
+    dev = cache.k[0].device
+    dev_rows, r = (slice(None) if len(rows) == n else to_device(rows, dev)), len(rows)  # all due: no index
+    for layers in layer_groups(cache):
+        g = slice(layers[0], layers[-1] + 1)
+        s = score_layers(cache, layers, policy, **(policy_options or {}))  # (len(layers)·H, S)
+        S = s.shape[1]
+        held_dev = torch.stack(cache.n_dev[g]).view(-1, n, Hk)  # read on the device: a copy would wait for it
+        pending = None  # the group's head budgets, still on the device (ReasonAlloc's split runs there)
+        if r:
+            b = head_rule_rows(head_rule, s.view(-1, n, Hk, S)[:, dev_rows].reshape(-1, Hk, S),
+                               held_dev[:, dev_rows].reshape(-1, Hk),
+                               layer_b[g, None].long().expand(-1, r).reshape(-1), window=cache.window,
+                               **(head_options or {}))
+            if b.device == dev:  # split on the device (on a CPU always: the GPU's path, tested): read back later
+                pending = to_device(budgets[g].clone(), dev)  # (layers, n, Hk), the due sequences' rows replaced
+                pending[:, dev_rows] = b.view(-1, r, Hk)
+                # Its copy to the host starts now, behind the split and ahead of the packing: when the host has
+                # it, the GPU still has the packing to run, and meanwhile the host settles the lengths and
+                # launches the next step (rather than the GPU waiting, idle, for the host to do that).
+                fetched, ready = start_to_host(pending)
+            else:
+                budgets[g, rows] = b.view(-1, r, Hk)
+        if policy != "full":  # "full" never evicts (as evict.compress_layer)
+            # Selected and packed from the budgets on the device (uniform heads: sent from pinned memory), so
+            # both kinds of split take one path and only ReasonAlloc's waits, below, for its budgets.
+            b_dev = pending.reshape(-1) if pending is not None else to_device(budgets[g].reshape(-1), dev)
+            keep = keep_rows(s, cache.n[g].reshape(-1), None, cache.window,
+                                  on_device=(held_dev.reshape(-1), b_dev))[0]
+            counts_dev = torch.minimum(held_dev.reshape(-1), b_dev)
+            for i, l in enumerate(layers):  # each layer's rows, up to its longest head (within its storage)
+                w, h = int(cache.n[l].max()), slice(i * H, (i + 1) * H)
+                cache.pack(l, keep[h, :w].clamp(max=max(w - 1, 0)), counts_dev[h])
+        if pending is not None:  # the one wait for the device, once the packing is queued behind the split
+            ready()
+            budgets[g] = fetched
+        if r:
+            assert bool((budgets[g, rows].sum(dim=2) == Hk * layer_b[g, None].long()).all()), "budgets sum to Hk·B_l"
+        if policy != "full":  # the host's lengths: a head keeps min(held, budget) rows
+            counts = torch.minimum(cache.n[g].reshape(-1), budgets[g].reshape(-1))
+            for i, l in enumerate(layers):
+                cache.settle(l, counts[i * H:(i + 1) * H])
+    kept = [[] if d and positions else None for d in due]
+    if positions:
+        for l in range(L):
+            counts = cache.n[l].tolist()
+            for i in rows.tolist():
+                kept[i].append([cache.pos[l][h, :counts[h]] for h in range(i * Hk, (i + 1) * Hk)])
+    return [budgets[:, i] if due[i] else None for i in range(n)], kept
+
+
+def compress(cache: PackedCache, layer_b: torch.Tensor, allocator: str = "reasonalloc", policy: str = "rkv", *,
+             policy_options=None, head_options=None, positions: bool = True) -> tuple[torch.Tensor, list | None]:
+    """Equals reasonalloc.compress on a PackedCache: (head budgets (L, Hk), kept positions [l][h] or None).
+    positions=False skips building L·Hk views, host time that on a GPU comes right after the compression's
+    one wait."""
+    before = cache.lengths()
+    budgets, kept = compress_sequences(cache, layer_b, allocator, policy, [True], policy_options=policy_options,
+                                       head_options=head_options, positions=positions)
+    assert (cache.lengths() <= torch.maximum(budgets[0], before)).all(), "a head holds more than its budget"
+    return budgets[0], kept[0]
+
+
+def generate(model: Transformer, tokenizer, prompt, *, interval: int = 128, max_new_tokens: int = 512,
+             window: int = 8, **options) -> R.Generation:
+    """Equals reasonalloc.generate (the same tokens and events; logits within float tolerance), on a
+    PackedCache. Its spare rows: the tokens one interval adds, never more than the run can add (memory
+    follows holdings)."""
+    cache = new_cache(model, window, spare=min(interval, max_new_tokens + 1))
+    return R.generate(model, tokenizer, prompt, interval=interval, max_new_tokens=max_new_tokens, window=window,
+                      cache=cache, compress_fn=compress, **options)
+
+
+def teacher_force(model: Transformer, ids: torch.Tensor, tokens: list[int], *, interval: int = 128,
+                  window: int = 8, **options) -> tuple[torch.Tensor, list[dict]]:
+    """Equals reasonalloc.teacher_force, on a PackedCache."""
+    cache = new_cache(model, window, spare=min(interval, len(tokens) + 1))
+    return R.teacher_force(model, ids, tokens, interval=interval, window=window, cache=cache, compress_fn=compress,
+                           **options)
+
+
+@torch.inference_mode()
+def generate_batch(model, tokenizer, prompts: list, *, seeds: list[int] | None = None, budget: int,
+                   allocator: str = "reasonalloc", policy: str = "rkv", profile=None, interval: int = 128,
+                   window: int = 8, max_new_tokens: int = 512, temperature: float = 0.0, top_p: float = 1.0,
+                   chat: bool = True, gamma: float = 0.5, beta: float = 0.5, mu: float = 0.25,
+                   head_utility: str = "length", layer_options=None, head_options=None, policy_options=None,
+                   record_positions: bool = False, graph: bool = False, on_logits=None) -> list[R.Generation]:
+    """reasonalloc.generate for n prompts at once on the fast path: equal to n separate runs of
+    generate(..., seed=seeds[i]) (this file's) (the same tokens and compression events; logits within float
+    tolerance), which the parity tests check for every allocator. Each prompt (text or ids) is prefilled on
+    its own; then every step decodes one token of every sequence in one forward pass over a BatchCache,
+    where each (sequence, layer, KV head) keeps its own ragged cache, budgets and compressions. Prompts may
+    differ in length (each sequence sits at its own position; memory is padded to the longest head of a
+    layer). A sequence that stops is removed from the batch, freeing its memory. `seeds` default to
+    0..n-1 (n samples of one prompt: give it n times). graph=True runs the step through GraphDecoder
+    (a CUDA graph on a GPU). on_logits(i, step, logits) sees sequence i's (vocab,) logits before each
+    choice. `seconds` of each result is the batch's wall time."""
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("generate_batch needs a non-empty list of prompts")
+    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
+    for seed in seeds:
+        R.validate(budget=budget, window=window, interval=interval, temperature=temperature, top_p=top_p,
+                 allocator=allocator, policy=policy, max_new_tokens=max_new_tokens, gamma=gamma, beta=beta, mu=mu,
+                 head_utility=head_utility, seed=seed)
+    cfg, device = model.config, model.embed.weight.device
+    ids = [R.prompt_ids(cfg, tokenizer, p, chat=chat, max_new_tokens=max_new_tokens) for p in prompts]
+    allocator, layer_b, layer_options, head_options = R.plan(
+        cfg, budget=budget, allocator=allocator, policy=policy, profile=profile, window=window, gamma=gamma,
+        beta=beta, mu=mu, head_utility=head_utility, layer_options=layer_options, head_options=head_options)
+    n, L, Hk = len(prompts), cfg.num_layers, cfg.num_kv_heads
+    stops = M.stop_ids(cfg, tokenizer)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    budgets = [layer_b[:, None].expand(-1, Hk).clone() for _ in range(n)]  # (L, Hk) each sequence's b_lh
+    out, events, held, full = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
+    final = [None] * n  # (tokens held, next position) when a sequence ends
+
+    t0 = time.perf_counter()
+    spare = min(interval, max_new_tokens + 1)
+    caches, last = [], []
+    for x in ids:  # 1. each prompt on its own, with the full cache
+        c = new_cache(model, window, spare=spare)
+        last.append(model(x.to(device), c)[-1])
+        caches.append(c)
+    cache = BatchCache.stack(caches)
+    del caches
+    logits = torch.stack(last)  # (n, vocab)
+    active = list(range(n))  # the sequence in each slot of the batch
+    step_fn = GraphDecoder(model, cache) if graph else (lambda t: decode_batch(model, t, cache))
+    for step in range(max_new_tokens + 1):
+        lengths = cache.lengths()  # (L, slots·Hk)
+        # 3. every Δ steps (and after the prompt, step 0), for each sequence with a head over its budget
+        due = [policy != "full" and step % interval == 0 and bool((lengths[:, cache.seq_heads(j)] > budgets[i]).any())
+               for j, i in enumerate(active)]
+        if any(due):
+            new_b, kept = compress_sequences(cache, layer_b, allocator, policy, due, policy_options=policy_options,
+                                             head_options=head_options, positions=record_positions)
+            after = cache.lengths()
+            for j, i in enumerate(active):
+                if due[j]:
+                    budgets[i] = new_b[j]
+                    heads = cache.seq_heads(j)
+                    events[i].append(R.compression_event(step, layer_b, new_b[j], lengths[:, heads], after[:, heads],
+                                                         kept[j] if record_positions else None))
+            lengths = after
+        pos = cache.positions()
+        if step > 0:
+            for j, i in enumerate(active):
+                held[i].append(int(lengths[:, cache.seq_heads(j)].sum()))
+                full[i].append(L * Hk * int(pos[j]))
+        if step == max_new_tokens:
+            for j, i in enumerate(active):
+                final[i] = (int(lengths[:, cache.seq_heads(j)].sum()), int(pos[j]))
+            break
+        greedy = logits.argmax(dim=-1).tolist() if temperature == 0 else None
+        tokens, keep = [], []
+        for j, i in enumerate(active):
+            if on_logits is not None:
+                on_logits(i, step, logits[j])
+            token = greedy[j] if greedy is not None else R.sample(logits[j], temperature, top_p, generators[i])
+            if token in stops:
+                final[i] = (int(lengths[:, cache.seq_heads(j)].sum()), int(pos[j]))
+                continue
+            out[i].append(token)
+            tokens.append(token)
+            keep.append(j)
+        if not keep:
+            break
+        if len(keep) < len(active):  # free the slots of the sequences that stopped
+            cache.select(keep)
+            active = [active[j] for j in keep]
+        logits = step_fn(torch.tensor(tokens, device=device))  # 2. decode one token of every sequence
+    seconds = time.perf_counter() - t0
+    elem = model.embed.weight.element_size()
+    results = []
+    for i in range(n):
+        held_tokens, next_pos = final[i]
+        results.append(R.Generation(
+            text=tokenizer.decode(out[i]) if tokenizer is not None else "", tokens=out[i],
+            prompt_tokens=int(ids[i].numel()), layer_budgets=layer_b.tolist(), events=events[i],
+            cache_tokens=held[i], full_tokens=full[i], held_tokens=held_tokens, held_full_tokens=L * Hk * next_pos,
+            cache_bytes=held_tokens * 2 * cfg.head_dim * elem, full_bytes=2 * L * Hk * next_pos * cfg.head_dim * elem,
+            seconds=seconds,
+            settings=R.run_settings(budget=budget, allocator=allocator, policy=policy, interval=interval,
+                                  window=window, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                  seed=seeds[i], chat=chat, packed=True, layer_options=layer_options,
+                                  head_options=head_options, policy_options=policy_options, profile=profile),
+            prompt_ids=ids[i].tolist()))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. The CLI: reasonalloc.py's main job on this path
+
+
+def main(args):
+    R.main(args, generate_fn=generate, load_fn=load_model)
+
+
+def parser():
+    return R.parser("The main job of reasonalloc.py (the same flags) on the packed fast path: the cache packed per "
+                    "layer, its heads scored and cut in batches, the weights laid out for a one-row product. It "
+                    "gives the tokens of the per-head reference (tested), faster.")
+
+
+if __name__ == "__main__":
+    R.cli(main, parser)

@@ -10,8 +10,7 @@ The cache is the point of this file: `cache[l][h]` is KV head h of layer l, hold
 values and absolute positions. After head-wise eviction the heads of one layer hold different numbers
 of tokens, and attention below is written per KV head so that this costs nothing to support.
 The story, top to bottom: config -> the per-head cache -> RMSNorm -> RoPE -> attention -> MLP ->
-block -> transformer -> strict safetensors loading -> FullKV generation -> CLI. The packed fast path
-that is tested equal to this cache lives in fast.py.
+block -> transformer -> strict safetensors loading -> the decode loop and FullKV generation -> CLI.
 
 Run it:  python model.py --prompt "What is 17 * 23?"   (full cache, greedy, streams the text)
 """
@@ -22,7 +21,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from convert import rebuild_hint, resolve_model_dir
-from tokenizer import TextStream, Tokenizer, load_tokenizer, read_json_object  # noqa: F401  (load_tokenizer: a name other code imports from here)
+from convert import rebuild_hint, resolve_model_dir, safetensors_files
+from tokenizer import TextStream, Tokenizer, load_tokenizer, read_json_object
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # the --dtype choices of every CLI
@@ -152,26 +150,16 @@ class ModelConfig:
         eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
         bias = bool(cfg.get("attention_bias", False))
         return cls(
-            model_type=model_type,
-            vocab_size=need("vocab_size"),
-            hidden_size=hidden,
-            intermediate_size=need("intermediate_size"),
-            num_layers=need("num_hidden_layers"),
-            num_heads=num_heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
-            head_dim=head_dim,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta),
-            rope_type=rope_type,
+            model_type=model_type, vocab_size=need("vocab_size"), hidden_size=hidden,
+            intermediate_size=need("intermediate_size"), num_layers=need("num_hidden_layers"),
+            num_heads=num_heads, num_kv_heads=cfg.get("num_key_value_heads") or num_heads, head_dim=head_dim,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=float(theta), rope_type=rope_type,
             rope_scaling=tuple(sorted((k, v) for k, v in rope.items() if v is not None)),
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=bias or model_type == "qwen2",
-            o_bias=bias and model_type != "qwen2",
-            mlp_bias=bool(cfg.get("mlp_bias", False)),
-            qk_norm=model_type == "qwen3",
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_ids=eos,
+            qkv_bias=bias or model_type == "qwen2", o_bias=bias and model_type != "qwen2",
+            mlp_bias=bool(cfg.get("mlp_bias", False)), qk_norm=model_type == "qwen3",
+            bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos,
             config_hash=hashlib.sha256(raw).hexdigest()[:16],
         )
 
@@ -189,39 +177,6 @@ def check_device(device) -> torch.device:
     return d
 
 
-def check_output(path, what: str = "output") -> Path:
-    """Before any work: `path` names a file this process can create or replace (an empty name, a folder, a
-    missing or read-only folder, /proc or /sys fail here, not after an hour of work)."""
-    import tempfile
-
-    if not str(path).strip():
-        raise ValueError(f"{what}: the output file name is empty")
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{what}: {path} is a folder; give a file name")
-    folder = path.parent
-    if not folder.is_dir():
-        raise ValueError(f"{what}: cannot write {path}: folder {folder} does not exist")
-    try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".check"):
-            pass
-    except OSError as e:
-        raise ValueError(f"{what}: cannot write {path} ({e.strerror}); choose another place") from None
-    return path
-
-
-def write_atomic(path, text: str):
-    """Write `text` to a temporary file beside `path`, then rename it over `path`: an interrupted write
-    leaves the old file (or none), never half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def check_context(config: ModelConfig, tokens: int, new_tokens: int = 0):
     """The one context check: a non-empty sequence whose tokens plus new_tokens fit max_position_embeddings."""
     if tokens <= 0:
@@ -230,9 +185,9 @@ def check_context(config: ModelConfig, tokens: int, new_tokens: int = 0):
         raise ValueError(f"the number of new tokens must be >= 0, got {new_tokens} (--max-new-tokens)")
     if tokens + new_tokens > config.max_position_embeddings:
         more = f" + {new_tokens} new tokens" if new_tokens else ""
-        raise ValueError(
-            f"a sequence of {tokens} tokens{more} exceeds the model's context of {config.max_position_embeddings} "
-            f"tokens (max_position_embeddings); shorten the prompt or lower --max-new-tokens")
+        raise ValueError(f"a sequence of {tokens} tokens{more} exceeds the model's context of "
+                         f"{config.max_position_embeddings} tokens (max_position_embeddings); shorten the prompt or "
+                         f"lower --max-new-tokens")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,10 +225,8 @@ class KVCache:
         self.config, self.window = config, window
         D = config.head_dim
         empty = lambda *shape, dt=dtype: torch.empty(*shape, dtype=dt, device=device)  # noqa: E731
-        self.layers = [
-            [HeadCache(empty(0, D), empty(0, D), empty(0, dt=torch.long)) for _ in range(config.num_kv_heads)]
-            for _ in range(config.num_layers)
-        ]
+        self.layers = [[HeadCache(empty(0, D), empty(0, D), empty(0, dt=torch.long))
+                        for _ in range(config.num_kv_heads)] for _ in range(config.num_layers)]
         self.q_win = [empty(config.num_heads, 0, D) for _ in range(config.num_layers)]
         self.next_pos = 0  # absolute position of the next token to be appended
 
@@ -364,49 +317,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def split_product(x: torch.Tensor, w: torch.Tensor, parts: int) -> torch.Tensor:
-    """x (1, in) @ w.T as `parts` slices run by one torch.bmm, which runs each slice on its own thread (see
-    Linear). Every slice is a view of w as `store_weights` laid it out."""
-    n, k = w.shape
-    if w.stride(0) == 1:  # column-major: (parts, k/p, n) slices of the (in, out) storage, partial sums added
-        return torch.bmm(x.reshape(parts, 1, k // parts), w.t().view(parts, k // parts, n)).sum(0)
-    # row-major: each thread takes n/p output rows
-    return torch.bmm(x.expand(parts, 1, k), w.view(parts, n // parts, k).transpose(1, 2)).reshape(1, n)
-
-
-@torch.library.custom_op("reasonalloc::split_product", mutates_args=())
-def split_product_op(x: torch.Tensor, w: torch.Tensor, parts: int) -> torch.Tensor:
-    """split_product as an operator of its own, for torch.compile to call as it is: Inductor would otherwise
-    fuse the bmm and its sum into a C++ loop of its own, much slower than MKL's (the compiled CPU step went
-    from 23 to 37 tokens/s with the operator, `bench.py speed --compiled`). Eager code calls split_product
-    directly: going through the operator costs about 14 µs a call (`bench_gemv.py`)."""
-    return split_product(x, w, parts)
-
-
-@split_product_op.register_fake
-def _(x, w, parts):
-    return x.new_empty(1, w.shape[0])
-
-
-class Linear(nn.Linear):
-    """nn.Linear whose one-row product (a batch-1 decode step) can be split across the CPU's threads.
-
-    MKL computes a matrix-vector product on one thread, which streams about as fast as one core can read; a
-    batched product over `parts` slices of the weight (`torch.bmm`) runs the slices on `parts` threads at
-    once. How it slices follows how `store_weights` laid the weight out, so every slice is a free view:
-    column-major (in, out storage) slices the input dimension and sums the `parts` partial products;
-    row-major slices the output rows. parts == 1 (the default), several rows, or a GPU: F.linear."""
-
-    parts = 1
-
-    def forward(self, x):
-        p, w = self.parts, self.weight
-        if p == 1 or x.dim() != 2 or x.shape[0] != 1 or x.device.type != "cpu":  # a GPU spreads one product itself
-            return F.linear(x, w, self.bias)
-        y = split_product_op(x, w, p) if torch.compiler.is_compiling() else split_product(x, w, p)
-        return y if self.bias is None else y + self.bias
-
-
 class Attention(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
@@ -414,8 +324,8 @@ class Attention(nn.Module):
         # q, k and v in one projection (their checkpoint rows concatenated at load, see fuse_checkpoint): one
         # matrix-vector product per layer instead of three, which is what a batch-1 decode step is made of.
         self.split = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim)
-        self.wqkv = Linear(c.hidden_size, sum(self.split), bias=c.qkv_bias)
-        self.wo = Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
+        self.wqkv = nn.Linear(c.hidden_size, sum(self.split), bias=c.qkv_bias)
+        self.wo = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
@@ -430,15 +340,15 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         cache.append(layer, k, v, q, pos)
-        y = cache.attend(layer, q, pos)  # (T, Hq, D): per head (KVCache) or batched (fast.PackedCache)
+        y = cache.attend(layer, q, pos)  # (T, Hq, D), each KV head over its own tokens
         return self.wo(y.reshape(T, c.num_heads * c.head_dim))
 
 
 class MLP(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
-        self.w_gate_up = Linear(c.hidden_size, 2 * c.intermediate_size, bias=c.mlp_bias)  # gate rows, then up rows
-        self.w_down = Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+        self.w_gate_up = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=c.mlp_bias)  # gate rows, then up rows
+        self.w_down = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
     def forward(self, x):
         gate, up = self.w_gate_up(x).chunk(2, dim=-1)
@@ -465,13 +375,13 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
     def new_cache(self, window: int = 8) -> KVCache:
-        """An empty per-head KVCache in this model's dtype and device (fast.new_cache gives the packed one)."""
+        """An empty per-head KVCache in this model's dtype and device."""
         p = self.embed.weight
         return KVCache(self.config, window, dtype=p.dtype, device=p.device)
 
@@ -480,8 +390,7 @@ class Transformer(nn.Module):
         (a prefill when the cache is empty, a decode step when T == 1)."""
         if tokens.dim() != 1:
             raise ValueError(f"tokens must be a 1-D tensor of ids (batch size is 1), got shape {tuple(tokens.shape)}")
-        T = tokens.shape[0]
-        end = cache.next_pos + T
+        end = cache.next_pos + tokens.shape[0]
         check_context(self.config, end)
         pos = torch.arange(cache.next_pos, end, device=tokens.device)  # (T,)
         logits = self.run(tokens, pos, cache)
@@ -489,7 +398,8 @@ class Transformer(nn.Module):
         return logits
 
     def run(self, tokens: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
-        """The forward pass proper, positions given as a tensor (fast.GraphDecoder replays it)."""
+        """The forward pass proper, positions given as a tensor: any cache with `append` and `attend`
+        (e.g. one where several sequences each sit at their own position)."""
         x = self.embed(tokens)  # (T, d)
         rope = rope_cos_sin(pos, self.inv_freq, x.dtype)  # (T, 1, D) cos, sin
         for layer, block in enumerate(self.blocks):
@@ -555,128 +465,8 @@ def fuse_checkpoint(tensors: dict[str, torch.Tensor], c: ModelConfig) -> dict[st
     return {mine: ts[0] if len(ts) == 1 else torch.cat(ts, dim=0) for mine, ts in parts.items()}
 
 
-def safetensors_files(path: Path) -> dict[Path, set[str] | None]:
-    """The checkpoint's files, each with the tensor names the index assigns to it (None: every tensor in
-    it; a single model.safetensors). A tensor is read only from the shard the index names, so a stale copy
-    left in another shard can never replace it."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
-            raise ValueError(f"{index} is not a valid index: it needs a JSON object 'weight_map' of tensor name "
-                             f"to shard file") from None
-        shards: dict[Path, set[str]] = {}
-        for name, shard in weight_map.items():
-            shards.setdefault(path / shard, set()).add(name)
-        missing = [s.name for s in shards if not s.is_file()]
-        if missing:
-            raise FileNotFoundError(f"{index} lists shards that are not there: {', '.join(sorted(missing))}")
-        return dict(sorted(shards.items()))
-    if (path / "model.safetensors").is_file():
-        return {path / "model.safetensors": None}
-    if list(path.glob("*.bin")) or list(path.glob("*.pt")) or list(path.glob("*.pth")):
-        raise ValueError(
-            f"{path} holds only pickle checkpoints (.bin/.pt); they can run arbitrary code when loaded, "
-            f"so only .safetensors is read. Convert with: python -c \"import torch; from safetensors.torch "
-            f"import save_file; save_file(torch.load('pytorch_model.bin'), 'model.safetensors')\" after "
-            f"checking that you trust the file"
-        )
-    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
-
-
-def model_fingerprint(path: Path, *, samples: int = 16, sample_bytes: int = 1 << 16) -> str:
-    """A short identity of a model folder's contents, for keying saved results: sha256 over config.json,
-    the tokenizer files, and each weight file's size, header (every tensor's name, dtype, shape and offset)
-    and `samples` slices of its data spread evenly over the file. Any re-conversion, fine-tune or swapped
-    shard changes it; hashing every byte instead would take minutes on a multi-GB checkpoint."""
-    path = Path(path)
-    h = hashlib.sha256()
-    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
-        h.update(name.encode() + b"\0" + ((path / name).read_bytes() if (path / name).is_file() else b"-") + b"\0")
-    for file in safetensors_files(path):
-        size = file.stat().st_size
-        h.update(f"{file.name}:{size}\0".encode())
-        with open(file, "rb") as f:
-            head = f.read(8)
-            header_len = int.from_bytes(head, "little") if len(head) == 8 else 0
-            h.update(head + f.read(min(header_len, size)))
-            for i in range(samples):
-                f.seek(size * i // samples)
-                h.update(f.read(sample_bytes))
-    return h.hexdigest()[:16]
-
-
-# Which projections "auto" stores column-major on a GPU: measured with bf16 Llama-3.1-8B shapes on one H100
-# (`python bench_gemv.py --device cuda --shapes llama-3.1-8b --dtype bfloat16`, README "The GPU's weight
-# layout"): cuBLAS picks another kernel for (in, out) storage and reads the o weight 19 % faster, gate/up and
-# down 3-4 %, the LM head 7 %; the fused q/k/v 5 % slower, so it stays row-major.
-GPU_COLUMNS = frozenset({"o", "gate/up", "down", "LM head"})
-
-
-def projections(model: Transformer) -> dict[str, list[Linear]]:
-    """Each kind of projection's Linear modules, under the names bench_gemv.py reports them by."""
-    blocks = model.blocks
-    return {"q/k/v": [b.attn.wqkv for b in blocks], "o": [b.attn.wo for b in blocks],
-            "gate/up": [b.mlp.w_gate_up for b in blocks], "down": [b.mlp.w_down for b in blocks],
-            "LM head": [model.lm_head]}
-
-
-def store_weights(model: Transformer, layout="auto", parts: int | None = None) -> Transformer:
-    """Lay out the projection weights for a batch-1 decode step and say how many threads share each product
-    (the values and shapes stay; only the storage order and `Linear.parts` change).
-
-    A decode step is one matrix-vector product per projection, so its speed is the speed at which each
-    weight is streamed. On the CPU, MKL's product with a row-major (out, in) weight, which is what
-    `nn.Linear` and transformers use, reads about 15 GB/s on this project's 2-core machine, on one thread.
-    The same product over (in, out) storage (the weight column-major) reads up to 28 GB/s when the output is
-    wider than the input (fused q/k/v, gate/up, the LM head), the same when it is square, and less when it
-    is narrower (the down projection: 15 against 21 GB/s). Split over the 2 threads (`Linear`), the chosen
-    layouts read 23-40 GB/s. On an H100, cuBLAS picks its kernel by layout too (GPU_COLUMNS).
-    `python bench_gemv.py [--device cuda]` measures this per shape; `bench.py speed --layouts` times whole
-    decode steps on the CPU, `bench_gpu.py --layout` on the GPU.
-
-    layout: "auto" = "columns" on the CPU and GPU_COLUMNS elsewhere; "columns" = column-major for every
-    projection with out >= in (the wide ones, by the CPU measurement above); "rows" = every weight row-major
-    (contiguous), as loaded; or a collection of projection names (`projections`) to store column-major, the
-    rest row-major. A tied LM head moves with the embedding (one tensor; the embedding then gathers a token's
-    strided row, once a token).
-    parts: threads per product (default: torch.get_num_threads() on the CPU, 1 on the GPU, where one product
-    is spread over the whole device already); a weight whose sliced dimension `parts` does not divide keeps 1."""
-    groups = projections(model)
-    cpu = model.embed.weight.device.type == "cpu"
-    wide = {name for name, linears in groups.items() if linears[0].out_features >= linears[0].in_features}
-    if isinstance(layout, str):  # each named layout is a set of the projections stored column-major
-        named = {"auto": wide if cpu else GPU_COLUMNS, "columns": wide, "rows": set()}
-        if layout not in named:
-            raise ValueError(f"layout must be auto, columns, rows or a set of projection names, got {layout!r}")
-        layout = named[layout]
-    layout = frozenset(layout)
-    if unknown := layout - groups.keys():
-        raise ValueError(f"unknown projection name(s) {sorted(unknown)} in layout; known: {', '.join(groups)}")
-    if parts is None:
-        parts = torch.get_num_threads() if cpu else 1
-    if parts < 1:
-        raise ValueError(f"parts must be >= 1, got {parts}")
-    for name, linears in groups.items():
-        columns = name in layout
-        for lin in linears:
-            w = lin.weight
-            out_features, in_features = w.shape
-            stored = w.t().contiguous().t() if columns else w.contiguous()
-            if stored is not w:
-                lin.weight = nn.Parameter(stored, requires_grad=w.requires_grad)
-            sliced = in_features if columns else out_features
-            lin.parts = parts if sliced % parts == 0 else 1
-    if model.config.tie_word_embeddings:
-        model.embed.weight = model.lm_head.weight
-    return model
-
-
-def load_model(path, dtype=torch.float32, device="cpu", layout="auto", parts=None) -> Transformer:
-    """Build on the meta device (no memory), then assign the checkpoint's tensors in place, laid out for
-    decoding by `store_weights(model, layout, parts)`."""
+def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
+    """Build on the meta device (no memory), then assign the checkpoint's tensors in place."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -716,13 +506,10 @@ def load_model(path, dtype=torch.float32, device="cpu", layout="auto", parts=Non
     for name, tensor in tensors.items():
         if tuple(tensor.shape) != shapes[name]:
             raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, config expects {shapes[name]}")
-    state = fuse_checkpoint(tensors, config)
-    del tensors  # the fused copies replace the separate q/k/v and gate/up tensors
-    model.load_state_dict(state, strict=False, assign=True)
+    model.load_state_dict(fuse_checkpoint(tensors, config), strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
     model.inv_freq = rope_inv_freq(config).to(device)
-    store_weights(model, layout, parts)
     return model.eval()
 
 
@@ -748,66 +535,40 @@ def encode_prompt(tokenizer: Tokenizer, config: ModelConfig, prompt: str, *, cha
 
 
 @torch.inference_mode()
-def generate_full(model: Transformer, tokenizer: Tokenizer, prompt: str, *, max_new_tokens=256,
-                  chat=True, stream=None) -> list[int]:
-    """Greedy decoding with the full cache (the FullKV reference)."""
-    ids = encode_prompt(tokenizer, model.config, prompt, chat=chat, max_new_tokens=max_new_tokens)
+def decode(model: Transformer, ids: torch.Tensor, cache, *, max_new_tokens: int, choose=None, stops=(),
+           on_step=None) -> list[int]:
+    """The decode loop of the project: feed the prompt `ids` (T,), then one token at a time.
+
+    After the prompt (step 0, token None) and after each fed token (step s, the s-th token), it calls
+    `on_step(step, token, logits, cache)`, logits (vocab,) predicting the next token; that is where a caller
+    compresses the cache, measures it, or streams the text. If on_step returns a token id, that id is fed
+    next (teacher forcing; a stop token is then fed too); otherwise `choose(step, logits)` picks one
+    (default: greedy) and a token in `stops` ends the loop. Returns the fed tokens. `cache` may already
+    hold tokens (a conversation continues in it)."""
     device = model.embed.weight.device
-    cache, stops, out = model.new_cache(), stop_ids(model.config, tokenizer), []
-    logits = model(ids.to(device), cache)
-    for _ in range(max_new_tokens):
-        token = int(logits[-1].argmax())
-        if token in stops:
+    logits = model(ids.to(device), cache)  # the prompt, in one pass
+    token, out = None, []
+    for step in range(max_new_tokens + 1):
+        forced = on_step(step, token, logits[-1], cache) if on_step is not None else None
+        if step == max_new_tokens:
+            break
+        if forced is not None:
+            token = forced
+        else:
+            token = choose(step, logits[-1]) if choose is not None else int(logits[-1].argmax())
+        if forced is None and token in stops:
             break
         out.append(token)
-        if stream:
-            stream.put(token)
-        logits = model(torch.tensor([token], device=device), cache)
+        logits = model(torch.tensor([token], device=device), cache)  # one decode step
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Weights any language can rebuild from a seed (the conformance vectors' tiny model)
-
-LCG_A, LCG_C = 6364136223846793005, 1442695040888963407  # Knuth's MMIX 64-bit linear congruential generator
-
-
-def lcg_uniform(n: int, seed: int) -> list[float]:
-    """n values in [-1, 1): x ← (A·x + C) mod 2^64 from x = seed, each value 2·(x >> 40)/2^24 − 1."""
-    x, out = seed % 2**64, []
-    for _ in range(n):
-        x = (LCG_A * x + LCG_C) % 2**64
-        out.append(2 * (x >> 40) / 2**24 - 1)
-    return out
-
-
-def recipe_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
-    """Checkpoint tensors (Hugging Face names) from `seed`, reproducible in any language:
-    for the names in byte order, every norm weight is 1; every other tensor is filled row-major from one
-    stream x ← (6364136223846793005·x + 1442695040888963407) mod 2^64 (x starts at `seed`), each value
-    (2·u − 1)/√(columns) with u = (x >> 40) / 2^24, then rounded to float32."""
-    cfg = ModelConfig.from_hf(config)
-    shapes = checkpoint_shapes(cfg)
-    drawn = [name for name in sorted(shapes) if not name.endswith("norm.weight")]
-    stream = lcg_uniform(sum(math.prod(shapes[name]) for name in drawn), seed)
-    out, start = {}, 0
-    for name in sorted(shapes):
-        shape = shapes[name]
-        if name not in drawn:
-            out[name] = torch.ones(shape, dtype=torch.float32, device="cpu")
-            continue
-        values = torch.tensor(stream[start:start + math.prod(shape)], dtype=torch.float64, device="cpu")
-        start += math.prod(shape)
-        out[name] = (values / math.sqrt(shape[-1])).float().view(shape)
-    return out
-
-
-def recipe_model(config: dict, seed: int, dtype=torch.float64) -> Transformer:
-    """A model with `recipe_weights`, for conformance tests (float64 by default: choices far from float noise)."""
-    cfg = ModelConfig.from_hf(config)
-    model = Transformer(cfg)
-    model.load_state_dict(fuse_checkpoint(recipe_weights(config, seed), cfg), strict=False)
-    return model.to(dtype).eval()
+def generate_full(model: Transformer, tokenizer: Tokenizer, prompt: str, *, max_new_tokens=256,
+                  chat=True, stream=None) -> list[int]:
+    """Greedy decoding with the full cache (the FullKV reference). stream: e.g. a tokenizer.TextStream."""
+    ids = encode_prompt(tokenizer, model.config, prompt, chat=chat, max_new_tokens=max_new_tokens)
+    return decode(model, ids, model.new_cache(), max_new_tokens=max_new_tokens,
+                  stops=stop_ids(model.config, tokenizer), on_step=stream)
 
 
 def main(args):

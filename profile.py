@@ -39,7 +39,8 @@ run, runctx, Profile, _Utils = (_stdlib_profile.run, _stdlib_profile.runctx, _st
 import torch  # noqa: E402
 
 from convert import resolve_model_dir  # noqa: E402
-from model import check_device, check_output, encode_prompt, load_model, stop_ids, write_atomic  # noqa: E402
+from files import check_output, write_atomic  # noqa: E402
+from model import check_device, decode, encode_prompt, load_model, stop_ids  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 FORMAT = "reasonalloc-profile/1"
@@ -101,21 +102,18 @@ def measure_records(model, prompts, *, tokenizer=None, rho: float = 0.93, max_ne
     Prompts are strings (needs the tokenizer) or 1-D LongTensors of ids."""
     check_settings(rho, prompts, normalize, max_new_tokens)
     stops = stop_ids(model.config, tokenizer)
-    device = model.embed.weight.device
     records = []
     for i, prompt in enumerate(prompts):
         t0 = time.perf_counter()
         ids = prompt if isinstance(prompt, torch.Tensor) else encode_prompt(
             tokenizer, model.config, prompt, chat=chat, max_new_tokens=max_new_tokens)
-        cache = model.new_cache()
-        logits = model(ids.to(device), cache)
-        steps = []
-        for _ in range(max_new_tokens):
-            token = int(logits[-1].argmax())
-            if token in stops:
-                break
-            logits = model(torch.tensor([token], device=device), cache)
-            steps.append(step_demand(cache, rho, normalize))
+        cache, steps = model.new_cache(), []
+
+        def measure(step, token, logits, cache):  # after every decoded token (step 0 is the prompt)
+            if step > 0:
+                steps.append(step_demand(cache, rho, normalize))
+
+        decode(model, ids, cache, max_new_tokens=max_new_tokens, stops=stops, on_step=measure)
         if not steps:  # the model stopped at once: measure the last prompt token instead
             steps.append(step_demand(cache, rho, normalize))
         records.append(torch.stack(steps))
@@ -145,7 +143,7 @@ def make_profile(config, demand, head_demand, settings: dict) -> dict:
 
 
 def save_profile(profile: dict, path):
-    """Write atomically (model.write_atomic): a failed run never leaves a partial profile behind."""
+    """Write atomically (files.write_atomic): a failed run never leaves a partial profile behind."""
     write_atomic(path, json.dumps(profile, indent=1))
 
 

@@ -40,16 +40,20 @@ from pathlib import Path
 
 import torch
 
-import fast
-import reasonalloc as R
-from convert import resolve_model_dir
-from model import (DTYPES, check_context, check_device, check_output, encode_prompt, load_model, model_fingerprint,
-                   stop_ids, write_atomic)
-from profile import find_profile, load_profile, read_jsonl, read_prompts
-from reasonalloc import METHODS
-from tokenizer import load_tokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules live one folder up
 
-HERE = Path(__file__).resolve().parent
+import fast  # noqa: E402
+import model as M  # noqa: E402
+import reasonalloc as R  # noqa: E402
+from conformance import model_fingerprint  # noqa: E402
+from convert import resolve_model_dir  # noqa: E402
+from files import check_output, write_atomic  # noqa: E402
+from model import DTYPES, check_context, check_device, encode_prompt, stop_ids  # noqa: E402
+from profile import find_profile, load_profile, read_jsonl, read_prompts  # noqa: E402
+from reasonalloc import METHODS  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
+
+HERE = Path(__file__).resolve().parent.parent  # the project folder (data/, results/)
 
 BUDGET_FRACTIONS = (1 / 16, 1 / 8, 1 / 4)
 SYSTEM_HINT = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -277,13 +281,19 @@ def method_options(method: str, budget: int, args, profile) -> dict:
                 interval=interval_for(budget, args.new_tokens, args.interval))
 
 
+def generate_fn(args):
+    """generate on the chosen path: the packed fast path (fast.generate) or the per-head reference."""
+    return fast.generate if args.packed else R.generate
+
+
 def run_method(model, tok, ids, method: str, budget: int, args, profile, **kw) -> R.Generation:
-    return R.generate(model, tok, ids, packed=args.packed, **method_options(method, budget, args, profile), **kw)
+    return generate_fn(args)(model, tok, ids, **method_options(method, budget, args, profile), **kw)
 
 
 def forced_logits(model, ids, tokens, method: str, budget: int, args, profile):
     """(logits (N, vocab) predicting each reference token, compression events) of one method."""
-    return R.teacher_force(model, ids, tokens, packed=args.packed, **method_options(method, budget, args, profile))
+    force = fast.teacher_force if args.packed else R.teacher_force
+    return force(model, ids, tokens, **method_options(method, budget, args, profile))
 
 
 def cache_tokens(config, prompt_tokens: int, steps: int, events: list[dict]) -> tuple[list[int], list[int]]:
@@ -328,8 +338,8 @@ def fidelity(model, tok, prompts, args, profile, store: Store, rank: int = 0, wo
         if not todo:
             continue
         ids = encode(model, tok, prompts[i], args.new_tokens)
-        tokens = R.generate(model, tok, ids, budget=args.window + 1, policy="full", window=args.window, max_new_tokens=args.new_tokens,
-                            packed=args.packed).tokens
+        tokens = generate_fn(args)(model, tok, ids, budget=args.window + 1, policy="full", window=args.window,
+                                   max_new_tokens=args.new_tokens).tokens
         # Every method, FullKV too, replays the reference through R.teacher_force (each interval in one
         # forward pass, equal to step-by-step decoding), so FullKV's replay is the very same computation.
         full_logits = forced_logits(model, ids, tokens, "FullKV", args.window + 1, args, profile)[0]
@@ -347,7 +357,7 @@ def fidelity(model, tok, prompts, args, profile, store: Store, rank: int = 0, wo
 
 
 def accuracy(model, tok, problems, args, profile, store: Store, rank: int = 0, world: int = 1):
-    """The samples of one (problem, method, budget) are decoded together in one batch (reasonalloc.generate_batch,
+    """The samples of one (problem, method, budget) are decoded together in one batch (fast.generate_batch,
     tested equal to separate runs), each with its own seed; only the samples the store lacks are run."""
     budgets = args.budgets or default_budgets(args.new_tokens, args.window)
     mine = [i for i in range(len(problems)) if i % world == rank]
@@ -362,8 +372,8 @@ def accuracy(model, tok, problems, args, profile, store: Store, rank: int = 0, w
             continue
         prompt = problems[i]["problem"] + "\n" + SYSTEM_HINT
         ids = encode(model, tok, prompt, args.new_tokens)
-        results = R.generate_batch(model, tok, [ids] * len(todo), seeds=todo,
-                                   **method_options(m, max(b, args.window + 1), args, profile),
+        results = fast.generate_batch(model, tok, [ids] * len(todo), seeds=todo,
+                                      **method_options(m, max(b, args.window + 1), args, profile),
                                    max_new_tokens=args.new_tokens, temperature=args.temperature, top_p=args.top_p)
         for s, g in zip(todo, results):
             pred = extract_answer(g.text)
@@ -391,7 +401,7 @@ def session_reference(model, tok, turns: list[str], *, min_tokens: int, turn_tok
     """The model answers `turns` in one chat until the transcript passes `min_tokens`. Returns the first
     turn's prompt ids, every later token (the replies and the chat template's text between them), which of
     those are reply tokens (the scored ones), and the replies' text and distinct 4-gram ratio."""
-    cfg, device = model.config, model.embed.weight.device
+    cfg = model.config
     stops = stop_ids(cfg, tok)
     cache = fast.new_cache(model, window=8, spare=turn_tokens) if packed else model.new_cache()  # never compressed
     messages, rendered, prompt, tokens, scored, replies = [], "", [], [], [], []
@@ -408,13 +418,7 @@ def session_reference(model, tok, turns: list[str], *, min_tokens: int, turn_tok
         else:
             prompt = new
         check_context(cfg, len(prompt) + len(tokens), turn_tokens)
-        logits, reply = model(torch.tensor(new, device=device), cache), []
-        for _ in range(turn_tokens):
-            token = int(logits[-1].argmax())
-            if token in stops:
-                break
-            reply.append(token)
-            logits = model(torch.tensor([token], device=device), cache)
+        reply = M.decode(model, torch.tensor(new, device="cpu"), cache, max_new_tokens=turn_tokens, stops=stops)
         tokens += reply
         scored += [True] * len(reply)
         replies.append(reply)
@@ -465,10 +469,11 @@ def sessions(model, tok, sessions_turns, args, profile, store: Store, rank: int 
         ids, tokens = torch.tensor(ref["prompt_ids"], device="cpu"), ref["tokens"]
         scored = torch.tensor(ref["scored"], device=model.embed.weight.device)
         targets = torch.tensor(tokens, device=scored.device)[scored]
-        full_logits = R.teacher_force(model, ids, tokens, budget=args.window + 1, policy="full", window=args.window,
-                                      interval=max(args.intervals), packed=args.packed)[0][scored]
+        force = fast.teacher_force if args.packed else R.teacher_force
+        full_logits = force(model, ids, tokens, budget=args.window + 1, policy="full", window=args.window,
+                            interval=max(args.intervals))[0][scored]
         for m, b, d in todo:
-            logits, events = R.teacher_force(model, ids, tokens, packed=args.packed,
+            logits, events = force(model, ids, tokens,
                                              **{**method_options(m, b, args, profile), "interval": d})
             means = token_metrics(full_logits, logits[scored], targets).mean(0).tolist()
             cell = {"session": i, "method": m, "budget": b, "interval": d, "scored_tokens": len(targets),
@@ -641,16 +646,16 @@ def speed(model, tok, prompts, args, profile, store: Store, rank: int = 0, world
     if rank != 0 or key in store:
         return
     ids = encode(model, tok, prompts[0], args.new_tokens)
-    tokens = R.generate(model, tok, ids, budget=args.window + 1, policy="full", window=args.window, max_new_tokens=args.new_tokens,
-                        packed=args.packed).tokens
+    tokens = generate_fn(args)(model, tok, ids, budget=args.window + 1, policy="full", window=args.window,
+                               max_new_tokens=args.new_tokens).tokens
     variants = {}  # name -> fn(observe) -> Generation or None
-    full = lambda packed, m=model: lambda cb: R.generate(  # noqa: E731
+    full = lambda packed, m=model: lambda cb: (fast.generate if packed else R.generate)(  # noqa: E731
         m, tok, ids, budget=args.window + 1, policy="full", window=args.window, max_new_tokens=len(tokens),
-        hook=teacher_forced(tokens, cb), packed=packed)
+        hook=teacher_forced(tokens, cb))
     variants["FullKV, reference path"] = full(False)
     variants["FullKV, fast path"] = full(True)
-    if args.layouts:  # the same fast path over a second copy of the weights laid out as loaded (model.store_weights)
-        variants["FullKV, fast path, row-major weights"] = full(True, load_model(
+    if args.layouts:  # the same fast path over a second copy of the weights laid out as loaded (fast.store_weights)
+        variants["FullKV, fast path, row-major weights"] = full(True, fast.load_model(
             resolve_model_dir(args.model), dtype=model.embed.weight.dtype, device=model.embed.weight.device,
             layout="rows", parts=1))
     if args.compiled:  # the first round (a warm-up) pays the compile
@@ -869,7 +874,8 @@ def main(args):
     torch.manual_seed(0)
     t0 = time.perf_counter()
     path = resolve_model_dir(args.model)
-    model, tok = load_model(path, dtype=DTYPES[args.dtype], device=device), load_tokenizer(path)
+    load = fast.load_model if args.packed else M.load_model  # the fast path's weights laid out for a decode step
+    model, tok = load(path, dtype=DTYPES[args.dtype], device=device), load_tokenizer(path)
     args.model_sha256 = model_fingerprint(path)  # results are keyed by the model's contents, not its folder
     profile = None
     if args.profile:
@@ -988,7 +994,7 @@ def parser():
     p.add_argument("--no-peer", action="store_true", help="speed: skip the transformers FullKV peer")
     p.add_argument("--layouts", action="store_true",
                    help="speed: also time the fast path with the weights as loaded (row-major, one thread per product, "
-                        "as nn.Linear), beside the default layout of model.store_weights")
+                        "as nn.Linear), beside the default layout of fast.store_weights")
     p.add_argument("--compiled", action="store_true",
                    help="speed: also time FullKV through the static decode step compiled by torch.compile (needs a "
                         "C++ compiler on CPU; the warm-up round pays the compile)")

@@ -1,15 +1,15 @@
 """How fast each weight layout streams a batch-1 product, on the CPU or a GPU: the measurement behind
-model.store_weights.
+fast.store_weights.
 
 A decode step is one matrix-vector product per projection, so its speed is the speed at which each weight
 is read. For each projection shape of the model (fused q/k/v, o, gate/up, down, the LM
 head) this times, in GB/s of weight read:
 - rows, F.linear:     the (out, in) row-major weight, as nn.Linear and transformers hold it;
 - columns, F.linear:  the same values stored column-major, (in, out) in memory;
-- rows / columns, split: model.split_product, the product cut into one slice per thread (model.Linear's way);
+- rows / columns, split: fast.split_product, the product cut into one slice per thread (fast.Linear's way);
 beside a whole-machine `sum` over 512 MB (about what the memory gives). Each shape is timed over enough copies
 of the weight to pass the caches; the best of --repeats is kept. Also the cost of one call through the
-operator that torch.compile sees (model.split_product_op) against the plain function.
+operator that torch.compile sees (fast.split_product_op) against the plain function.
 
 On a GPU (--device cuda) the products are replayed from a CUDA graph (no launch gaps), in the --dtype given,
 without the splits (a GPU spreads one product over its whole device) and over 2 GB of copies (past the L2).
@@ -29,7 +29,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import model as M
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules live one folder up
+
+import fast  # noqa: E402
+import model as M  # noqa: E402
 
 
 def best_seconds(fn, repeats: int) -> float:
@@ -88,9 +91,9 @@ def measure(shapes: dict[str, tuple[int, int]], *, parts: int, repeats: int = 5,
         row = {"rows, F.linear": gb / timed(lambda: [F.linear(x, w) for w in ws], repeats),
                "columns, F.linear": gb / timed(lambda: [F.linear(x, w) for w in cols], repeats)}
         if parts > 1 and n % parts == 0:
-            row["rows, split"] = gb / timed(lambda: [M.split_product(x, w, parts) for w in ws], repeats)
+            row["rows, split"] = gb / timed(lambda: [fast.split_product(x, w, parts) for w in ws], repeats)
         if parts > 1 and k % parts == 0:
-            row["columns, split"] = gb / timed(lambda: [M.split_product(x, w, parts) for w in cols], repeats)
+            row["columns, split"] = gb / timed(lambda: [fast.split_product(x, w, parts) for w in cols], repeats)
         rows[name] = row
         del ws, cols
     big = torch.randn(sum_bytes // size, device=device, dtype=dtype)
@@ -102,8 +105,8 @@ def measure(shapes: dict[str, tuple[int, int]], *, parts: int, repeats: int = 5,
     splittable = [s for s in shapes.values() if s[1] % parts == 0]
     n, k = min(splittable or [(parts, parts)], key=lambda s: s[0] * s[1])  # the smallest column-major split
     w, x, calls = torch.randn(k, n).t(), torch.randn(1, k), 2000
-    plain = best_seconds(lambda: [M.split_product(x, w, parts) for _ in range(calls)], repeats) / calls
-    op = best_seconds(lambda: [M.split_product_op(x, w, parts) for _ in range(calls)], repeats) / calls
+    plain = best_seconds(lambda: [fast.split_product(x, w, parts) for _ in range(calls)], repeats) / calls
+    op = best_seconds(lambda: [fast.split_product_op(x, w, parts) for _ in range(calls)], repeats) / calls
     return {**result, "operator_us": (op - plain) * 1e6}
 
 
@@ -116,8 +119,8 @@ def table(result: dict) -> str:
         out.append(f"| {proj} | " + " | ".join(f"{row[c]:.1f}" if c in row else "—" for c in names) + " |")
     out.append(f"\n`sum` over {result['sum_mb']} MB: {result['sum_gbs']:.1f} GB/s.")
     if "operator_us" in result:
-        out[-1] += (f" One call through model.split_product_op costs {result['operator_us']:.1f} µs more than "
-                    "model.split_product.")
+        out[-1] += (f" One call through fast.split_product_op costs {result['operator_us']:.1f} µs more than "
+                    "fast.split_product.")
     return "\n".join(out)
 
 
@@ -144,7 +147,7 @@ def main(args):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="GB/s of a batch-1 product per weight layout, for the model's projection "
-                                            "shapes (the measurement behind model.store_weights).")
+                                            "shapes (the measurement behind fast.store_weights).")
     p.add_argument("--model", help="Hugging Face model folder; default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--shapes", choices=("model", "llama-3.1-8b"), default="model",
                    help="model: the projection shapes of --model; llama-3.1-8b: those of bench_gpu.py's model")

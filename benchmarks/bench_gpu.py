@@ -38,6 +38,7 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 # Two settings for the whole run, peer included, made before torch starts CUDA unless the caller set them:
 # - Every kernel loaded when CUDA starts (CUDA_MODULE_LOADING=EAGER; PyTorch's default is LAZY, each kernel loaded
@@ -55,10 +56,12 @@ for _name, _value in RUN_ENV.items():
 
 import torch  # noqa: E402
 
-import fast
-import model as M
-import reasonalloc as R
-from bench import int_list
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules live one folder up
+
+import fast  # noqa: E402
+import model as M  # noqa: E402
+import reasonalloc as R  # noqa: E402
+from bench import int_list  # noqa: E402
 
 LLAMA_31_8B = dict(
     model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=4096,
@@ -73,7 +76,7 @@ BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s, datash
 
 def build(config: dict, device, dtype, *, layers: int | None = None, layout="auto"):
     """(ours, transformers peer) sharing one set of random weights on `device`, laid out by
-    model.store_weights(ours, layout) (the compiled peer runs our modules, so it reads the same layout)."""
+    fast.store_weights(ours, layout) (the compiled peer runs our modules, so it reads the same layout)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = {**config, **({"num_hidden_layers": layers} if layers else {})}
@@ -95,7 +98,7 @@ def build(config: dict, device, dtype, *, layers: int | None = None, layout="aut
     for name, p in ours.named_parameters():
         if p.is_meta:
             raise AssertionError(f"{name} was not shared from the peer")
-    M.store_weights(ours, layout)
+    fast.store_weights(ours, layout)
     # transformers' weights become our tensors again (a column-major one is a new tensor), its q/k/v and gate/up
     # row slices (views) of our fused weights, so one copy is held.
     for i, block in enumerate(ours.blocks):
@@ -146,7 +149,7 @@ def run_ours(model, ids, steps, *, budget=None, allocator="reasonalloc", interva
     for s in range(0, ids.numel(), chunk):
         logits = model(ids[s:s + chunk], cache)
         if budget and (cache.lengths() > budgets).any():
-            budgets = R.compress(cache, layer_b, allocator, "rkv", positions=False)[0]
+            budgets = fast.compress(cache, layer_b, allocator, "rkv", positions=False)[0]
     held = []
     step_fn = fast.GraphDecoder(model, cache, compile=compile, dynamic=dynamic) if graph else \
         (lambda t: model(t.view(1), cache))
@@ -159,7 +162,7 @@ def run_ours(model, ids, steps, *, budget=None, allocator="reasonalloc", interva
             logits = step_fn(token)
             token = logits[-1].argmax()
             if budget and step % interval == 0 and (cache.lengths() > budgets).any():
-                budgets = R.compress(cache, layer_b, allocator, "rkv", positions=False)[0]
+                budgets = fast.compress(cache, layer_b, allocator, "rkv", positions=False)[0]
             held.append(int(cache.n.sum()))
         sync(ids.device)
     captures = (step_fn.captures - first[0], step_fn.capture_seconds - first[1]) if graph else (0, 0.0)
@@ -488,7 +491,7 @@ def run_batch(model, n, ctx, layer_b, allocator, *, steps, interval, window):
     for step in range(1, steps + 1):
         tokens = step_fn(tokens).argmax(dim=-1)
         if budgets is not None and step % interval == 0 and (cache.lengths() > budgets).any():
-            R.compress_sequences(cache, layer_b, allocator, "rkv", [True] * n, policy_options={}, head_options={},
+            fast.compress_sequences(cache, layer_b, allocator, "rkv", [True] * n, policy_options={}, head_options={},
                                  positions=False)
     sync(dev)
     return time.perf_counter() - t0, step_fn.captures
@@ -605,8 +608,8 @@ def parser():
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", choices=list(M.DTYPES), default="bfloat16")
     p.add_argument("--layout", choices=("auto", "rows", "columns"), default="auto",
-                   help="weight storage (model.store_weights), for ours and the compiled peer alike: auto = on a GPU the "
-                        "o, gate/up, down and LM head weights column-major (model.GPU_COLUMNS), rows = all as loaded")
+                   help="weight storage (fast.store_weights), for ours and the compiled peer alike: auto = on a GPU the "
+                        "o, gate/up, down and LM head weights column-major (fast.GPU_COLUMNS), rows = all as loaded")
     p.add_argument("--profile-steps", type=int, default=0, help="also profile this many decode steps of each cell of the "
                    "first context (reach --interval to include a compression)")
     p.add_argument("--modes", default="graph,compiled",
