@@ -223,7 +223,8 @@ def read_events(path) -> dict:
     try:
         doc = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({getattr(e, 'msg', e)}); is it truncated? Write it again") from None
+        raise ValueError(f"{path} is not valid JSON ({getattr(e, 'msg', e)}); is it truncated? Write it "
+                         f"again") from None
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA_NAME:
         old = isinstance(doc, dict) and "events" in doc and "version" not in doc
         raise ValueError(f"{path} is not a {SCHEMA_NAME} file" + (
@@ -425,15 +426,20 @@ def vector_cases() -> dict[str, list[dict]]:
                                                                 floor=c["floor"]).tolist()} for c in rob]
     demand = [0.5, 0.2, 0.3, 0.9]
     cases["layer_budgets"] = [
-        {"inputs": dict(allocator=a, num_layers=4, budget=b, window=w, profile_demand=demand if R.get_allocator(a).needs_profile else None),
-         "output": R.layer_budgets(a, 4, b, window=w, profile=demand if R.get_allocator(a).needs_profile else None).tolist()}
+        {"inputs": dict(allocator=a, num_layers=4, budget=b, window=w,
+                        profile_demand=demand if R.get_allocator(a).needs_profile else None),
+         "output": R.layer_budgets(a, 4, b, window=w,
+                                   profile=demand if R.get_allocator(a).needs_profile else None).tolist()}
         for a in R.ALLOCATORS for b, w in ((16, 4), (9, 8))]
     heads = {
         "plain": [lcg_tensor((12,), 1).double(), lcg_tensor((12,), 2).double()],
-        "ties": [torch.tensor([0.5] * 6 + [0.25] * 6, dtype=torch.float64), torch.tensor([0.5] * 12, dtype=torch.float64)],
-        "ragged": [lcg_tensor((20,), 3).double().abs(), lcg_tensor((4,), 4).double().abs(), lcg_tensor((9,), 5).double().abs()],
+        "ties": [torch.tensor([0.5] * 6 + [0.25] * 6, dtype=torch.float64),
+                 torch.tensor([0.5] * 12, dtype=torch.float64)],
+        "ragged": [lcg_tensor((20,), 3).double().abs(), lcg_tensor((4,), 4).double().abs(),
+                   lcg_tensor((9,), 5).double().abs()],
         "shorter_than_window": [torch.zeros(0, dtype=torch.float64), lcg_tensor((10,), 6).double().abs()],
-        "one_head_starved": [torch.full((16,), 1e-9, dtype=torch.float64), torch.linspace(1, 2, 16, dtype=torch.float64)],
+        "one_head_starved": [torch.full((16,), 1e-9, dtype=torch.float64),
+                             torch.linspace(1, 2, 16, dtype=torch.float64)],
     }
     hb = []
     for name, scores in heads.items():
@@ -441,11 +447,12 @@ def vector_cases() -> dict[str, list[dict]]:
                            ("head_budgets", {"utility": "raw"}), ("adakv_head_budgets", {}), ("uniform_heads", {})):
             out = getattr(R, rule)(scores, 12, window=4, **opts)
             hb.append({"inputs": {"case": name, "rule": rule, "scores": [[num(v) for v in s] for s in scores],
-                                  "layer_budget": 12, "window": 4, "options": R.resolved_options(getattr(R, rule), opts)},
+                                  "layer_budget": 12, "window": 4, "options": resolved_options(getattr(R, rule), opts)},
                        "output": out.tolist()})
     cases["head_budgets"] = hb
     ki = [(lcg_tensor((10,), 7).double(), 9, 4), (torch.tensor([1.0, 2.0, 2.0, 1.0, 2.0], dtype=torch.float64), 6, 3),
-          (torch.ones(6, dtype=torch.float64), 5, 2), (lcg_tensor((3,), 8).double(), 12, 4), (lcg_tensor((6,), 9).double(), 4, 4)]
+          (torch.ones(6, dtype=torch.float64), 5, 2), (lcg_tensor((3,), 8).double(), 12, 4),
+          (lcg_tensor((6,), 9).double(), 4, 4)]
     cases["keep_indices"] = [{"inputs": {"scores": [num(v) for v in s], "budget": b, "window": w},
                               "output": evict.keep_indices(s, b, w).tolist()} for s, b, w in ki]
     sc = []
@@ -457,7 +464,7 @@ def vector_cases() -> dict[str, list[dict]]:
             fn = evict.get_policy(policy)
             s = fn(q.double(), k.double(), v.double(), torch.arange(T, device="cpu"), window=w)
             sc.append({"inputs": {"policy": policy, "q_win": q.tolist(), "k": k.tolist(), "v": v.tolist(),
-                                  "pos": list(range(T)), "window": w, "options": R.resolved_options(fn, {})},
+                                  "pos": list(range(T)), "window": w, "options": resolved_options(fn, {})},
                        "output": [num(x) for x in s.tolist()]})
     cases["scores"] = sc
     return cases

@@ -1,12 +1,43 @@
-"""Fixtures shared by test_reasonalloc.py (the spec's tests) and test_tools.py (benchmarks, CLIs, the
-default model): tiny random Hugging Face models of every supported family, and our model built from one."""
+"""Fixtures and helpers shared by the test files (test_reasonalloc.py: the spec; test_fast.py: the fast path's
+parity; test_tools.py: benchmarks, CLIs, the default model; test_conformance.py: the events format): tiny
+random Hugging Face models of every supported family, our model built from one, a byte tokenizer."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-import model as M
+sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))  # the benchmarks are imported as modules
+
+import model as M  # noqa: E402
+
+TINY_PROMPT = torch.arange(3, 43) % 97  # 40 tokens
+
+
+WAVE = [0.5, 0.2, 0.3]
+
+
+class ByteTok:
+    """A stand-in tokenizer for a tiny random model: ids are bytes."""
+
+    eos_token_id = None
+
+    def decode(self, ids):
+        return bytes(i % 256 for i in ids).decode("latin-1")
+
+
+def forcing(tokens, logits=None):
+    """A generation hook feeding `tokens` (teacher forcing), appending to `logits` the logits that
+    predict each of them."""
+    def hook(step, token, x, cache):
+        if step < len(tokens):
+            if logits is not None:
+                logits.append(x.clone())
+            return tokens[step]
+        return None
+    return hook
 
 
 def make_tiny_hf(kind: str):

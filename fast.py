@@ -471,7 +471,8 @@ class BatchCache(PackedCache):
             for i, c in enumerate(caches):
                 t = int(c.n[l].max())
                 heads = slice(i * Hk, (i + 1) * Hk)
-                b.k[l][heads, :t], b.v[l][heads, :t], b.pos[l][heads, :t] = c.k[l][:, :t], c.v[l][:, :t], c.pos[l][:, :t]
+                b.k[l][heads, :t], b.v[l][heads, :t] = c.k[l][:, :t], c.v[l][:, :t]
+                b.pos[l][heads, :t] = c.pos[l][:, :t]
             b.n[l] = torch.cat([c.n[l] for c in caches])
             b.n_dev[l] = torch.cat([c.n_dev[l] for c in caches])
             b.q_win[l] = torch.cat([c.q_win[l] for c in caches])
@@ -1207,7 +1208,7 @@ def generate_batch(model, tokenizer, prompts: list, *, seeds: list[int] | None =
     stops = M.stop_ids(cfg, tokenizer)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     budgets = [layer_b[:, None].expand(-1, Hk).clone() for _ in range(n)]  # (L, Hk) each sequence's b_lh
-    out, events, held, full = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
+    out, events, held, full = ([[] for _ in range(n)] for _ in range(4))
     final = [None] * n  # (tokens held, next position) when a sequence ends
 
     t0 = time.perf_counter()

@@ -206,7 +206,8 @@ def read_jsonl(path, what: str = "prompts") -> list[tuple[int, object]]:
             try:
                 rows.append((n, json.loads(line)))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+                raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg}); each line must be one JSON "
+                                 f"object") from None
         else:
             rows.append((n, line.strip()))
     if not rows:
@@ -219,7 +220,9 @@ def read_prompts(path) -> list[str]:
     prompt per line."""
     prompts = []
     for n, obj in read_jsonl(path, "prompts"):
-        text = next((obj[k] for k in ("prompt", "problem", "question") if k in obj), None) if isinstance(obj, dict) else obj
+        text = obj
+        if isinstance(obj, dict):
+            text = next((obj[k] for k in ("prompt", "problem", "question") if k in obj), None)
         if not isinstance(text, str):
             raise ValueError(f"{path}, line {n}: no 'prompt' (or 'problem' / 'question') text field")
         prompts.append(text)

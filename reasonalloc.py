@@ -541,6 +541,26 @@ def teacher_force(model, ids: torch.Tensor, tokens: list[int], *, budget: int, a
     return torch.cat(logits)[:len(tokens)], events
 
 
+def load(model_dir=None, *, profile=None, dtype=torch.float32, device="cpu", load_fn: Callable | None = None):
+    """The Python API in one call: (model, tokenizer, profile) for a Hugging Face folder of a Llama, Qwen2 or
+    Qwen3 model in safetensors (default: the embedded SmolLM2-135M-Instruct, converted on first use).
+    profile: a profile file from profile.py; by default the shipped one made for this model, or None when
+    there is none. load_fn(path, dtype=, device=): the model loader (default model.load_model)."""
+    siblings("load")
+    from convert import resolve_model_dir
+    from profile import find_profile, load_profile
+    from tokenizer import load_tokenizer
+
+    path = resolve_model_dir(model_dir)
+    model = (load_fn or M.load_model)(path, dtype=dtype, device=device)
+    if profile is not None:
+        return model, load_tokenizer(path), load_profile(profile, model.config)
+    try:
+        return model, load_tokenizer(path), find_profile(model.config)
+    except ValueError:  # no shipped profile for this model: the allocators that need one say so when used
+        return model, load_tokenizer(path), None
+
+
 # ----------------------------------------------------------------------------------------------
 # 6. CLI
 
@@ -603,32 +623,17 @@ def compare(model, tokenizer, args, profile, generate_fn):
 
 
 def load_run(args, load_fn: Callable | None = None):
-    """The CLI's (model folder, model, tokenizer, profile or None), every setting checked before the weights load.
-    load_fn(path, dtype=, device=): the model loader (default model.load_model)."""
+    """The CLI's (model folder, model, tokenizer, profile or None), every setting checked before the weights load."""
     from convert import resolve_model_dir
-    from tokenizer import load_tokenizer
-    try:
-        from profile import find_profile, load_profile
-    except ImportError:  # Python's own `profile` module, where this project's profile.py is missing
-        raise ModuleNotFoundError("the command line needs reasonalloc's profile.py in the same folder") from None
 
     if not args.prompt.strip():
         raise ValueError("--prompt is empty; give the user message to answer")
     validate(allocator=args.allocator, policy=args.policy, **run_kwargs(args))
     M.check_device(args.device)
     path = resolve_model_dir(args.model)
-    model = (load_fn or M.load_model)(path, dtype=M.DTYPES[args.dtype], device=args.device)
-    tokenizer = load_tokenizer(path)
-    profile = None
-    if args.profile:
-        profile = load_profile(args.profile, model.config)
-    elif args.compare or get_allocator(args.allocator).needs_profile:
-        try:  # the shipped profile of the default model
-            profile = find_profile(model.config)
-        except ValueError:
-            if not args.compare:  # --compare skips the allocators that need one
-                raise
-    return path, model, tokenizer, profile
+    model, tokenizer, profile = load(path, profile=args.profile, dtype=M.DTYPES[args.dtype], device=args.device,
+                                     load_fn=load_fn)
+    return path, model, tokenizer, profile  # None: allocators that need one say so (--compare skips them)
 
 
 def main(args, *, generate_fn: Callable | None = None, load_fn: Callable | None = None,
@@ -663,8 +668,7 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--allocator", default="reasonalloc", choices=list(ALLOCATORS),
                    help="how the budget is split over layers and heads (see the README's table)")
     p.add_argument("--policy", default="rkv", choices=list(evict.POLICIES), help="which tokens a head keeps")
-    p.add_argument("--profile", help="layer-demand profile JSON from profile.py (found automatically for the "
-                                     "default model)")
+    p.add_argument("--profile", help="layer-demand profile from profile.py (default: the shipped one for the model)")
     p.add_argument("--interval", type=int, default=128, help="compress every this many decoded tokens (Δ)")
     p.add_argument("--window", type=int, default=8, help="observation window w: newest tokens, always kept")
     p.add_argument("--max-new-tokens", type=int, default=512)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import conformance as C
-import model as M
+import fast as Fa
 import reasonalloc as R
 
 HERE = Path(__file__).resolve().parent
@@ -18,19 +18,20 @@ HERE = Path(__file__).resolve().parent
 
 @pytest.fixture(scope="module")
 def recipe():
-    return M.recipe_model(C.TINY_CONFIG, 0)
+    return C.recipe_model(C.TINY_CONFIG, 0)
 
 
 def document(model, *, packed=False, allocator="reasonalloc", policy="rkv"):
     prompt = torch.tensor([(5 * i + 1) % 96 for i in range(30)])
-    g = R.generate(model, None, prompt, budget=12, window=4, interval=6, max_new_tokens=30, allocator=allocator,
-                   policy=policy, profile=[0.3, 0.5, 0.2], record_positions=True, packed=packed)
-    return R.events_document(model, g, source={"recipe": "lcg64", "seed": 0, "config": C.TINY_CONFIG})
+    g = (Fa.generate if packed else R.generate)(
+        model, None, prompt, budget=12, window=4, interval=6, max_new_tokens=30, allocator=allocator, policy=policy,
+        profile=[0.3, 0.5, 0.2], record_positions=True)
+    return C.events_document(model, g, source={"recipe": "lcg64", "seed": 0, "config": C.TINY_CONFIG})
 
 
 def check_lines(doc, model):
     lines = []
-    return R.check(doc, model, out=lines.append), "\n".join(lines)
+    return C.check(doc, model, out=lines.append), "\n".join(lines)
 
 
 def test_vectors_regenerate_byte_for_byte(tmp_path):
@@ -68,14 +69,14 @@ def test_check_passes_on_reference_and_fast_path_events(recipe, tmp_path, packed
     assert doc["settings"]["path"] == ("fast" if packed else "reference") and len(doc["events"]) >= 4
     f = tmp_path / "ev.json"
     f.write_text(json.dumps(doc))
-    assert R.read_events(f) == doc
+    assert C.read_events(f) == doc
     ok, text = check_lines(doc, recipe)
     assert ok and f"all {len(doc['events'])} compression events agree" in text
 
 
 def test_committed_event_files_pass_check_from_the_cli():
     for f in sorted((HERE / "vectors" / "events").glob("*.json")):
-        r = subprocess.run([sys.executable, "reasonalloc.py", "check", str(f)], capture_output=True, text=True,
+        r = subprocess.run([sys.executable, "conformance.py", "check", str(f)], capture_output=True, text=True,
                            cwd=HERE, timeout=120)
         assert r.returncode == 0 and "compression events agree" in r.stdout, r.stdout + r.stderr
 
@@ -104,7 +105,7 @@ def test_check_names_a_moved_position_a_budget_and_a_tie(recipe):
     # 3. a tie broken the other way: SnapKV's max-pooling makes equal scores
     snap = document(recipe, allocator="uniform", policy="snapkv")
     for i, e in enumerate(snap["events"]):
-        _, scores = R.replay(recipe, snap, at_step=e["step"], layer=0)
+        _, scores = C.replay(recipe, snap, at_step=e["step"], layer=0)
         pos, sc = scores[0]
         kept = e["kept_positions"][0][0]
         pair = next(((a, b) for a, sa in zip(pos, sc) for b, sb in zip(pos, sc)
@@ -141,30 +142,30 @@ def test_check_refuses_bad_files_with_one_line(recipe, tmp_path):
     for name, (d, words) in cases.items():
         f = tmp_path / f"{name}.json"
         f.write_text(json.dumps(d))
-        r = subprocess.run([sys.executable, "reasonalloc.py", "check", str(f)], capture_output=True, text=True,
+        r = subprocess.run([sys.executable, "conformance.py", "check", str(f)], capture_output=True, text=True,
                            cwd=HERE, timeout=120)
         assert r.returncode == 2 and "Traceback" not in r.stderr, (name, r.stderr)
         assert r.stderr.count("\n") == 1 and __import__("re").search(words, r.stderr), (name, r.stderr)
     f = tmp_path / "truncated.json"
     f.write_text(json.dumps(doc)[:500])
     with pytest.raises(ValueError, match="not valid JSON .* truncated"):
-        R.read_events(f)
+        C.read_events(f)
     with pytest.raises(FileNotFoundError, match="no events file"):
-        R.read_events(tmp_path / "none.json")
+        C.read_events(tmp_path / "none.json")
 
 
 def test_cli_events_file_is_versioned_and_passes_check(tiny_dir, tmp_path):
-    """`reasonalloc.py --events` writes the versioned document, with the model's fingerprint, and `check`
+    """`conformance.py record --events` writes the versioned document, with the model's fingerprint, and `check`
     with --model accepts it (and refuses it against other weights)."""
     ev = tmp_path / "ev.json"
-    run = [sys.executable, "reasonalloc.py", "--model", str(tiny_dir), "--prompt", "What is 2+3?", "--budget", "12",
+    run = [sys.executable, "conformance.py", "record", "--model", str(tiny_dir), "--prompt", "What is 2+3?", "--budget", "12",
            "--window", "4", "--interval", "6", "--max-new-tokens", "30", "--profile", str(tiny_dir / "wave.json"),
            "--events", str(ev)]
     r = subprocess.run(run, capture_output=True, text=True, cwd=HERE, timeout=120)
     assert r.returncode == 0, r.stderr
-    doc = R.read_events(ev)
+    doc = C.read_events(ev)
     assert doc["version"] == 1 and "fingerprint" in doc["model"]["source"] and doc["events"]
     assert doc["settings"]["policy_options"]["lam"] == 0.1 and doc["settings"]["head_options"]["mu"] == 0.25
-    r = subprocess.run([sys.executable, "reasonalloc.py", "check", str(ev), "--model", str(tiny_dir)],
+    r = subprocess.run([sys.executable, "conformance.py", "check", str(ev), "--model", str(tiny_dir)],
                        capture_output=True, text=True, cwd=HERE, timeout=120)
     assert r.returncode == 0 and "compression events agree" in r.stdout, r.stdout + r.stderr

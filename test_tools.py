@@ -22,8 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import bench as Bn
+import bench as Bn  # benchmarks/bench.py (conftest.py puts benchmarks/ on the path)
+import conformance as C
 import fast as Fa
+import files
 import model as M
 import profile as P  # this project's profile.py
 import reasonalloc as R
@@ -110,7 +112,7 @@ def test_profile_cli_refuses_unwritable_output(tmp_path):
 
 
 def test_compare_with_events_is_refused_up_front(tmp_path):
-    r = subprocess.run([sys.executable, "reasonalloc.py", "--prompt", "hi", "--compare", "--events",
+    r = subprocess.run([sys.executable, "conformance.py", "record", "--prompt", "hi", "--compare", "--events",
                         str(tmp_path / "e.json")], capture_output=True, text=True, cwd=HERE)
     assert r.returncode != 0 and "--events records one run; --compare makes eight" in r.stderr
     assert r.stderr.count("\n") == 1 and not (tmp_path / "e.json").exists()
@@ -188,7 +190,7 @@ def test_cache_tokens_from_events_match_generation(tiny_model):
 def run_bench(tiny_dir, out, *extra, torchrun=False, new_tokens=24, expect_ok=True):
     """Run bench.py fidelity on the tiny model folder; returns (cells or None, the finished process)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"] if torchrun else [sys.executable]
-    cmd += ["bench.py", "fidelity", "--model", str(tiny_dir), "--prompts", str(tiny_dir / "prompts.jsonl"),
+    cmd += ["benchmarks/bench.py", "fidelity", "--model", str(tiny_dir), "--prompts", str(tiny_dir / "prompts.jsonl"),
             "--profile", str(tiny_dir / "wave.json"), "--new-tokens", str(new_tokens), "--budgets", "12,20",
             "--out", str(out), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -306,7 +308,7 @@ def test_bench_sessions_cli_tables_trajectory_and_resume(tiny_dir, tmp_path):
     sessions.write_text("".join(json.dumps({"turns": t}) + "\n" for t in
                                 [["What is 2+3?", "And 4+4?", "Why?", "Count."], ["Name a colour.", "Another?", "Why?", "Go on."]]))
     out = tmp_path / "s.json"
-    cmd = [sys.executable, "bench.py", "sessions", "--model", str(tiny_dir), "--profile", str(tiny_dir / "wave.json"),
+    cmd = [sys.executable, "benchmarks/bench.py", "sessions", "--model", str(tiny_dir), "--profile", str(tiny_dir / "wave.json"),
            "--sessions", str(sessions), "--session-tokens", "120", "--turn-tokens", "25", "--budgets", "16,24",
            "--intervals", "4,16", "--methods", "R-KV,Head-only,ReasonAlloc", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -322,6 +324,11 @@ def test_bench_sessions_cli_tables_trajectory_and_resume(tiny_dir, tmp_path):
     assert "head budgets of ReasonAlloc" in r.stdout and "layer  2" in r.stdout
     svg = out.with_suffix(".trajectory.svg").read_text()
     assert svg.startswith("<svg") and svg.count("<rect") > 3 * 2
+    # The legend says what each colour is, and fits inside the picture (about 7 px a character at 11 px).
+    width = int(re.search(r'width="(\d+)"', svg).group(1))
+    legend = re.findall(r'<text x="(\d+)" y="\d+">([^<]*the even share)</text>', svg)
+    assert [t for _, t in legend] == ["¼ × the even share", "the even share", "4 × the even share"]
+    assert all(int(x) + 7 * len(t) <= width for x, t in legend)
     r2 = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, env=env, timeout=300)
     assert r2.returncode == 0 and r2.stderr.count("(done before)") == len(cells)
     sessions.write_text('{"turns": []}\n')
@@ -339,7 +346,7 @@ def test_bench_speed_compiled_row_decodes_the_forced_tokens(tiny_model):
     R.generate(tiny_model, None, ids, budget=9, policy="full", window=8, max_new_tokens=len(tokens),
                hook=lambda step, t, x, c: (ref.append(x.clone()), tokens[step] if step < len(tokens) else None)[1])
     torch.testing.assert_close(torch.stack(seen), torch.stack(ref[:len(tokens)]), rtol=1e-5, atol=1e-5)
-    split = M.store_weights(copy.deepcopy(tiny_model), "columns", parts=2)  # the CPU layout, compiled
+    split = Fa.store_weights(copy.deepcopy(tiny_model), "columns", parts=2)  # the CPU layout, compiled
     again = []
     Bn.compiled_decode(split, ids, tokens, lambda i, x: again.append(x.clone()), window=8)
     torch.testing.assert_close(torch.stack(again), torch.stack(ref[:len(tokens)]), rtol=1e-5, atol=1e-5)
@@ -414,7 +421,7 @@ def test_bench_accuracy_batches_samples_as_separate_runs(tiny_dir, tmp_path):
     problems.write_text("".join(json.dumps(p) + "\n" for p in [{"problem": "What is 2+3?", "answer": "5"},
                                                                {"problem": "Count to 3.", "answer": "3"}]))
     out = tmp_path / "a.json"
-    cmd = [sys.executable, "bench.py", "accuracy", "--model", str(tiny_dir), "--profile", str(tiny_dir / "wave.json"),
+    cmd = [sys.executable, "benchmarks/bench.py", "accuracy", "--model", str(tiny_dir), "--profile", str(tiny_dir / "wave.json"),
            "--problems", str(problems), "--temperature", "0.8", "--methods", "R-KV,ReasonAlloc", "--budgets", "16",
            "--new-tokens", "12", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -431,7 +438,7 @@ def test_bench_accuracy_batches_samples_as_separate_runs(tiny_dir, tmp_path):
         policy, allocator = R.METHODS[m]
         prompt = ["What is 2+3?", "Count to 3."][int(i)] + "\n" + Bn.SYSTEM_HINT
         ids = M.encode_prompt(tok, model.config, prompt, max_new_tokens=12)
-        g = R.generate(model, tok, ids, budget=16, allocator=allocator, policy=policy, window=8, packed=True,
+        g = Fa.generate(model, tok, ids, budget=16, allocator=allocator, policy=policy, window=8,
                        profile=P.load_profile(tiny_dir / "wave.json", model.config), max_new_tokens=12,
                        interval=Bn.interval_for(16, 12, None), temperature=0.8, seed=int(s))
         assert c["text"] == g.text and c["new_tokens"] == len(g.tokens), key
@@ -462,7 +469,7 @@ def test_bench_gpu_harness_runs_on_cpu():
     assert hf.model.layers[1].self_attn.v_proj.weight.data_ptr() == fused[-c.num_kv_heads * c.head_dim:].data_ptr()
     # The GPU's layout (o, gate/up, down and the LM head column-major), here on the CPU: transformers reads the
     # same column-major tensors, and both still compute one function.
-    cols, hf_cols, _ = BG.build(cfg, "cpu", torch.float32, layers=2, layout=M.GPU_COLUMNS)
+    cols, hf_cols, _ = BG.build(cfg, "cpu", torch.float32, layers=2, layout=Fa.GPU_COLUMNS)
     a, layer = cols.blocks[0], hf_cols.model.layers[0]
     assert a.attn.wqkv.weight.is_contiguous() and all(w.stride(0) == 1 for w in (
         a.attn.wo.weight, a.mlp.w_gate_up.weight, a.mlp.w_down.weight, cols.lm_head.weight))
@@ -526,7 +533,8 @@ def test_bench_gpu_warms_up_through_a_compression_and_loads_kernels_up_front(mon
     env = {k: v for k, v in os.environ.items() if k != "CUDA_MODULE_LOADING"}
     for given, want in ((None, "EAGER"), ("LAZY", "LAZY")):
         e = env if given is None else {**env, "CUDA_MODULE_LOADING": given}
-        out = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, cwd=HERE, check=True)
+        out = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True,
+                             cwd=HERE / "benchmarks", check=True)
         assert out.stdout.split()[-1] == want
 
 
@@ -597,11 +605,11 @@ def test_outputs_checked_before_work_and_written_atomically(tmp_path):
     for bad, words in [("", "empty"), (str(tmp_path), "is a folder"), (str(tmp_path / "no" / "x.json"), "does not exist"),
                        ("/proc/x.json", "cannot write")]:
         with pytest.raises(ValueError, match=words):
-            M.check_output(bad, "--out")
-    out = M.check_output(tmp_path / "x.json", "--out")
+            files.check_output(bad, "--out")
+    out = files.check_output(tmp_path / "x.json", "--out")
     assert not out.exists() and not list(tmp_path.iterdir())  # the check leaves nothing behind
-    M.write_atomic(out, "a")
-    M.write_atomic(out, "b")
+    files.write_atomic(out, "a")
+    files.write_atomic(out, "b")
     assert out.read_text() == "b" and [f.name for f in tmp_path.iterdir()] == ["x.json"]
 
 
@@ -722,17 +730,16 @@ def test_every_tensor_names_its_device(tiny_dir, tmp_path, monkeypatch):
     `bench.py speed --profile-steps` fed CPU ids). Every generation path runs here under that rule."""
     model, tok = M.load_model(tiny_dir), load_tokenizer(tiny_dir)
     prof = P.load_profile(tiny_dir / "wave.json", model.config)
-    real_load = Bn.load_model
-    monkeypatch.setattr(Bn, "load_model", lambda *a, **k: _on_cpu(real_load, *a, **k))  # building is not the test
+    real_load = Fa.load_model
+    monkeypatch.setattr(Fa, "load_model", lambda *a, **k: _on_cpu(real_load, *a, **k))  # building is not the test
     ids = M.encode_prompt(tok, model.config, "What is 2+3?")
     torch.set_default_device("meta")
     try:
         M.generate_full(model, tok, "What is 2+3?", max_new_tokens=12)
-        for packed in (False, True):
-            R.generate(model, tok, ids, budget=12, window=4, interval=4, profile=prof, max_new_tokens=20,
-                       packed=packed, temperature=0.7, top_p=0.9, head_utility="rank")
-            R.teacher_force(model, ids, list(range(3, 40)), budget=12, window=4, interval=4, profile=prof,
-                            packed=packed)
+        for gen, force in ((R.generate, R.teacher_force), (Fa.generate, Fa.teacher_force)):
+            gen(model, tok, ids, budget=12, window=4, interval=4, profile=prof, max_new_tokens=20,
+                temperature=0.7, top_p=0.9, head_utility="rank")
+            force(model, ids, list(range(3, 40)), budget=12, window=4, interval=4, profile=prof)
         Bn.profile_decode(model, ids, argparse.Namespace(window=4, profile_steps=3, packed=True))
         Bn.main(Bn.parser().parse_args(["fidelity", "--model", str(tiny_dir), "--prompts", str(tiny_dir / "prompts.jsonl"),
                                         "--num-prompts", "1", "--profile", str(tiny_dir / "wave.json"), "--new-tokens",
@@ -753,18 +760,18 @@ def _on_cpu(fn, *a, **k):
     ("model.py", ["--prompt", "hi", "--max-new-tokens", "-4"], "--max-new-tokens must be >= 0"),
     ("model.py", ["--prompt", "hi", "--model", "/no/such/folder"], "no config.json in /no/such/folder"),
     ("model.py", ["--prompt", "hi", "--device", "gpu0"], "unknown device"),
-    ("bench.py", ["fidelity", "--budgets", "abc"], "--budgets takes comma-separated whole numbers"),
-    ("bench.py", ["sessions", "--intervals", "32,x"], "--intervals takes comma-separated whole numbers"),
-    ("bench.py", ["fidelity", "--methods", ""], "--methods is empty"),
-    ("bench.py", ["fidelity", "--window", "0"], "window must be >= 1"),
-    ("bench.py", ["fidelity", "--gamma", "-1"], "gamma .* must be a number >= 0"),
-    ("bench.py", ["fidelity", "--head-mu", "5"], "mu .* must be in \\[0, 1\\]"),
-    ("bench.py", ["fidelity", "--interval", "-3"], "--interval must be >= 1"),
+    ("benchmarks/bench.py", ["fidelity", "--budgets", "abc"], "--budgets takes comma-separated whole numbers"),
+    ("benchmarks/bench.py", ["sessions", "--intervals", "32,x"], "--intervals takes comma-separated whole numbers"),
+    ("benchmarks/bench.py", ["fidelity", "--methods", ""], "--methods is empty"),
+    ("benchmarks/bench.py", ["fidelity", "--window", "0"], "window must be >= 1"),
+    ("benchmarks/bench.py", ["fidelity", "--gamma", "-1"], "gamma .* must be a number >= 0"),
+    ("benchmarks/bench.py", ["fidelity", "--head-mu", "5"], "mu .* must be in \\[0, 1\\]"),
+    ("benchmarks/bench.py", ["fidelity", "--interval", "-3"], "--interval must be >= 1"),
 ])
 def test_cli_bad_settings_are_one_line_errors_before_loading(tmp_path, script, argv, words):
     """Issue 13, items 11-13: refused with one line naming what to change, before any model is loaded
     (the model folder given does not exist, so reaching the load would give another message)."""
-    extra = ["--out", str(tmp_path / "r.json"), "--model", str(tmp_path / "none")] if script == "bench.py" else []
+    extra = ["--out", str(tmp_path / "r.json"), "--model", str(tmp_path / "none")] if script == "benchmarks/bench.py" else []
     r = subprocess.run([sys.executable, script, *argv, *extra], capture_output=True, text=True, cwd=HERE, timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
@@ -781,17 +788,17 @@ def test_resume_is_keyed_by_model_contents_not_folder(tiny_dir, tmp_path):
 
     a = tmp_path / "a"
     shutil.copytree(tiny_dir, a)
-    fp = M.model_fingerprint(a)
+    fp = C.model_fingerprint(a)
     shutil.copytree(a, tmp_path / "moved")
-    assert M.model_fingerprint(tmp_path / "moved") == fp
+    assert C.model_fingerprint(tmp_path / "moved") == fp
     state = load_file(a / "model.safetensors")
     name = sorted(state)[0]
     state[name] = state[name] + 1e-3  # a fine-tune of one tensor
     save_file(state, a / "model.safetensors", metadata={"format": "pt"})
-    assert M.model_fingerprint(a) != fp
+    assert C.model_fingerprint(a) != fp
     cfg = json.loads((a / "config.json").read_text())
     (a / "config.json").write_text(json.dumps({**cfg, "rope_theta": 5000.0}))
-    assert len({M.model_fingerprint(a), fp}) == 2
+    assert len({C.model_fingerprint(a), fp}) == 2
     shutil.copy(tiny_dir / "config.json", a / "config.json")  # only the weights differ now: the profile still fits
     out, same = tmp_path / "r.json", ["--methods", "FullKV,R-KV", "--num-prompts", "1", "--prompts",
                                       str(tiny_dir / "prompts.jsonl"), "--profile", str(tiny_dir / "wave.json")]

@@ -557,7 +557,7 @@ def trajectory_svg(cell: dict) -> str:
     n, L = len(traj["steps"]), len(traj["layer_budgets"])
     heads = len(traj["head_budgets"][0][0])
     cw, rh, left, top = max(4, 720 // max(1, n)), 4, 70, 40
-    width, height = left + cw * n + 120, top + rh * L * heads + 50
+    width, height = left + cw * n + 180, top + rh * L * heads + 50  # the legend's 140 px beside the map
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
            f'<text x="{left}" y="16">{cell["method"]}: head budgets over {n} compressions (session 0, B = {cell["budget"]}, '
            f'Δ = {cell["interval"]}; split moves {cell["split_movement"]:.1%} per compression)</text>']
@@ -575,9 +575,11 @@ def trajectory_svg(cell: dict) -> str:
     y = top + L * heads * rh
     out.append(f'<text x="{left}" y="{y + 16}">compression event → (step {traj["steps"][0]} … {traj["steps"][-1]}); '
                f'rows: layers top to bottom, {heads} KV heads each</text>')
-    for j, (label, rgb) in enumerate([("¼×", (0, 0, 255)), ("even", (255, 255, 255)), ("4×", (255, 0, 0))]):
-        out.append(f'<rect x="{left + cw * n + 20}" y="{top + 20 * j}" width="14" height="14" fill="rgb{rgb}" stroke="#888"/>'
-                   f'<text x="{left + cw * n + 40}" y="{top + 20 * j + 11}">{label} even share</text>')
+    legend = [("¼ × the even share", (0, 0, 255)), ("the even share", (255, 255, 255)), ("4 × the even share", (255, 0, 0))]
+    for j, (label, rgb) in enumerate(legend):
+        x, y = left + cw * n + 20, top + 20 * j
+        out.append(f'<rect x="{x}" y="{y}" width="14" height="14" fill="rgb{rgb}" stroke="#888"/>'
+                   f'<text x="{x + 20}" y="{y + 11}">{label}</text>')
     return "\n".join(out + ["</svg>"]) + "\n"
 
 
