@@ -83,8 +83,8 @@ class Linear(nn.Linear):
 
 
 # Which projections "auto" stores column-major on a GPU: measured with bf16 Llama-3.1-8B shapes on one H100
-# (`python bench_gemv.py --device cuda --shapes llama-3.1-8b --dtype bfloat16`, README "The GPU's weight
-# layout"): cuBLAS picks another kernel for (in, out) storage and reads the o weight 19 % faster, gate/up and
+# (`python benchmarks/bench_gemv.py --device cuda --shapes llama-3.1-8b --dtype bfloat16`, docs/performance.md):
+# cuBLAS picks another kernel for (in, out) storage and reads the o weight 19 % faster, gate/up and
 # down 3-4 %, the LM head 7 %; the fused q/k/v 5 % slower, so it stays row-major.
 GPU_COLUMNS = frozenset({"o", "gate/up", "down", "LM head"})
 
@@ -109,7 +109,7 @@ def store_weights(model: Transformer, layout="auto", parts: int | None = None) -
     wider than the input (fused q/k/v, gate/up, the LM head), the same when it is square, and less when it
     is narrower (the down projection: 15 against 21 GB/s). Split over the 2 threads (`Linear`), the chosen
     layouts read 23-40 GB/s. On an H100, cuBLAS picks its kernel by layout too (GPU_COLUMNS).
-    `python bench_gemv.py [--device cuda]` measures this per shape; `bench.py speed --layouts` times whole
+    `python benchmarks/bench_gemv.py [--device cuda]` measures this per shape; `bench.py speed --layouts` times whole
     decode steps on the CPU, `bench_gpu.py --layout` on the GPU.
 
     layout: "auto" = "columns" on the CPU and GPU_COLUMNS elsewhere; "columns" = column-major for every
@@ -185,7 +185,7 @@ class PackedCache:
     # Capacities are rounded up to a multiple of `align` rows. GraphDecoder sets its own (16): its ragged layers
     # give the fused attention one mask row per KV head, rows `capacity` elements apart, and on an H100 cuDNN's
     # kernel is slower when that stride is not a multiple of 16 (bench_attention.py: 9.27 against 7.65 µs a layer
-    # at capacity 1283 against 1280; README, "GPU"). 1 elsewhere: the eager path's masks are built per call.
+    # at capacity 1283 against 1280; docs/performance.md). 1 elsewhere: the eager path's masks are built per call.
     align = 1
 
     def __init__(self, config: ModelConfig, window: int = 8, *, dtype=torch.float32, device="cpu",
@@ -338,7 +338,7 @@ class PackedCache:
         held = (torch.arange(S, device=K.device)[None, :] < self.n_dev[layer][:, None]) if padded else None  # (Hk, S)
         if T == 1:  # a decode step: one batch of Hq query heads over Hk KV heads (GQA inside the kernel)
             # This layout, not (Hk, 1, G, D) with G query rows per KV head, is what lets the fused kernel spread
-            # one long cache over many blocks (README, "GPU": our compiled FullKV at 32k went from 30 % to 68 % of
+            # one long cache over many blocks (measured on an H100: our compiled FullKV at 32k went from 30 % to 68 % of
             # the roofline with it and the fused projections).
             even = self.static and layer < len(self.even) and self.even[layer]  # every head at one length
             if held is not None and not even:  # ragged heads: a batch of Hk, each one KV head and its G queries,
@@ -644,7 +644,8 @@ class GraphDecoder:
         c.advance()
         return logits
 # ----------------------------------------------------------------------------------------------
-# 2. evict.py's twin. Scores and selection, batched over the heads of a layer (head h holds rows [0, n_h) of (Hk, S, D))
+# 2. evict.py's twin. Scores and selection, batched over the heads of a layer
+#    (head h holds rows [0, n_h) of (Hk, S, D))
 
 
 def window_attention(q_win, k, n_evict, *, gqa_reduce: str = "max"):
@@ -1073,6 +1074,10 @@ def head_rule_rows(rule, scores: torch.Tensor, held: torch.Tensor, layer_budget,
     counts = (held - window).clamp(min=0).tolist()
     return torch.stack([rule([scores[i, h, :counts[i][h]] for h in range(Hk)], int(budget[i]), window=window,
                              **options) for i in range(n)])
+
+
+# ----------------------------------------------------------------------------------------------
+# The batched compression, and generation on this path
 
 
 def compress_sequences(cache, layer_b: torch.Tensor, allocator: str, policy: str, due: list[bool], *,

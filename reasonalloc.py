@@ -206,7 +206,7 @@ def head_demand(scores: list[torch.Tensor], layer_budget: int, *, window: int = 
                 normalize_heads: bool = False) -> torch.Tensor:
     """(Hk,) r_h: how many of head h's tokens are in the layer's pooled top Hk·(B_l − w) utilities.
     utility: how scores of heads of different lengths are made comparable (see `comparable`; "length" by
-    default, chosen on the calibration prompts: README, "Choices").
+    default, chosen on the calibration prompts: docs/evaluation.md).
     normalize_heads: Ada-KV-style, first shift each head's scores to >= 0 and scale them to sum to 1."""
     scores = comparable(scores, utility, window)
     if normalize_heads:
@@ -247,7 +247,7 @@ def adakv_head_budgets(scores: list[torch.Tensor], layer_budget: int, *, window:
 
 
 # ----------------------------------------------------------------------------------------------
-# The allocators compared (same policy, same total budget L·Hk·B): a layer rule and a head rule each
+# 4. The allocators compared (same policy, same total budget L·Hk·B): a layer rule and a head rule each
 
 
 @dataclass(frozen=True)
@@ -666,7 +666,7 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
                                    "embedded SmolLM2-135M-Instruct")
     p.add_argument("--budget", type=int, default=128, help="average KV budget per head, in tokens (B)")
     p.add_argument("--allocator", default="reasonalloc", choices=list(ALLOCATORS),
-                   help="how the budget is split over layers and heads (see the README's table)")
+                   help="how the budget is split over layers and heads (the README's allocator table)")
     p.add_argument("--policy", default="rkv", choices=list(evict.POLICIES), help="which tokens a head keeps")
     p.add_argument("--profile", help="layer-demand profile from profile.py (default: the shipped one for the model)")
     p.add_argument("--interval", type=int, default=128, help="compress every this many decoded tokens (Δ)")

@@ -17,11 +17,11 @@ a reasoning trace): by default B = N/16, N/8, N/4, and the interval is min(B, N/
 against traces of several thousand tokens). `--budgets` and `--interval` override both.
 
 Long runs print progress with an estimate of the time left, and results are written after every cell, so
-a rerun with the same settings skips what is finished. Under `torchrun --nproc-per-node N bench.py ...`
+a rerun with the same settings skips what is finished. Under `torchrun --nproc-per-node N benchmarks/bench.py ...`
 the prompts / problems are split across processes (torch.distributed, gloo on CPU) and rank 0 merges.
 
-    python bench.py fidelity --quick        # a few minutes on 2 CPU cores
-    python bench.py all                     # fidelity, accuracy and speed at the default sizes
+    python benchmarks/bench.py fidelity --quick        # a few minutes on 2 CPU cores
+    python benchmarks/bench.py all                     # fidelity, accuracy and speed at the default sizes
 """
 
 from __future__ import annotations

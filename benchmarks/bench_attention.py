@@ -24,7 +24,7 @@ torch.compile's guards for every compiled chain (all share one function), and on
 host-bound and noisy (results/attention_h100.log: 19-40 µs a layer for 7-15 µs of attention kernel).
 Every variant is checked against `query rows` (max abs difference). Needs CUDA:
 
-    python bench_attention.py --out results/attention_h100.json
+    python benchmarks/bench_attention.py --out results/attention_h100.json
 """
 import argparse
 import json

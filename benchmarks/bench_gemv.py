@@ -14,8 +14,8 @@ operator that torch.compile sees (fast.split_product_op) against the plain funct
 On a GPU (--device cuda) the products are replayed from a CUDA graph (no launch gaps), in the --dtype given,
 without the splits (a GPU spreads one product over its whole device) and over 2 GB of copies (past the L2).
 
-    python bench_gemv.py                 # the default model's shapes, on the CPU
-    python bench_gemv.py --device cuda --shapes llama-3.1-8b --dtype bfloat16   # bench_gpu.py's model
+    python benchmarks/bench_gemv.py      # the default model's shapes, on the CPU
+    python benchmarks/bench_gemv.py --device cuda --shapes llama-3.1-8b --dtype bfloat16   # bench_gpu.py's model
 """
 
 from __future__ import annotations

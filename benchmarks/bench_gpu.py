@@ -24,8 +24,8 @@ and the K/V the heads hold; tokens/s ≤ bandwidth / those bytes. The fraction r
 tokens/s over that bound. Bandwidth: the datasheet figure of the GPU found (H100 SXM 3.35 TB/s,
 H200 4.8 TB/s) unless --bandwidth is given.
 
-    python bench_gpu.py                         # contexts 2k, 8k, 32k; budgets 512, 1024
-    python bench_gpu.py --profile-steps 130     # also profile each cell of the first context: kernels per step,
+    python benchmarks/bench_gpu.py              # contexts 2k, 8k, 32k; budgets 512, 1024
+    python benchmarks/bench_gpu.py --profile-steps 130  # also profile each cell of the first context: kernels per step,
                                                 # GPU kernel time vs wall time, top kernels (one compression inside)
 """
 
@@ -47,7 +47,7 @@ from pathlib import Path
 #   launches; with every kernel loaded at start, none did so in the scoring (a diagnostic not kept). ReasonAlloc's
 #   ragged scoring runs matrix products of new shapes for a while (cuBLAS picks its kernel by shape), so its
 #   compressions met such loads in the timed steps where uniform R-KV's, of one shape, had met them in its first
-#   compression: a one-time cost per process that the timed steps should not hold (README, "GPU").
+#   compression: a one-time cost per process that the timed steps should not hold (docs/performance.md).
 # - The caching allocator grows by mapping more memory into one range instead of new cudaMalloc segments
 #   (expandable segments): ReasonAlloc's compression workspace changes size with each head split.
 RUN_ENV = {"CUDA_MODULE_LOADING": "EAGER", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}

@@ -3,7 +3,7 @@ list of grade-school word problems that the model answers one after another.
 
 The problems come from the templates below with names and numbers drawn from a seeded generator, so the
 files are reproducible: `python data/make_sessions.py` rewrites them byte for byte. Held-out sessions
-(seeds 1000 + i) are what the README's table reports; calibration sessions (seeds 0 + i) are the only
+(seeds 1000 + i) are what docs/evaluation.md's table reports; calibration sessions (seeds 0 + i) are the only
 ones any setting may be chosen on. Both draw from the same templates with different names and numbers.
 """
 
