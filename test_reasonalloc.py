@@ -1,6 +1,7 @@
-"""The spec's tests, in the order of the paper's method: allocation worked by hand -> eviction policies ->
-the model against Hugging Face transformers -> generation invariants -> the profiler -> the code's shape
-(reads top to bottom, no import cycle, the spec imports no fast path, reasonalloc.py usable alone).
+"""The spec's tests, in the order the spec modules are read: the model against Hugging Face transformers
+(model.py) -> the eviction policies (evict.py) -> allocation worked by hand and generation invariants
+(reasonalloc.py) -> the profiler (profile.py) -> the code's shape (reads top to bottom, no import cycle, the
+spec imports no fast path, reasonalloc.py usable alone).
 The fast path's parity with this spec: test_fast.py. Benchmarks, CLIs and the default model: test_tools.py.
 The events format and its checker: test_conformance.py.
 
@@ -31,347 +32,7 @@ HERE = Path(__file__).resolve().parent
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. Allocation (reasonalloc.py), checkable on paper
-
-
-def test_robustify_small_vectors():
-    # Uniform demand -> uniform split; all-zero demand too; exact totals by largest remainder.
-    assert R.robustify([1, 1, 1, 1], 40).tolist() == [10, 10, 10, 10]
-    assert R.robustify([0, 0, 0], 9).tolist() == [3, 3, 3]
-    assert R.robustify([5, 5, 5, 5], 10).tolist() == [3, 3, 2, 2]  # remainders 0.5 each: earlier first
-    # sqrt([4, 1, 0, 0]) = [2, 1, 0, 0]; m = 10, clips [2.5, 20]: 2s and s with two units pinned at 2.5
-    # fill 40 at s = 11.67 -> [23.3, 11.7] but 23.3 > 20, so pin it: 20 + s + 5 = 40 -> s = 15.
-    # Real budgets [20, 15, 2.5, 2.5] -> largest remainder [20, 15, 3, 2].
-    assert R.robustify([4, 1, 0, 0], 40).tolist() == [20, 15, 3, 2]
-    # A floor above the low clip: sqrt([100, 1, 1, 1]) = [10, 1, 1, 1]; floor 8 pins three units.
-    assert R.robustify([100, 1, 1, 1], 40, floor=8).tolist() == [16, 8, 8, 8]
-    # power 1, no clip: proportional.
-    assert R.robustify([1, 3], 40, power=1.0, lo=0.0, hi=10.0).tolist() == [10, 30]
-
-
-def test_robustify_invariants_random():
-    g = torch.Generator().manual_seed(0)
-    for _ in range(200):
-        n = int(torch.randint(1, 40, (1,), generator=g))
-        floor = int(torch.randint(0, 9, (1,), generator=g))
-        total = n * floor + int(torch.randint(0, 2000, (1,), generator=g))
-        d = torch.rand(n, generator=g) ** 3 * (torch.rand(n, generator=g) > 0.2)
-        out = R.robustify(d, total, floor=floor)
-        assert out.sum() == total and (out >= floor).all()
-        m = total / n
-        assert (out <= max(2.0 * m, floor, m) + 1).all()  # within one token of the high clip
-        # Monotone: a strictly smaller demand never gets more (equal demands may differ by the one
-        # token that largest-remainder rounding hands out).
-        less = d[:, None] < d[None, :]
-        assert not (less & (out[:, None] > out[None, :])).any()
-
-
-def test_robustify_errors():
-    with pytest.raises(ValueError, match="cannot give each of 4 units its floor of 8"):
-        R.robustify([1, 2, 3, 4], 20, floor=8)
-    with pytest.raises(ValueError, match="non-negative"):
-        R.robustify([1, -2], 20)
-
-
-@pytest.mark.parametrize("L,B", [(4, 128), (30, 128), (32, 512), (5, 20)])
-def test_pyramid_schedule_against_formula(L, B):
-    w = 8
-    bp = B - w
-    lo, hi = bp / 20, 2 * bp - bp / 20
-    expect = [hi - l * (hi - lo) / (L - 1) + w for l in range(L)]
-    got = R.pyramid_schedule(L, B, window=w)
-    assert got.sum() == L * B
-    assert all(abs(g - e) < 1 for g, e in zip(got.tolist(), expect))
-    assert (got[1:] <= got[:-1]).all()
-    assert R.pyramid_schedule(4, 128).tolist() == [242, 166, 90, 14]  # B' = 120, lo = 6, hi = 234: 234, 158, 82, 6, each + w
-
-
-def test_layer_budgets_rules():
-    assert R.layer_budgets("uniform", 3, 64).tolist() == [64, 64, 64]
-    assert R.layer_budgets("head", 3, 64).tolist() == [64, 64, 64]
-    wave = R.layer_budgets("wave", 4, 64, profile=[0.4, 0.1, 0.1, 0.4])
-    assert wave.sum() == 256 and wave[0] == wave[3] > wave[1] == wave[2]
-    with pytest.raises(ValueError, match="needs a layer-demand profile.*python profile.py"):
-        R.layer_budgets("reasonalloc", 4, 64)
-    with pytest.raises(ValueError, match="profile has 3 layers but the model has 4"):
-        R.layer_budgets("wave", 4, 64, profile=[1, 2, 3])
-    with pytest.raises(ValueError, match="use --budget >= 9"):
-        R.layer_budgets("uniform", 4, 8)
-    with pytest.raises(ValueError, match="unknown allocator 'foo'"):
-        R.layer_budgets("foo", 4, 64)
-
-
-def test_head_budgets_one_head_holds_the_useful_tokens():
-    """Head 0's 20 evictable tokens all score 1.0; head 1 has 10 at 0.5 and 10 at -1; head 2 scores -2
-    throughout. With B_l = 18 and w = 8 the pooled top 3·10 = 30 scores are head 0's 20 and head 1's 10."""
-    w = 8
-    scores = [torch.ones(20), torch.full((20,), -1.0), torch.full((20,), -2.0)]
-    scores[1][:10] = 0.5  # head 1 has 10 moderately useful tokens
-    r = R.head_demand(scores, 18, window=w)
-    assert r.tolist() == [20, 10, 0]  # top 30 = head 0's 20 + head 1's 10
-    b = R.head_budgets(scores, 18, window=w)
-    # sqrt([20, 10, 0]) = [4.47, 3.16, 0]; m = 18, clips [max(4.5, 8) = 8, 36]:
-    # 8 + s(4.47 + 3.16) = 54 -> [8 + ...]: head 0 most, head 2 at the floor (its window).
-    assert b.sum() == 54 and b[0] > b[1] > b[2] == 8
-    ada = R.adakv_head_budgets(scores, 18, window=w)
-    # c = [20, 10, 0], alpha 0.2, B' = 10: 0.8c + 2 = [18, 10, 2] (+ w) -> [26, 18, 10]
-    assert ada.tolist() == [26, 18, 10]
-
-
-def test_pooled_shares_follow_length_when_utilities_are_alike():
-    """Two heads whose tokens have the same utility distribution, one holding three times as many: the
-    pooled top-k must split in proportion to length. Scores are built as R-KV's are sized, utility / T_h
-    (softmax-normalised within the head), with negative utilities as R-KV's redundancy term makes them.
-    Pooled raw, the longer head's scores sit nearer zero and it takes every slot."""
-    w, n = 8, (30, 90)
-    u = [-1 + 0.5 * torch.arange(m, dtype=torch.float64) / (m - 1) for m in n]  # same grid on [-1, -0.5]
-    scores = [x / (m + w) for x, m in zip(u, n)]
-    k = 40  # layer budget 28 per head: 2 * (28 - 8) = 40 pooled slots
-    for utility in ("length", "rank"):
-        r = R.head_demand(scores, 28, window=w, utility=utility)
-        assert r.sum() == k and abs(int(r[0]) - k * 30 / 120) <= 1 and abs(int(r[1]) - k * 90 / 120) <= 1, (utility, r)
-    assert R.head_demand(scores, 28, window=w, utility="raw").tolist() == [0, 40]  # the rule as first written
-
-
-@pytest.mark.parametrize("lengths", [(40, 100), (100, 40)])
-def test_head_split_spread_vs_focused_attention_in_either_length_order(lengths):
-    """Head A's attention is spread evenly over its tokens; head B's sits on 3 of them. R-KV-shaped
-    scores λ·I − (1 − λ)·R with no redundancy (R uniform): B needs 3 tokens beyond its window and A the
-    rest of the layer's 2·(23 − 8) = 30 pooled slots, whichever head holds more tokens."""
-    w, lam = 8, 0.1
-    scores = []
-    for h, T in enumerate(lengths):
-        n = T - w
-        att = torch.full((n,), 1.0 / n, dtype=torch.float64)
-        if h == 1:  # focused: 0.9 of the mass on 3 tokens
-            att = torch.full((n,), 0.1 / (n - 3), dtype=torch.float64)
-            att[[5, 17, 29]] = 0.3
-        scores.append(lam * att - (1 - lam) * torch.full((n,), 1.0 / T, dtype=torch.float64))
-    assert R.head_demand(scores, 23, window=w, utility="length").tolist() == [27, 3]
-    b = R.head_budgets(scores, 23, window=w)
-    assert b.sum() == 46 and b[0] > b[1]
-    if lengths[0] < lengths[1]:  # pooled raw, the longer focused head's idle tokens outrank A's
-        assert R.head_demand(scores, 23, window=w, utility="raw").tolist() != [27, 3]
-
-
-def test_allocators_pair_a_layer_rule_with_a_head_rule():
-    A = R.ALLOCATORS
-    assert A["uniform"] == R.Allocator(R.uniform_layers, R.uniform_heads)
-    assert A["pyramid"].layers is R.pyramid_schedule and A["wave"].layers is R.wave_layers
-    assert A["head"] == R.Allocator(R.uniform_layers, R.head_budgets)
-    assert A["reasonalloc"] == R.Allocator(R.wave_layers, R.head_budgets)
-    assert A["adakv"].heads is R.adakv_head_budgets
-    assert [a for a in A if A[a].needs_profile] == ["wave", "reasonalloc"]
-    # Every rule gets its options: the pyramid's β, the wave's γ, the head level's μ, Ada-KV's α.
-    assert R.layer_budgets("pyramid", 4, 128, beta=4.0).tolist() != R.layer_budgets("pyramid", 4, 128).tolist()
-    wave = [0.4, 0.1, 0.1, 0.4]
-    assert R.layer_budgets("wave", 4, 64, profile=wave, gamma=1.0)[0] > R.layer_budgets("wave", 4, 64, profile=wave)[0]
-    scores = [torch.ones(20), torch.full((20,), -1.0), torch.full((20,), -2.0)]
-    scores[1][:10] = 0.5
-    assert A["head"].heads(scores, 18, window=8, mu=0.75).min() > A["head"].heads(scores, 18, window=8).min()
-    assert A["adakv"].heads(scores, 18, window=8, alpha=1.0).tolist() == [18, 18, 18]
-    assert set(R.METHODS.values()) <= {(p, a) for p in E.POLICIES for a in A}
-
-
-def test_reasonalloc_py_runs_alone_in_an_empty_folder(tmp_path):
-    """An engineer copies reasonalloc.py alone into a project with torch: the allocation part works."""
-    shutil.copy(HERE / "reasonalloc.py", tmp_path)
-    code = "\n".join([
-        "import torch, reasonalloc as R",
-        "assert R.robustify([4, 1, 0, 0], 40).tolist() == [20, 15, 3, 2]",
-        "assert R.layer_budgets('pyramid', 4, 128).tolist() == [242, 166, 90, 14]",
-        "wave = R.layer_budgets('reasonalloc', 4, 64, profile=[0.4, 0.1, 0.1, 0.4])",
-        "assert wave.sum() == 256 and wave[0] == wave[3] > wave[1] == wave[2]",
-        "scores = [torch.ones(20), torch.full((20,), -1.0), torch.full((20,), -2.0)]",
-        "scores[1][:10] = 0.5",
-        "b = R.ALLOCATORS['reasonalloc'].heads(scores, 18, window=8)",
-        "assert b.sum() == 54 and b[0] > b[1] > b[2] == 8, b",
-        "assert R.ALLOCATORS['adakv'].heads(scores, 18, window=8).tolist() == [26, 18, 10]",
-        "assert R.head_budgets(scores, 18, window=8).tolist() == b.tolist()",
-        "print('ok')",
-    ])
-    env = {**os.environ, "PYTHONPATH": ""}
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
-    # What needs the siblings says so in one line, naming them: the CLI, and generate from Python.
-    r = subprocess.run([sys.executable, "reasonalloc.py", "--prompt", "hi"], cwd=tmp_path, capture_output=True,
-                       text=True, env=env)
-    assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert "model.py, evict.py" in r.stderr, r.stderr
-    code = "import reasonalloc as R\ntry:\n    R.generate(None, None, 'hi', budget=64)\nexcept ModuleNotFoundError as e:\n" \
-           "    print(e)"
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
-    assert "generate needs reasonalloc's sibling modules model.py, evict.py" in r.stdout, r.stderr[-2000:]
-
-
-# ----------------------------------------------------------------------------------------------
-# 2. Token-eviction policies (evict.py)
-
-
-def orthonormal(n, D, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))[0][:n].float()  # (n, D)
-
-
-def test_rkv_redundancy_penalises_duplicates_and_spares_the_newest():
-    """12 keys: orthonormal, except rows 2, 5, 8 are one and the same key. By hand (R-KV's rule):
-    row 2's newest similar token is 8, row 5's is 8, row 8's is 5; zeroing those leaves column 2 with
-    two ones (rows 5, 8), column 5 with one (row 2), column 8 with none. Column means: 2/12, 1/12, 0,
-    all others 0 (the quirk zeroes column 0 in the other rows, already 0)."""
-    k = orthonormal(12, 16)
-    k[5] = k[2]
-    k[8] = k[2]
-    R = E.redundancy(k)
-    m = torch.zeros(12)
-    m[2], m[5] = 2 / 12, 1 / 12
-    torch.testing.assert_close(R, torch.softmax(m, 0))
-    assert R[2] > R[5] > R[8] == R[0]
-    # In the full R-KV score (uniform attention cancels out), the newest copy outranks the older ones.
-    s = E.rkv_score(torch.zeros(1, 2, 16), k, k, torch.arange(12), window=2)
-    assert s[8] > s[5] > s[2]
-
-
-def test_rkv_column0_quirk_matches_published_code():
-    """Row 4 has cosine 0.4 with row 0 (below the 0.5 threshold) and no near-duplicate: R-KV's code
-    zeroes its column-0 entry anyway; with the quirk off it stays."""
-    k = orthonormal(6, 8)
-    k[4] = 0.4 * k[0] + math.sqrt(1 - 0.16) * k[4]
-    with_quirk, without = E.redundancy(k), E.redundancy(k, zero_col0_quirk=False)
-    m = torch.zeros(6)
-    m[4] = 0.4 / 6  # row 0 has no similar token: the quirk zeroes (0, 0), already 0; column 4 keeps (0, 4)
-    torch.testing.assert_close(with_quirk, torch.softmax(m, 0), atol=1e-6, rtol=1e-5)
-    m[0] = 0.4 / 6  # without the quirk column 0 keeps row 4's entry too
-    torch.testing.assert_close(without, torch.softmax(m, 0), atol=1e-6, rtol=1e-5)
-
-
-def rkv_by_loops(q_win, k, window, lam=0.1, kernel=7, thr=0.5):
-    """R-KV's scoring (importance, redundancy) written out literally with Python loops, in float64 (an independent rendering)."""
-    G, w, D = q_win.shape
-    T = k.shape[0]
-    n = T - window
-    q, k = q_win.double(), k.double()
-    imp = [0.0] * n
-    for i in range(w):
-        logit = [max(float(q[g, i] @ k[j]) / math.sqrt(D) for g in range(G)) for j in range(n)]
-        mx = max(logit)
-        z = sum(math.exp(x - mx) for x in logit)
-        for j in range(n):
-            imp[j] += math.exp(logit[j] - mx) / z / w
-    pooled = [max(imp[max(0, j - kernel // 2):j + kernel // 2 + 1]) for j in range(n)]
-    norm = [k[i] / (k[i].norm() + 1e-8) for i in range(T)]
-    C = [[0.0 if i == j else float(norm[i] @ norm[j]) for j in range(T)] for i in range(T)]
-    for i in range(T):
-        similar = [j for j in range(T) if C[i][j] > thr]
-        C[i][max(similar) if similar else 0] = 0.0  # the newest similar; column 0 if none (R-KV's quirk)
-    col = [sum(C[i][j] for i in range(T)) / T for j in range(T)]
-    z = sum(math.exp(c) for c in col)
-    R = [math.exp(c) / z for c in col]
-    return torch.tensor([lam * pooled[j] - (1 - lam) * R[j] for j in range(n)], dtype=torch.float64)
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_rkv_matches_loop_rendering_with_planted_duplicates(seed):
-    g = torch.Generator().manual_seed(seed)
-    G, w, D, T = 3, 4, 16, 40
-    k = torch.randn(T, D, generator=g)
-    for src, dst in ((3, 10), (3, 25), (7, 30), (12, 13)):  # near-duplicates
-        k[dst] = k[src] + 0.05 * torch.randn(D, generator=g)
-    q = 2 * torch.randn(G, w, D, generator=g)
-    got = E.rkv_score(q.double(), k.double(), k.double(), torch.arange(T), window=w)
-    torch.testing.assert_close(got, rkv_by_loops(q, k, w), atol=1e-10, rtol=1e-8)
-
-
-def test_streaming_keeps_sinks_and_newest():
-    k = torch.randn(20, 8)
-    s = E.streaming_score(torch.randn(1, 4, 8), k, k, torch.arange(20), window=4, sink=4)
-    assert E.keep_indices(s, budget=10, window=4).tolist() == [0, 1, 2, 3, 14, 15, 16, 17, 18, 19]
-
-
-@pytest.mark.parametrize("policy", ["streaming", "snapkv", "rkv", "knorm", "random"])
-def test_window_is_never_evicted(policy):
-    torch.manual_seed(0)
-    T, w = 50, 8
-    k = torch.randn(T, 16)
-    k[-w:] *= 10  # make the window look worst under every score (large norms, and so on)
-    s = E.POLICIES[policy](torch.randn(2, w, 16), k, torch.randn(T, 16), torch.arange(T), window=w)
-    assert s.shape == (T - w,)
-    rows = E.keep_indices(s, budget=12, window=w)
-    assert len(rows) == 12 and rows[-w:].tolist() == list(range(T - w, T))
-    assert torch.all(rows[1:] > rows[:-1])
-
-
-def test_gqa_reduce_max_and_mean():
-    """One query head of the group looks hard at token 3, the other looks nowhere in particular:
-    max keeps the sharp logit, mean halves it. With a group of one, the two are the same."""
-    D, T, w = 8, 12, 2
-    k = torch.zeros(T, D)
-    k[:, 0] = 1.0
-    k[3, 1] = 6.0
-    q = torch.zeros(2, w, D)
-    q[0, :, 1] = 1.0
-    smax = E.snapkv_score(q, k, k, torch.arange(T), window=w, gqa_reduce="max", kernel=1)
-    smean = E.snapkv_score(q, k, k, torch.arange(T), window=w, gqa_reduce="mean", kernel=1)
-    e6, e3 = math.exp(6 / math.sqrt(D)), math.exp(3 / math.sqrt(D))
-    assert smax[3].item() == pytest.approx(e6 / (e6 + 9))
-    assert smean[3].item() == pytest.approx(e3 / (e3 + 9))
-    one = q[:1]
-    torch.testing.assert_close(E.snapkv_score(one, k, k, torch.arange(T), window=w, gqa_reduce="max"),
-                               E.snapkv_score(one, k, k, torch.arange(T), window=w, gqa_reduce="mean"))
-
-
-def test_scores_independent_of_head_order_and_dtype():
-    torch.manual_seed(0)
-    heads = [(torch.randn(2, 8, 16), torch.randn(30 + 5 * h, 16), torch.randn(30 + 5 * h, 16)) for h in range(3)]
-    fwd = [E.rkv_score(q, k, v, torch.arange(len(k)), window=8) for q, k, v in heads]
-    rev = [E.rkv_score(q, k, v, torch.arange(len(k)), window=8) for q, k, v in reversed(heads)][::-1]
-    for a, b in zip(fwd, rev):
-        assert torch.equal(a, b)
-    for (q, k, v), s32 in zip(heads, fwd):
-        s64 = E.rkv_score(q.double(), k.double(), v.double(), torch.arange(len(k)), window=8)
-        assert s64.dtype == torch.float64
-        torch.testing.assert_close(s32.double(), s64, atol=1e-6, rtol=1e-5)
-
-
-@torch.inference_mode()
-def test_compress_layer_budgets_and_alignment(tiny_model):
-    ours = tiny_model
-    torch.manual_seed(0)
-    cache = ours.new_cache(window=4)
-    ours(torch.randint(3, 97, (40,)), cache)
-    before = copy.deepcopy(cache)
-    kept = E.compress_layer(cache, 1, [10, 17], "rkv")
-    assert cache.lengths()[1].tolist() == [10, 17] and cache.lengths()[0].tolist() == [40, 40]
-    q, q_pos = torch.randn(1, 2, 16), torch.tensor([40])
-    for h, head in enumerate(cache[1]):
-        assert torch.equal(head.pos, kept[h]) and torch.all(head.pos[1:] > head.pos[:-1])
-        assert head.pos[-4:].tolist() == [36, 37, 38, 39]  # the window
-        rows = torch.isin(before[1][h].pos, head.pos)
-        ref = M.HeadCache(before[1][h].k[rows], before[1][h].v[rows], before[1][h].pos[rows])
-        assert torch.equal(head.k, ref.k) and torch.equal(head.v, ref.v)
-        torch.testing.assert_close(M.attend(q, q_pos, head), M.attend(q, q_pos, ref))
-    E.compress_layer(cache, 1, [40, 40], "full")
-    assert cache.lengths()[1].tolist() == [10, 17]
-
-
-def test_evict_bad_inputs():
-    k = torch.randn(20, 8)
-    with pytest.raises(ValueError, match="budget 7 is smaller than the window 8.*use a budget >= 8"):
-        E.keep_indices(torch.zeros(12), budget=7, window=8)
-    assert E.keep_indices(torch.zeros(12), budget=8, window=8).tolist() == list(range(12, 20))
-    with pytest.raises(ValueError, match="unknown policy 'h2o'; choose one of full, streaming"):
-        E.get_policy("h2o")
-    with pytest.raises(ValueError, match="k and v must both be"):
-        E.rkv_score(torch.randn(1, 4, 8), k, torch.randn(19, 8), torch.arange(20), window=4)
-    with pytest.raises(ValueError, match="q_win must be \\(G, w, D\\) with D = 8"):
-        E.snapkv_score(torch.randn(1, 4, 6), k, k, torch.arange(20), window=4)
-    with pytest.raises(ValueError, match="pos must be"):
-        E.knorm_score(torch.randn(1, 4, 8), k, k, torch.arange(21), window=4)
-    with pytest.raises(ValueError, match="gqa_reduce must be"):
-        E.rkv_score(torch.randn(2, 4, 8), k, k, torch.arange(20), window=4, gqa_reduce="sum")
-
-
-# ----------------------------------------------------------------------------------------------
-# 3. The model (model.py) against Hugging Face transformers, and the per-head cache
+# 1. The model (model.py) against Hugging Face transformers, and the per-head cache
 
 
 def test_config_reads_family_features(tiny_pair):
@@ -547,6 +208,346 @@ def test_sharded_and_bfloat16_loading(tmp_path, tiny_hf):
     assert bf.embed.weight.dtype == torch.bfloat16
     out = bf(ids, bf.new_cache())
     assert out.dtype == torch.float32 and (out - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Token-eviction policies (evict.py)
+
+
+def orthonormal(n, D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))[0][:n].float()  # (n, D)
+
+
+def test_rkv_redundancy_penalises_duplicates_and_spares_the_newest():
+    """12 keys: orthonormal, except rows 2, 5, 8 are one and the same key. By hand (R-KV's rule):
+    row 2's newest similar token is 8, row 5's is 8, row 8's is 5; zeroing those leaves column 2 with
+    two ones (rows 5, 8), column 5 with one (row 2), column 8 with none. Column means: 2/12, 1/12, 0,
+    all others 0 (the quirk zeroes column 0 in the other rows, already 0)."""
+    k = orthonormal(12, 16)
+    k[5] = k[2]
+    k[8] = k[2]
+    R = E.redundancy(k)
+    m = torch.zeros(12)
+    m[2], m[5] = 2 / 12, 1 / 12
+    torch.testing.assert_close(R, torch.softmax(m, 0))
+    assert R[2] > R[5] > R[8] == R[0]
+    # In the full R-KV score (uniform attention cancels out), the newest copy outranks the older ones.
+    s = E.rkv_score(torch.zeros(1, 2, 16), k, k, torch.arange(12), window=2)
+    assert s[8] > s[5] > s[2]
+
+
+def test_rkv_column0_quirk_matches_published_code():
+    """Row 4 has cosine 0.4 with row 0 (below the 0.5 threshold) and no near-duplicate: R-KV's code
+    zeroes its column-0 entry anyway; with the quirk off it stays."""
+    k = orthonormal(6, 8)
+    k[4] = 0.4 * k[0] + math.sqrt(1 - 0.16) * k[4]
+    with_quirk, without = E.redundancy(k), E.redundancy(k, zero_col0_quirk=False)
+    m = torch.zeros(6)
+    m[4] = 0.4 / 6  # row 0 has no similar token: the quirk zeroes (0, 0), already 0; column 4 keeps (0, 4)
+    torch.testing.assert_close(with_quirk, torch.softmax(m, 0), atol=1e-6, rtol=1e-5)
+    m[0] = 0.4 / 6  # without the quirk column 0 keeps row 4's entry too
+    torch.testing.assert_close(without, torch.softmax(m, 0), atol=1e-6, rtol=1e-5)
+
+
+def rkv_by_loops(q_win, k, window, lam=0.1, kernel=7, thr=0.5):
+    """R-KV's scoring (importance, redundancy) written out literally with Python loops, in float64 (an independent rendering)."""
+    G, w, D = q_win.shape
+    T = k.shape[0]
+    n = T - window
+    q, k = q_win.double(), k.double()
+    imp = [0.0] * n
+    for i in range(w):
+        logit = [max(float(q[g, i] @ k[j]) / math.sqrt(D) for g in range(G)) for j in range(n)]
+        mx = max(logit)
+        z = sum(math.exp(x - mx) for x in logit)
+        for j in range(n):
+            imp[j] += math.exp(logit[j] - mx) / z / w
+    pooled = [max(imp[max(0, j - kernel // 2):j + kernel // 2 + 1]) for j in range(n)]
+    norm = [k[i] / (k[i].norm() + 1e-8) for i in range(T)]
+    C = [[0.0 if i == j else float(norm[i] @ norm[j]) for j in range(T)] for i in range(T)]
+    for i in range(T):
+        similar = [j for j in range(T) if C[i][j] > thr]
+        C[i][max(similar) if similar else 0] = 0.0  # the newest similar; column 0 if none (R-KV's quirk)
+    col = [sum(C[i][j] for i in range(T)) / T for j in range(T)]
+    z = sum(math.exp(c) for c in col)
+    R = [math.exp(c) / z for c in col]
+    return torch.tensor([lam * pooled[j] - (1 - lam) * R[j] for j in range(n)], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rkv_matches_loop_rendering_with_planted_duplicates(seed):
+    g = torch.Generator().manual_seed(seed)
+    G, w, D, T = 3, 4, 16, 40
+    k = torch.randn(T, D, generator=g)
+    for src, dst in ((3, 10), (3, 25), (7, 30), (12, 13)):  # near-duplicates
+        k[dst] = k[src] + 0.05 * torch.randn(D, generator=g)
+    q = 2 * torch.randn(G, w, D, generator=g)
+    got = E.rkv_score(q.double(), k.double(), k.double(), torch.arange(T), window=w)
+    torch.testing.assert_close(got, rkv_by_loops(q, k, w), atol=1e-10, rtol=1e-8)
+
+
+def test_streaming_keeps_sinks_and_newest():
+    k = torch.randn(20, 8)
+    s = E.streaming_score(torch.randn(1, 4, 8), k, k, torch.arange(20), window=4, sink=4)
+    assert E.keep_indices(s, budget=10, window=4).tolist() == [0, 1, 2, 3, 14, 15, 16, 17, 18, 19]
+
+
+@pytest.mark.parametrize("policy", ["streaming", "snapkv", "rkv", "knorm", "random"])
+def test_window_is_never_evicted(policy):
+    torch.manual_seed(0)
+    T, w = 50, 8
+    k = torch.randn(T, 16)
+    k[-w:] *= 10  # make the window look worst under every score (large norms, and so on)
+    s = E.POLICIES[policy](torch.randn(2, w, 16), k, torch.randn(T, 16), torch.arange(T), window=w)
+    assert s.shape == (T - w,)
+    rows = E.keep_indices(s, budget=12, window=w)
+    assert len(rows) == 12 and rows[-w:].tolist() == list(range(T - w, T))
+    assert torch.all(rows[1:] > rows[:-1])
+
+
+def test_gqa_reduce_max_and_mean():
+    """One query head of the group looks hard at token 3, the other looks nowhere in particular:
+    max keeps the sharp logit, mean halves it. With a group of one, the two are the same."""
+    D, T, w = 8, 12, 2
+    k = torch.zeros(T, D)
+    k[:, 0] = 1.0
+    k[3, 1] = 6.0
+    q = torch.zeros(2, w, D)
+    q[0, :, 1] = 1.0
+    smax = E.snapkv_score(q, k, k, torch.arange(T), window=w, gqa_reduce="max", kernel=1)
+    smean = E.snapkv_score(q, k, k, torch.arange(T), window=w, gqa_reduce="mean", kernel=1)
+    e6, e3 = math.exp(6 / math.sqrt(D)), math.exp(3 / math.sqrt(D))
+    assert smax[3].item() == pytest.approx(e6 / (e6 + 9))
+    assert smean[3].item() == pytest.approx(e3 / (e3 + 9))
+    one = q[:1]
+    torch.testing.assert_close(E.snapkv_score(one, k, k, torch.arange(T), window=w, gqa_reduce="max"),
+                               E.snapkv_score(one, k, k, torch.arange(T), window=w, gqa_reduce="mean"))
+
+
+def test_scores_independent_of_head_order_and_dtype():
+    torch.manual_seed(0)
+    heads = [(torch.randn(2, 8, 16), torch.randn(30 + 5 * h, 16), torch.randn(30 + 5 * h, 16)) for h in range(3)]
+    fwd = [E.rkv_score(q, k, v, torch.arange(len(k)), window=8) for q, k, v in heads]
+    rev = [E.rkv_score(q, k, v, torch.arange(len(k)), window=8) for q, k, v in reversed(heads)][::-1]
+    for a, b in zip(fwd, rev):
+        assert torch.equal(a, b)
+    for (q, k, v), s32 in zip(heads, fwd):
+        s64 = E.rkv_score(q.double(), k.double(), v.double(), torch.arange(len(k)), window=8)
+        assert s64.dtype == torch.float64
+        torch.testing.assert_close(s32.double(), s64, atol=1e-6, rtol=1e-5)
+
+
+@torch.inference_mode()
+def test_compress_layer_budgets_and_alignment(tiny_model):
+    ours = tiny_model
+    torch.manual_seed(0)
+    cache = ours.new_cache(window=4)
+    ours(torch.randint(3, 97, (40,)), cache)
+    before = copy.deepcopy(cache)
+    kept = E.compress_layer(cache, 1, [10, 17], "rkv")
+    assert cache.lengths()[1].tolist() == [10, 17] and cache.lengths()[0].tolist() == [40, 40]
+    q, q_pos = torch.randn(1, 2, 16), torch.tensor([40])
+    for h, head in enumerate(cache[1]):
+        assert torch.equal(head.pos, kept[h]) and torch.all(head.pos[1:] > head.pos[:-1])
+        assert head.pos[-4:].tolist() == [36, 37, 38, 39]  # the window
+        rows = torch.isin(before[1][h].pos, head.pos)
+        ref = M.HeadCache(before[1][h].k[rows], before[1][h].v[rows], before[1][h].pos[rows])
+        assert torch.equal(head.k, ref.k) and torch.equal(head.v, ref.v)
+        torch.testing.assert_close(M.attend(q, q_pos, head), M.attend(q, q_pos, ref))
+    E.compress_layer(cache, 1, [40, 40], "full")
+    assert cache.lengths()[1].tolist() == [10, 17]
+
+
+def test_evict_bad_inputs():
+    k = torch.randn(20, 8)
+    with pytest.raises(ValueError, match="budget 7 is smaller than the window 8.*use a budget >= 8"):
+        E.keep_indices(torch.zeros(12), budget=7, window=8)
+    assert E.keep_indices(torch.zeros(12), budget=8, window=8).tolist() == list(range(12, 20))
+    with pytest.raises(ValueError, match="unknown policy 'h2o'; choose one of full, streaming"):
+        E.get_policy("h2o")
+    with pytest.raises(ValueError, match="k and v must both be"):
+        E.rkv_score(torch.randn(1, 4, 8), k, torch.randn(19, 8), torch.arange(20), window=4)
+    with pytest.raises(ValueError, match="q_win must be \\(G, w, D\\) with D = 8"):
+        E.snapkv_score(torch.randn(1, 4, 6), k, k, torch.arange(20), window=4)
+    with pytest.raises(ValueError, match="pos must be"):
+        E.knorm_score(torch.randn(1, 4, 8), k, k, torch.arange(21), window=4)
+    with pytest.raises(ValueError, match="gqa_reduce must be"):
+        E.rkv_score(torch.randn(2, 4, 8), k, k, torch.arange(20), window=4, gqa_reduce="sum")
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Allocation (reasonalloc.py), checkable on paper
+
+
+def test_robustify_small_vectors():
+    # Uniform demand -> uniform split; all-zero demand too; exact totals by largest remainder.
+    assert R.robustify([1, 1, 1, 1], 40).tolist() == [10, 10, 10, 10]
+    assert R.robustify([0, 0, 0], 9).tolist() == [3, 3, 3]
+    assert R.robustify([5, 5, 5, 5], 10).tolist() == [3, 3, 2, 2]  # remainders 0.5 each: earlier first
+    # sqrt([4, 1, 0, 0]) = [2, 1, 0, 0]; m = 10, clips [2.5, 20]: 2s and s with two units pinned at 2.5
+    # fill 40 at s = 11.67 -> [23.3, 11.7] but 23.3 > 20, so pin it: 20 + s + 5 = 40 -> s = 15.
+    # Real budgets [20, 15, 2.5, 2.5] -> largest remainder [20, 15, 3, 2].
+    assert R.robustify([4, 1, 0, 0], 40).tolist() == [20, 15, 3, 2]
+    # A floor above the low clip: sqrt([100, 1, 1, 1]) = [10, 1, 1, 1]; floor 8 pins three units.
+    assert R.robustify([100, 1, 1, 1], 40, floor=8).tolist() == [16, 8, 8, 8]
+    # power 1, no clip: proportional.
+    assert R.robustify([1, 3], 40, power=1.0, lo=0.0, hi=10.0).tolist() == [10, 30]
+
+
+def test_robustify_invariants_random():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        n = int(torch.randint(1, 40, (1,), generator=g))
+        floor = int(torch.randint(0, 9, (1,), generator=g))
+        total = n * floor + int(torch.randint(0, 2000, (1,), generator=g))
+        d = torch.rand(n, generator=g) ** 3 * (torch.rand(n, generator=g) > 0.2)
+        out = R.robustify(d, total, floor=floor)
+        assert out.sum() == total and (out >= floor).all()
+        m = total / n
+        assert (out <= max(2.0 * m, floor, m) + 1).all()  # within one token of the high clip
+        # Monotone: a strictly smaller demand never gets more (equal demands may differ by the one
+        # token that largest-remainder rounding hands out).
+        less = d[:, None] < d[None, :]
+        assert not (less & (out[:, None] > out[None, :])).any()
+
+
+def test_robustify_errors():
+    with pytest.raises(ValueError, match="cannot give each of 4 units its floor of 8"):
+        R.robustify([1, 2, 3, 4], 20, floor=8)
+    with pytest.raises(ValueError, match="non-negative"):
+        R.robustify([1, -2], 20)
+
+
+@pytest.mark.parametrize("L,B", [(4, 128), (30, 128), (32, 512), (5, 20)])
+def test_pyramid_schedule_against_formula(L, B):
+    w = 8
+    bp = B - w
+    lo, hi = bp / 20, 2 * bp - bp / 20
+    expect = [hi - l * (hi - lo) / (L - 1) + w for l in range(L)]
+    got = R.pyramid_schedule(L, B, window=w)
+    assert got.sum() == L * B
+    assert all(abs(g - e) < 1 for g, e in zip(got.tolist(), expect))
+    assert (got[1:] <= got[:-1]).all()
+    assert R.pyramid_schedule(4, 128).tolist() == [242, 166, 90, 14]  # B' = 120, lo = 6, hi = 234: 234, 158, 82, 6, each + w
+
+
+def test_layer_budgets_rules():
+    assert R.layer_budgets("uniform", 3, 64).tolist() == [64, 64, 64]
+    assert R.layer_budgets("head", 3, 64).tolist() == [64, 64, 64]
+    wave = R.layer_budgets("wave", 4, 64, profile=[0.4, 0.1, 0.1, 0.4])
+    assert wave.sum() == 256 and wave[0] == wave[3] > wave[1] == wave[2]
+    with pytest.raises(ValueError, match="needs a layer-demand profile.*python profile.py"):
+        R.layer_budgets("reasonalloc", 4, 64)
+    with pytest.raises(ValueError, match="profile has 3 layers but the model has 4"):
+        R.layer_budgets("wave", 4, 64, profile=[1, 2, 3])
+    with pytest.raises(ValueError, match="use --budget >= 9"):
+        R.layer_budgets("uniform", 4, 8)
+    with pytest.raises(ValueError, match="unknown allocator 'foo'"):
+        R.layer_budgets("foo", 4, 64)
+
+
+def test_head_budgets_one_head_holds_the_useful_tokens():
+    """Head 0's 20 evictable tokens all score 1.0; head 1 has 10 at 0.5 and 10 at -1; head 2 scores -2
+    throughout. With B_l = 18 and w = 8 the pooled top 3·10 = 30 scores are head 0's 20 and head 1's 10."""
+    w = 8
+    scores = [torch.ones(20), torch.full((20,), -1.0), torch.full((20,), -2.0)]
+    scores[1][:10] = 0.5  # head 1 has 10 moderately useful tokens
+    r = R.head_demand(scores, 18, window=w)
+    assert r.tolist() == [20, 10, 0]  # top 30 = head 0's 20 + head 1's 10
+    b = R.head_budgets(scores, 18, window=w)
+    # sqrt([20, 10, 0]) = [4.47, 3.16, 0]; m = 18, clips [max(4.5, 8) = 8, 36]:
+    # 8 + s(4.47 + 3.16) = 54 -> [8 + ...]: head 0 most, head 2 at the floor (its window).
+    assert b.sum() == 54 and b[0] > b[1] > b[2] == 8
+    ada = R.adakv_head_budgets(scores, 18, window=w)
+    # c = [20, 10, 0], alpha 0.2, B' = 10: 0.8c + 2 = [18, 10, 2] (+ w) -> [26, 18, 10]
+    assert ada.tolist() == [26, 18, 10]
+
+
+def test_pooled_shares_follow_length_when_utilities_are_alike():
+    """Two heads whose tokens have the same utility distribution, one holding three times as many: the
+    pooled top-k must split in proportion to length. Scores are built as R-KV's are sized, utility / T_h
+    (softmax-normalised within the head), with negative utilities as R-KV's redundancy term makes them.
+    Pooled raw, the longer head's scores sit nearer zero and it takes every slot."""
+    w, n = 8, (30, 90)
+    u = [-1 + 0.5 * torch.arange(m, dtype=torch.float64) / (m - 1) for m in n]  # same grid on [-1, -0.5]
+    scores = [x / (m + w) for x, m in zip(u, n)]
+    k = 40  # layer budget 28 per head: 2 * (28 - 8) = 40 pooled slots
+    for utility in ("length", "rank"):
+        r = R.head_demand(scores, 28, window=w, utility=utility)
+        assert r.sum() == k and abs(int(r[0]) - k * 30 / 120) <= 1 and abs(int(r[1]) - k * 90 / 120) <= 1, (utility, r)
+    assert R.head_demand(scores, 28, window=w, utility="raw").tolist() == [0, 40]  # the rule as first written
+
+
+@pytest.mark.parametrize("lengths", [(40, 100), (100, 40)])
+def test_head_split_spread_vs_focused_attention_in_either_length_order(lengths):
+    """Head A's attention is spread evenly over its tokens; head B's sits on 3 of them. R-KV-shaped
+    scores λ·I − (1 − λ)·R with no redundancy (R uniform): B needs 3 tokens beyond its window and A the
+    rest of the layer's 2·(23 − 8) = 30 pooled slots, whichever head holds more tokens."""
+    w, lam = 8, 0.1
+    scores = []
+    for h, T in enumerate(lengths):
+        n = T - w
+        att = torch.full((n,), 1.0 / n, dtype=torch.float64)
+        if h == 1:  # focused: 0.9 of the mass on 3 tokens
+            att = torch.full((n,), 0.1 / (n - 3), dtype=torch.float64)
+            att[[5, 17, 29]] = 0.3
+        scores.append(lam * att - (1 - lam) * torch.full((n,), 1.0 / T, dtype=torch.float64))
+    assert R.head_demand(scores, 23, window=w, utility="length").tolist() == [27, 3]
+    b = R.head_budgets(scores, 23, window=w)
+    assert b.sum() == 46 and b[0] > b[1]
+    if lengths[0] < lengths[1]:  # pooled raw, the longer focused head's idle tokens outrank A's
+        assert R.head_demand(scores, 23, window=w, utility="raw").tolist() != [27, 3]
+
+
+def test_allocators_pair_a_layer_rule_with_a_head_rule():
+    A = R.ALLOCATORS
+    assert A["uniform"] == R.Allocator(R.uniform_layers, R.uniform_heads)
+    assert A["pyramid"].layers is R.pyramid_schedule and A["wave"].layers is R.wave_layers
+    assert A["head"] == R.Allocator(R.uniform_layers, R.head_budgets)
+    assert A["reasonalloc"] == R.Allocator(R.wave_layers, R.head_budgets)
+    assert A["adakv"].heads is R.adakv_head_budgets
+    assert [a for a in A if A[a].needs_profile] == ["wave", "reasonalloc"]
+    # Every rule gets its options: the pyramid's β, the wave's γ, the head level's μ, Ada-KV's α.
+    assert R.layer_budgets("pyramid", 4, 128, beta=4.0).tolist() != R.layer_budgets("pyramid", 4, 128).tolist()
+    wave = [0.4, 0.1, 0.1, 0.4]
+    assert R.layer_budgets("wave", 4, 64, profile=wave, gamma=1.0)[0] > R.layer_budgets("wave", 4, 64, profile=wave)[0]
+    scores = [torch.ones(20), torch.full((20,), -1.0), torch.full((20,), -2.0)]
+    scores[1][:10] = 0.5
+    assert A["head"].heads(scores, 18, window=8, mu=0.75).min() > A["head"].heads(scores, 18, window=8).min()
+    assert A["adakv"].heads(scores, 18, window=8, alpha=1.0).tolist() == [18, 18, 18]
+    assert set(R.METHODS.values()) <= {(p, a) for p in E.POLICIES for a in A}
+
+
+def test_reasonalloc_py_runs_alone_in_an_empty_folder(tmp_path):
+    """An engineer copies reasonalloc.py alone into a project with torch: the allocation part works."""
+    shutil.copy(HERE / "reasonalloc.py", tmp_path)
+    code = "\n".join([
+        "import torch, reasonalloc as R",
+        "assert R.robustify([4, 1, 0, 0], 40).tolist() == [20, 15, 3, 2]",
+        "assert R.layer_budgets('pyramid', 4, 128).tolist() == [242, 166, 90, 14]",
+        "wave = R.layer_budgets('reasonalloc', 4, 64, profile=[0.4, 0.1, 0.1, 0.4])",
+        "assert wave.sum() == 256 and wave[0] == wave[3] > wave[1] == wave[2]",
+        "scores = [torch.ones(20), torch.full((20,), -1.0), torch.full((20,), -2.0)]",
+        "scores[1][:10] = 0.5",
+        "b = R.ALLOCATORS['reasonalloc'].heads(scores, 18, window=8)",
+        "assert b.sum() == 54 and b[0] > b[1] > b[2] == 8, b",
+        "assert R.ALLOCATORS['adakv'].heads(scores, 18, window=8).tolist() == [26, 18, 10]",
+        "assert R.head_budgets(scores, 18, window=8).tolist() == b.tolist()",
+        "print('ok')",
+    ])
+    env = {**os.environ, "PYTHONPATH": ""}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+    # What needs the siblings says so in one line, naming them: the CLI, and generate from Python.
+    r = subprocess.run([sys.executable, "reasonalloc.py", "--prompt", "hi"], cwd=tmp_path, capture_output=True,
+                       text=True, env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "model.py, evict.py" in r.stderr, r.stderr
+    code = "import reasonalloc as R\ntry:\n    R.generate(None, None, 'hi', budget=64)\nexcept ModuleNotFoundError as e:\n" \
+           "    print(e)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert "generate needs reasonalloc's sibling modules model.py, evict.py" in r.stdout, r.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -758,7 +759,6 @@ def test_profile_bad_inputs(tiny_model, tmp_path):
     with pytest.raises(TypeError):
         P.save_profile({"demand": [object()]}, out)
     assert list(tmp_path.glob("p.json*")) == []
-
 
 # ----------------------------------------------------------------------------------------------
 # 6. The code's shape: each spec module reads top to bottom, and the imports run one way
