@@ -34,7 +34,7 @@ import fast
 import model as M
 import reasonalloc as R
 from convert import resolve_model_dir, safetensors_files
-from files import check_output, write_atomic
+from files import check_output, model_files, write_atomic
 
 HERE = Path(__file__).resolve().parent
 
@@ -215,6 +215,47 @@ def check_totals(doc: dict, path) -> None:
                                      f"but lengths_after says {e['lengths_after'][l][h]}")
 
 
+def check_settings(doc: dict, path) -> None:
+    """What the schema cannot say: every rule option is one the rule takes, of its default's type; the settings
+    pass generate()'s own checks; token ids lie in the vocabulary; kept positions ascend. Each refusal names the
+    field, so a bad file ends `check` with exit status 2, never a traceback or a reported difference."""
+    s = doc["settings"]
+    alloc, policy = R.get_allocator(s["allocator"]), evict.get_policy(s["policy"])  # unknown names: one line each
+    rules = {"layer_options": alloc.layers, "head_options": alloc.heads, "policy_options": policy}
+    for field, fn in rules.items():
+        takes = resolved_options(fn, {})
+        for key, value in s[field].items():
+            if key not in takes:
+                raise ValueError(f"{path}: settings.{field} has an unknown option {key!r}; {fn.__name__} takes "
+                                 f"{', '.join(takes) or 'none'}")
+            default = takes[key]
+            if isinstance(default, bool) or isinstance(default, str):
+                ok = type(value) is type(default)
+            elif isinstance(default, (int, float)):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            else:
+                ok = True
+            if not ok:
+                raise ValueError(f"{path}: settings.{field}.{key} must be a {type(default).__name__} like its default "
+                                 f"{default!r}, got {json.dumps(value)}")
+    lo, ho = s["layer_options"], s["head_options"]
+    R.validate(budget=s["budget"], window=s["window"], interval=s["interval"], temperature=s["temperature"],
+               top_p=s["top_p"], allocator=s["allocator"], policy=s["policy"], max_new_tokens=s["max_new_tokens"],
+               gamma=lo.get("gamma", 0.5), beta=ho.get("beta", 0.5), mu=ho.get("mu", 0.25),
+               head_utility=ho.get("utility", "length"), seed=s["seed"])
+    vocab = doc["model"]["vocab_size"]
+    for field in ("prompt_ids", "tokens"):
+        outside = [t for t in doc[field] if not 0 <= t < vocab]
+        if outside:
+            raise ValueError(f"{path}: {field} holds ids outside the vocabulary of {vocab} tokens: {outside[:5]}")
+    for i, e in enumerate(doc["events"]):
+        for l, layer in enumerate(e["kept_positions"]):
+            for h, kept in enumerate(layer):
+                if any(a >= b for a, b in zip(kept, kept[1:])):
+                    raise ValueError(f"{path}: event {i} (step {e['step']}), layer {l}, KV head {h}: kept positions "
+                                     f"must be distinct and ascending, got {kept[:8]}{' ...' if len(kept) > 8 else ''}")
+
+
 def read_events(path) -> dict:
     """An events file, checked: JSON, the format and its version, the schema, and every budget's total."""
     path = Path(path)
@@ -230,7 +271,7 @@ def read_events(path) -> dict:
         raise ValueError(f"{path} is not a {SCHEMA_NAME} file" + (
             ": it is an events file from before the format was versioned (no 'version'); write it again with "
             "python conformance.py record --events FILE" if old else ""))
-    if doc.get("version") != SCHEMA_VERSION:
+    if type(doc.get("version")) is not int or doc["version"] != SCHEMA_VERSION:  # true and 1.0 are not 1
         raise ValueError(f"{path} has {SCHEMA_NAME} version {doc.get('version')!r}; this reasonalloc reads version "
                          f"{SCHEMA_VERSION} only (see events.schema.json): write the file again in version "
                          f"{SCHEMA_VERSION}")
@@ -238,11 +279,14 @@ def read_events(path) -> dict:
     if errors:
         raise ValueError(f"{path} does not follow events.schema.json: " + "; ".join(errors[:5]))
     check_totals(doc, path)
+    check_settings(doc, path)
     return doc
 
 
 def load_for(doc: dict, model_dir=None, device="cpu"):
     """The model an events document names: its recipe, or a model folder (default: the embedded model)."""
+    if model_dir is not None and not Path(model_dir).is_dir():
+        raise ValueError(f"--model {model_dir} is not a folder; give the Hugging Face model folder the run used")
     src, dtype = doc["model"]["source"], getattr(torch, doc["settings"]["dtype"])
     recipe = "recipe" in src and model_dir is None
     if recipe and src["recipe"] != "lcg64":
@@ -547,7 +591,7 @@ def record_main(args):
     """python conformance.py record: reasonalloc.py's main job, then its events document written to --events."""
     if args.compare:
         raise ValueError("--events records one run; --compare makes eight. Drop one of the two")
-    check_output(args.events, "--events")
+    check_output(args.events, "--events", inputs=[args.profile, *model_files(args.model)])
 
     def write(path, model, g):
         doc = events_document(model, g, source={"fingerprint": model_fingerprint(path)})
@@ -576,6 +620,12 @@ if __name__ == "__main__":
     if args.what == "random-model":
         if not args.out:
             sys.exit("error: random-model needs --out DIR")
+        if Path(args.out).exists() and (not Path(args.out).is_dir() or any(Path(args.out).iterdir())):
+            sys.exit(f"error: --out {args.out} already exists and is not an empty folder; a random model is written "
+                     f"into a new folder, so choose another name")
+        if args.layers < 1 or args.hidden < 16 or args.hidden % 16:
+            sys.exit(f"error: a random model needs --layers >= 1 and --hidden a positive multiple of 16 (8 heads of "
+                     f"an even head dim), got --layers {args.layers} --hidden {args.hidden}")
         print(write_random_model(Path(args.out), seed=args.seed, layers=args.layers, hidden=args.hidden))
     else:
         torch.set_num_threads(1)  # one summation order for the float64 reductions

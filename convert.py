@@ -38,7 +38,12 @@ def log(msg):
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("REASONALLOC_CACHE", Path.home() / ".cache" / "reasonalloc"))
+    """$REASONALLOC_CACHE, or ~/.cache/reasonalloc; set but empty is refused (it would mean the current folder)."""
+    value = os.environ.get("REASONALLOC_CACHE")
+    if value is not None and not value.strip():
+        raise ValueError("REASONALLOC_CACHE is set but empty; unset it (the default is ~/.cache/reasonalloc) or "
+                         "give it a folder")
+    return Path(value) if value is not None else Path.home() / ".cache" / "reasonalloc"
 
 
 def default_model_dir(rebuild: bool = False) -> Path:
@@ -294,6 +299,9 @@ def main(args):
         if not args.out:
             raise ValueError("--gguf needs --out DIR")
         convert_gguf(Path(args.gguf), Path(args.out))
+    elif args.out:
+        raise ValueError("--out is for --gguf FILE; the default model is converted into $REASONALLOC_CACHE (run "
+                         "with --gguf FILE --out DIR to convert another GGUF, or drop --out)")
     else:
         print(default_model_dir(rebuild=args.rebuild))
 

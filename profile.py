@@ -39,7 +39,7 @@ run, runctx, Profile, _Utils = (_stdlib_profile.run, _stdlib_profile.runctx, _st
 import torch  # noqa: E402
 
 from convert import resolve_model_dir  # noqa: E402
-from files import check_output, write_atomic  # noqa: E402
+from files import check_output, model_files, write_atomic  # noqa: E402
 from model import check_device, decode, encode_prompt, load_model, stop_ids  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
@@ -260,9 +260,10 @@ def plot(path, profile: dict):
 
 def main(args):
     check_settings(args.rho, [None] * args.num_prompts, args.normalize, args.max_new_tokens)
-    out = check_output(args.out, "--out")
+    inputs = [args.prompts, *model_files(args.model)]
+    out = check_output(args.out, "--out", inputs=inputs)
     if args.plot:
-        check_output(args.plot, "--plot")
+        check_output(args.plot, "--plot", inputs=inputs + [args.out])
     check_device(args.device)
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("--plot needs matplotlib, which is not installed: pip install matplotlib (or drop --plot)")

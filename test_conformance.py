@@ -154,6 +154,44 @@ def test_check_refuses_bad_files_with_one_line(recipe, tmp_path):
         C.read_events(tmp_path / "none.json")
 
 
+def test_check_keeps_its_exit_contract_on_malformed_settings(recipe, tmp_path):
+    """Issue 33, item 4: every malformed file is bad input (exit 2 from the CLI, a ValueError here, one line naming
+    the field), never a traceback and never a reported difference: ids outside the vocabulary, an option of the
+    wrong type, NaN or a misspelled option, settings generate() refuses, a version that only equals 1 loosely,
+    kept positions out of order."""
+    doc = document(recipe)
+
+    def edited(change):
+        d = copy.deepcopy(doc)
+        change(d)
+        return d
+
+    def reverse_kept(d):
+        d["events"][1]["kept_positions"][0][0].reverse()
+
+    cases = [
+        (edited(lambda d: d["tokens"].__setitem__(3, 96)), "tokens holds ids outside the vocabulary of 96"),
+        (edited(lambda d: d["prompt_ids"].__setitem__(0, 500)), "prompt_ids holds ids outside the vocabulary"),
+        (edited(lambda d: d["settings"]["policy_options"].__setitem__("lam", "x")), "policy_options.lam must be a float"),
+        (edited(lambda d: d["settings"]["layer_options"].__setitem__("gamma", float("nan"))), "layer_options.gamma"),
+        (edited(lambda d: d["settings"]["policy_options"].__setitem__("lamda", 0.2)), "unknown option 'lamda'"),
+        (edited(lambda d: d["settings"]["head_options"].__setitem__("utilty", "raw")), "unknown option 'utilty'"),
+        (edited(lambda d: d["settings"]["head_options"].__setitem__("beta", -1.0)), "beta .* must be a number >= 0"),
+        (edited(lambda d: d.__setitem__("version", True)), "version True"),
+        (edited(lambda d: d.__setitem__("version", 1.0)), "version 1.0"),
+        (edited(reverse_kept), "kept positions must be distinct and ascending"),
+    ]
+    f = tmp_path / "bad.json"
+    for d, words in cases:  # the whole reader, as check runs it
+        f.write_text(json.dumps(d))
+        with pytest.raises(ValueError, match=words):
+            C.read_events(f)
+    f.write_text(json.dumps(cases[2][0]))  # the CLI: exit status 2 and one line
+    r = subprocess.run([sys.executable, "conformance.py", "check", str(f)], capture_output=True, text=True, cwd=HERE,
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "lam must be a float" in r.stderr, r.stderr
+
+
 def test_cli_events_file_is_versioned_and_passes_check(tiny_dir, tmp_path):
     """`conformance.py record --events` writes the versioned document, with the model's fingerprint, and `check`
     with --model accepts it (and refuses it against other weights)."""

@@ -223,6 +223,25 @@ def test_fidelity_fullkv_is_exact_and_compression_costs(tiny_dir, tmp_path):
     assert "other settings (new_tokens)" in r3.stderr
 
 
+def test_concurrent_runs_on_one_out_keep_every_cell(tiny_dir, tmp_path):
+    """Issue 33, item 3: two bench.py runs at once on one --out with different methods: the second waits for the
+    first (one run at a time on a results file), then resumes from its file; every cell of both is in the file."""
+    out = tmp_path / "cd.json"
+    common = [sys.executable, "benchmarks/bench.py", "fidelity", "--model", str(tiny_dir), "--prompts",
+              str(tiny_dir / "prompts.jsonl"), "--profile", str(tiny_dir / "wave.json"), "--new-tokens", "16",
+              "--budgets", "12", "--num-prompts", "2", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = [subprocess.Popen(common + ["--methods", methods], cwd=HERE, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for methods in ("FullKV,R-KV", "FullKV,SnapKV,Head-only")]
+    finished = [r.communicate(timeout=300) for r in runs]
+    assert all(r.returncode == 0 for r in runs), [e[-2000:] for _, e in finished]
+    cells = json.loads(out.read_text())["cells"]
+    want = {f"fidelity|{i}|{m}|{b}" for i in range(2) for m, b in
+            [("FullKV", 0), ("R-KV", 12), ("SnapKV", 12), ("Head-only", 12)]}
+    assert set(cells) == want
+    assert any("(done before)" in e for _, e in finished)  # the second run reused the FullKV cells of the first
+
+
 def test_torchrun_two_processes_merge_to_the_one_process_result(tiny_dir, tmp_path):
     one, _ = run_bench(tiny_dir, tmp_path / "one.json", "--methods", "FullKV,R-KV,ReasonAlloc")
     two, r = run_bench(tiny_dir, tmp_path / "two.json", "--methods", "FullKV,R-KV,ReasonAlloc", torchrun=True)
@@ -613,6 +632,61 @@ def test_outputs_checked_before_work_and_written_atomically(tmp_path):
     assert out.read_text() == "b" and [f.name for f in tmp_path.iterdir()] == ["x.json"]
 
 
+def test_outputs_never_replace_what_is_not_ours(tmp_path):
+    """Issue 33, item 1: a device, a pipe or a symbolic link given as an output is refused before any work, and
+    left as it was (a write-then-rename would have replaced it with a regular file)."""
+    fifo, target, link = tmp_path / "pipe", tmp_path / "real.json", tmp_path / "link.json"
+    os.mkfifo(fifo)
+    target.write_text("{}")
+    link.symlink_to(target)
+    for bad, words in [("/dev/null", "not a regular file"), (fifo, "not a regular file"), (link, "symbolic link")]:
+        with pytest.raises(ValueError, match=words):
+            files.check_output(bad, "--out")
+    assert Path("/dev/null").is_char_device() and fifo.is_fifo() and link.is_symlink() and target.read_text() == "{}"
+    r = subprocess.run([sys.executable, "profile.py", "--out", "/dev/null", "--model", str(tmp_path / "none")],
+                       capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert r.returncode == 1 and "not a regular file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_outputs_never_overwrite_the_runs_own_inputs(tiny_dir, tmp_path):
+    """Issue 33, item 2: an output that names one of the run's inputs (its prompts, its profile, a file of its
+    model) is refused before any work, and the input is unchanged; a random model is never written over a folder
+    that holds something."""
+    prompts = tmp_path / "prompts.jsonl"
+    shutil.copy(tiny_dir / "prompts.jsonl", prompts)
+    before = prompts.read_bytes()
+    runs = [["profile.py", "--model", str(tiny_dir), "--prompts", str(prompts), "--out", str(prompts)],
+            ["profile.py", "--model", str(tiny_dir), "--out", str(tiny_dir / "config.json")],
+            ["conformance.py", "record", "--model", str(tiny_dir), "--prompt", "hi", "--profile",
+             str(tiny_dir / "wave.json"), "--events", str(tiny_dir / "wave.json")],
+            ["benchmarks/bench.py", "fidelity", "--model", str(tiny_dir), "--prompts", str(prompts), "--out",
+             str(prompts)]]
+    for argv in runs:
+        r = subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=HERE, timeout=120)
+        assert r.returncode == 1 and "is also an input of this run" in r.stderr, (argv, r.stderr[-500:])
+        assert len(r.stderr.strip().splitlines()) <= 2 and "Traceback" not in r.stderr
+    assert prompts.read_bytes() == before and json.loads((tiny_dir / "wave.json").read_text())["demand"]
+    r = subprocess.run([sys.executable, "conformance.py", "random-model", "--out", str(tiny_dir)],
+                       capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert r.returncode == 1 and "already exists" in r.stderr
+    for bad in (["--layers", "0"], ["--hidden", "12"]):
+        r = subprocess.run([sys.executable, "conformance.py", "random-model", "--out", str(tmp_path / "m"), *bad],
+                           capture_output=True, text=True, cwd=HERE, timeout=120)
+        assert r.returncode == 1 and "--hidden a positive multiple of 16" in r.stderr and not (tmp_path / "m").exists()
+
+
+def test_bench_out_that_is_not_a_results_file_is_one_line(tmp_path):
+    """Issue 33, item 9: an --out holding JSON that is not a results file (a list, no cells, cells as a list) ends
+    in one line before any work, and the file is left as it was."""
+    for i, text in enumerate(["[1, 2]", '{"settings": {}}', '{"settings": {}, "cells": []}']):
+        out = tmp_path / f"r{i}.json"
+        out.write_text(text)
+        r = subprocess.run([sys.executable, "benchmarks/bench.py", "fidelity", "--out", str(out), "--model",
+                            str(HERE / "no-such-model")], capture_output=True, text=True, cwd=HERE, timeout=120)
+        assert r.returncode == 1 and "is not a results file of bench.py" in r.stderr, r.stderr[-1500:]
+        assert "Traceback" not in r.stderr and out.read_text() == text
+
+
 def test_stale_shard_copy_and_truncated_file_are_refused(tmp_path, tiny_hf):
     from safetensors.torch import load_file, save_file
 
@@ -845,6 +919,18 @@ def test_concurrent_first_use_converts_once_and_repairs_damage(tmp_path, monkeyp
     (out / "model.safetensors").write_bytes(data[:-3])  # damaged later
     assert not convert.intact(out) and "python convert.py --rebuild" in convert.rebuild_hint(out)
     assert convert.default_model_dir() == out and len(calls) == 2 and convert.intact(out)
+
+
+def test_empty_cache_variable_and_out_without_gguf_are_refused(tmp_path):
+    """Issue 33, item 5: REASONALLOC_CACHE="" would put the default model in the current folder, and convert.py
+    --out without --gguf would ignore --out: both are refused in one line, and nothing is written."""
+    env = {**os.environ, "REASONALLOC_CACHE": ""}
+    r = subprocess.run([sys.executable, str(HERE / "model.py"), "--prompt", "hi"], capture_output=True, text=True,
+                       cwd=tmp_path, env=env, timeout=120)
+    assert r.returncode == 1 and "REASONALLOC_CACHE is set but empty" in r.stderr and not list(tmp_path.iterdir())
+    r = subprocess.run([sys.executable, "convert.py", "--out", str(tmp_path / "m")], capture_output=True, text=True,
+                       cwd=HERE, timeout=120)
+    assert r.returncode == 1 and "--out is for --gguf" in r.stderr and not (tmp_path / "m").exists()
 
 
 def test_first_use_offline_is_one_line(tmp_path):

@@ -27,6 +27,7 @@ the prompts / problems are split across processes (torch.distributed, gloo on CP
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -47,7 +48,7 @@ import model as M  # noqa: E402
 import reasonalloc as R  # noqa: E402
 from conformance import model_fingerprint  # noqa: E402
 from convert import resolve_model_dir  # noqa: E402
-from files import check_output, write_atomic  # noqa: E402
+from files import check_output, model_files, write_atomic  # noqa: E402
 from model import DTYPES, check_context, check_device, encode_prompt, stop_ids  # noqa: E402
 from profile import find_profile, load_profile, read_jsonl, read_prompts  # noqa: E402
 from reasonalloc import METHODS  # noqa: E402
@@ -199,18 +200,29 @@ def interval_for(budget: int, new_tokens: int, interval: int | None) -> int:
 # Results: one JSON file of cells, written after every cell; torchrun ranks write parts, rank 0 merges
 
 
+def read_results(file: Path) -> dict | None:
+    """A results file's contents, checked to be one: a JSON object with 'settings' and 'cells' (None if absent)."""
+    if not file.exists():
+        return None
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON ({getattr(e, 'msg', e)}); choose another --out") from None
+    if not (isinstance(data, dict) and isinstance(data.get("settings"), dict) and isinstance(data.get("cells"), dict)):
+        raise ValueError(f"{file} is not a results file of bench.py (a JSON object with 'settings' and 'cells'); "
+                         f"choose another --out")
+    return data
+
+
 class Store:
     def __init__(self, path: Path, settings: dict, rank: int = 0):
         self.path, self.settings, self.rank = Path(path), settings, rank
         self.cells: dict[str, dict] = {}
         parts: dict[str, dict] = {}  # cells of earlier interrupted runs not yet merged into the main file
         for file in [self.path, *sorted(self.path.parent.glob(self.path.name + ".part*"))]:
-            if not file.exists():
+            data = read_results(file)
+            if data is None:
                 continue
-            try:
-                data = json.loads(file.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{file} is not valid JSON ({e.msg}); delete it or choose another --out") from None
             if data.get("settings") != settings:
                 diff = sorted(k for k in set(settings) | set(data.get("settings", {}))
                               if settings.get(k) != data.get("settings", {}).get(k))
@@ -241,6 +253,33 @@ class Store:
         self._write(self.path, dict(sorted(self.cells.items())))
         for part in self.path.parent.glob(self.path.name + ".part*"):
             part.unlink()
+
+
+@contextlib.contextmanager
+def one_run_at_a_time(file: Path, rank: int, world: int):
+    """A results file is written by one run at a time: rank 0 holds an exclusive lock on `.FILE.lock` from
+    reading the file to merging into it, and the other ranks start reading once it holds it. A second run on
+    the same --out (another process, another torchrun) waits, then resumes from what the first one wrote: no
+    cell is lost, and none computed twice."""
+    with contextlib.ExitStack() as stack:
+        if rank == 0:
+            lock = stack.enter_context(open(file.with_name(f".{file.name}.lock"), "w"))
+            try:
+                import fcntl
+            except ImportError:  # no advisory locks on this platform
+                fcntl = None
+            if fcntl is not None:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    print(f"[bench] another run is writing {file}; waiting for it to finish", file=sys.stderr,
+                          flush=True)
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        yield
 
 
 class Progress:
@@ -865,7 +904,9 @@ def main(args):
 
     check_device(args.device)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    check_output(args.out, "--out")  # before any work, not after it
+    inputs = [args.prompts, args.problems, args.sessions, args.profile, *model_files(args.model)]
+    check_output(args.out, "--out", inputs=inputs)  # before any work, not after it
+    read_results(Path(args.out))  # an existing --out must be a results file
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     device, backend = process_device(args.device, world)
@@ -901,21 +942,22 @@ def main(args):
     results = {}
     for m in what:
         file = out if len(what) == 1 else out.with_name(f"{out.stem}.{m}{out.suffix}")
-        store = Store(file, settings_of(args, m), rank)
-        run = {"fidelity": fidelity, "accuracy": accuracy, "speed": speed, "sessions": sessions}[m]
-        units = {"accuracy": problems, "sessions": session_turns}.get(m, prompts)
-        run(model, tok, units, args, profile, store, rank, world)
-        gathered, shares = [store.new], [(rank, str(device), store.added, time.perf_counter() - t0)]
-        if world > 1:
-            gathered, shares = [None] * world, shares * world
-            dist.all_gather_object(gathered, store.new)
-            dist.all_gather_object(shares, shares[0])
-        if rank == 0:
-            store.merge(gathered)
-            results[m] = (store.cells, file)
-            if world > 1:  # each process's share of the work
-                for r, dev, n, s in shares:
-                    print(f"[{m}] process {r} on {dev} ({backend}): {n} new cells, {s:.1f} s", file=sys.stderr)
+        with one_run_at_a_time(file, rank, world):
+            store = Store(file, settings_of(args, m), rank)
+            run = {"fidelity": fidelity, "accuracy": accuracy, "speed": speed, "sessions": sessions}[m]
+            units = {"accuracy": problems, "sessions": session_turns}.get(m, prompts)
+            run(model, tok, units, args, profile, store, rank, world)
+            gathered, shares = [store.new], [(rank, str(device), store.added, time.perf_counter() - t0)]
+            if world > 1:
+                gathered, shares = [None] * world, shares * world
+                dist.all_gather_object(gathered, store.new)
+                dist.all_gather_object(shares, shares[0])
+            if rank == 0:
+                store.merge(gathered)
+                results[m] = (store.cells, file)
+                if world > 1:  # each process's share of the work
+                    for r, dev, n, s in shares:
+                        print(f"[{m}] process {r} on {dev} ({backend}): {n} new cells, {s:.1f} s", file=sys.stderr)
     if world > 1:
         dist.barrier()  # nobody tears the group down while another rank is still inside a collective
         dist.destroy_process_group()
