@@ -1178,6 +1178,41 @@ def teacher_force(model: Transformer, ids: torch.Tensor, tokens: list[int], *, i
                            **options)
 
 
+def batch_seeds(seeds, n: int) -> list[int]:
+    """generate_batch's seeds as n Python ints (default 0..n-1): a list, a range or a 1-D integer tensor."""
+    if seeds is None:
+        return list(range(n))
+    if isinstance(seeds, torch.Tensor):
+        if seeds.dim() != 1 or seeds.dtype.is_floating_point or seeds.dtype == torch.bool:
+            raise ValueError(f"seeds must be a 1-D tensor of integers, got {seeds.dtype} of shape {tuple(seeds.shape)}")
+        seeds = seeds.tolist()
+    if isinstance(seeds, (str, bytes)) or not hasattr(seeds, "__iter__"):
+        raise ValueError(f"seeds must be a list of {n} integers (one per prompt), got {seeds!r}")
+    seeds = list(seeds)
+    bad = [s for s in seeds if not isinstance(s, int) or isinstance(s, bool)]
+    if bad:
+        raise ValueError(f"seeds must be integers, got {bad[:3]}")
+    if len(seeds) != n:
+        raise ValueError(f"got {len(seeds)} seeds for {n} prompts; give one seed per prompt")
+    return seeds
+
+
+def batch_prompt(prompt, i: int, config: ModelConfig):
+    """One of generate_batch's prompts as reasonalloc.prompt_ids takes it: text, or token ids (a 1-D integer
+    tensor or a list of ints) in the vocabulary; anything else is refused, naming the prompt."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
+                                                            for t in prompt):
+        prompt = torch.tensor(prompt, dtype=torch.long, device="cpu")
+    if not isinstance(prompt, torch.Tensor) or prompt.dim() != 1 or prompt.dtype.is_floating_point \
+            or prompt.dtype == torch.bool:
+        raise ValueError(f"prompt {i} must be text or a 1-D list or tensor of token ids, got {prompt!r:.60}")
+    if prompt.numel() and not bool(((prompt >= 0) & (prompt < config.vocab_size)).all()):
+        raise ValueError(f"prompt {i} holds token ids outside the vocabulary of {config.vocab_size}")
+    return prompt
+
+
 @torch.inference_mode()
 def generate_batch(model, tokenizer, prompts: list, *, seeds: list[int] | None = None, budget: int,
                    allocator: str = "reasonalloc", policy: str = "rkv", profile=None, interval: int = 128,
@@ -1197,15 +1232,18 @@ def generate_batch(model, tokenizer, prompts: list, *, seeds: list[int] | None =
     choice. `seconds` of each result is the batch's wall time."""
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("generate_batch needs a non-empty list of prompts")
-    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
-    if len(seeds) != len(prompts):
-        raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
+    seeds = batch_seeds(seeds, len(prompts))
     for seed in seeds:
         R.validate(budget=budget, window=window, interval=interval, temperature=temperature, top_p=top_p,
                  allocator=allocator, policy=policy, max_new_tokens=max_new_tokens, gamma=gamma, beta=beta, mu=mu,
                  head_utility=head_utility, seed=seed)
     cfg, device = model.config, model.embed.weight.device
-    ids = [R.prompt_ids(cfg, tokenizer, p, chat=chat, max_new_tokens=max_new_tokens) for p in prompts]
+    ids = [R.prompt_ids(cfg, tokenizer, batch_prompt(p, i, cfg), chat=chat, max_new_tokens=max_new_tokens)
+           for i, p in enumerate(prompts)]
+    short = [i for i, x in enumerate(ids) if x.numel() < window]
+    if short:  # before any prefill: a batched step needs every sequence's observation window full
+        raise ValueError(f"prompt(s) {short} hold fewer than window = {window} tokens; a batched step needs every "
+                         f"sequence's observation window full (give longer prompts or a smaller window)")
     allocator, layer_b, layer_options, head_options = R.plan(
         cfg, budget=budget, allocator=allocator, policy=policy, profile=profile, window=window, gamma=gamma,
         beta=beta, mu=mu, head_utility=head_utility, layer_options=layer_options, head_options=head_options)

@@ -224,8 +224,26 @@ def test_batched_generation_bad_input(tiny_model):
         Fa.generate_batch(tiny_model, ByteTok(), [], **kw)
     with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
         Fa.generate_batch(tiny_model, ByteTok(), BATCH_PROMPTS, seeds=[0, 1], **kw)
-    with pytest.raises(ValueError, match=r"sequence\(s\) \[1\] hold fewer than window"):
-        Fa.generate_batch(tiny_model, ByteTok(), [TINY_PROMPT, torch.arange(3, 5)], **kw)
+    calls = []
+    hook = tiny_model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:  # refused before any prompt is prefilled (issue 33, item 8)
+        with pytest.raises(ValueError, match=r"prompt\(s\) \[1\] hold fewer than window"):
+            Fa.generate_batch(tiny_model, ByteTok(), [TINY_PROMPT, torch.arange(3, 5)], **kw)
+    finally:
+        hook.remove()
+    assert not calls
+    # Types at the door (issue 33, items 5 and 9): prompts are text or token ids in the vocabulary, seeds integers.
+    for prompts, words in [([None], "prompt 0 must be text or a 1-D list or tensor of token ids"),
+                           ([TINY_PROMPT, 5], "prompt 1 must be text"), ([[1, 2.5]], "prompt 0 must be text"),
+                           ([torch.full((10,), 97)], "prompt 0 holds token ids outside the vocabulary of 97")]:
+        with pytest.raises(ValueError, match=words):
+            Fa.generate_batch(tiny_model, ByteTok(), prompts, **kw)
+    for seeds, words in [("ab", "seeds must be a list"), (3, "seeds must be a list"), ([1.5, 2, 3], "integers"),
+                         ([None, 1, 2], "integers"), (torch.tensor([0.5, 1.0, 2.0]), "1-D tensor of integers")]:
+        with pytest.raises(ValueError, match=words):
+            Fa.generate_batch(tiny_model, ByteTok(), BATCH_PROMPTS, seeds=seeds, **kw)
+    as_list = Fa.generate_batch(tiny_model, ByteTok(), [TINY_PROMPT.tolist()], seeds=torch.tensor([7]), **kw)
+    assert as_list[0].tokens == Fa.generate_batch(tiny_model, ByteTok(), [TINY_PROMPT], seeds=[7], **kw)[0].tokens
     with pytest.raises(ValueError, match="context"):
         Fa.generate_batch(tiny_model, ByteTok(), [TINY_PROMPT, torch.arange(600) % 97], **kw)
     with pytest.raises(ValueError, match="budget"):
