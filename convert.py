@@ -225,6 +225,12 @@ def convert_gguf(gguf_path: Path, out: Path):
         raise ValueError(f"GGUF architecture {arch!r}: this converter handles llama only")
     n_head, n_kv = field("llama.attention.head_count"), field("llama.attention.head_count_kv")
     tied = not any(t.name == "output.weight" for t in reader.tensors)
+    if not any(t.name == "token_embd.weight" for t in reader.tensors):
+        raise ValueError(f"{gguf_path} holds no token embedding (token_embd.weight): not a complete llama GGUF")
+    # The tokenizer first: a file it cannot convert is refused before minutes of dequantizing.
+    bos, eos = field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id")
+    tokenizer, special = build_tokenizer(field("tokenizer.ggml.tokens"), field("tokenizer.ggml.merges"),
+                                         field("tokenizer.ggml.token_type"), field("tokenizer.ggml.pre"))
 
     tensors = {}
     for i, t in enumerate(reader.tensors):
@@ -238,7 +244,6 @@ def convert_gguf(gguf_path: Path, out: Path):
         if i % 40 == 0 or i == len(reader.tensors) - 1:
             log(f"dequantized {i + 1}/{len(reader.tensors)} tensors")
 
-    bos, eos = field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id")
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": int(tensors["model.embed_tokens.weight"].shape[0]),
@@ -251,8 +256,6 @@ def convert_gguf(gguf_path: Path, out: Path):
         "tie_word_embeddings": tied, "bos_token_id": bos, "eos_token_id": eos,
         "torch_dtype": "float32", "attention_bias": False, "mlp_bias": False,
     }
-    tokenizer, special = build_tokenizer(field("tokenizer.ggml.tokens"), field("tokenizer.ggml.merges"),
-                                         field("tokenizer.ggml.token_type"), field("tokenizer.ggml.pre"))
     tok_config = {
         "bos_token": special[bos], "eos_token": special[eos], "add_bos_token": bool(field("tokenizer.ggml.add_bos_token", False)),
         "chat_template": field("tokenizer.chat_template"), "model_max_length": config["max_position_embeddings"],
@@ -280,7 +283,12 @@ def build_tokenizer(tokens, merges, token_types, pre):
 
     if pre not in ("smollm", "default", "gpt2"):
         raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported by this converter")
+    if not tokens or not merges:
+        raise ValueError("the GGUF holds no tokenizer vocabulary or merges (tokenizer.ggml.tokens / .merges)")
     vocab = {t: i for i, t in enumerate(tokens)}
+    unknown = [m for m in merges if any(part not in vocab for part in m.split(" ", 1))]
+    if unknown:
+        raise ValueError(f"the GGUF's merges name tokens missing from its vocabulary, e.g. {unknown[0]!r}")
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges],
                                fuse_unk=False, byte_fallback=False))
     steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]

@@ -933,6 +933,38 @@ def test_empty_cache_variable_and_out_without_gguf_are_refused(tmp_path):
     assert r.returncode == 1 and "--out is for --gguf" in r.stderr and not (tmp_path / "m").exists()
 
 
+def test_convert_refuses_a_gguf_it_cannot_convert_before_dequantizing(tmp_path):
+    """Issue 33, items 8-9: an unsupported pre-tokenizer, missing or unknown merges, or no tensors end in one line
+    before any tensor is dequantized, and no output folder is made."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    def make(name, pre="smollm", merges=("a b",), tensors=True):
+        path = tmp_path / f"{name}.gguf"
+        w = GGUFWriter(str(path), "llama")
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(["a", "b", "ab"])
+        if merges:
+            w.add_token_merges(list(merges))
+        w.add_token_types([1, 1, 1])
+        if tensors:
+            w.add_tensor("token_embd.weight", np.zeros((3, 4), dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return path
+
+    for path, words in [(make("pre", pre="weird"), "pre-tokenizer 'weird' is not supported"),
+                        (make("nomerges", merges=()), "no tokenizer vocabulary or merges"),
+                        (make("badmerge", merges=("a zz",)), "merges name tokens missing from its vocabulary"),
+                        (make("notensors", tensors=False), "holds no token embedding")]:
+        r = subprocess.run([sys.executable, "convert.py", "--gguf", str(path), "--out", str(tmp_path / "out")],
+                           capture_output=True, text=True, cwd=HERE, timeout=120)
+        assert r.returncode == 1 and words in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
+        assert "dequantized" not in r.stderr and not (tmp_path / "out").exists()
+
+
 def test_first_use_offline_is_one_line(tmp_path):
     env = {**os.environ, "REASONALLOC_CACHE": str(tmp_path), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": ""}
     r = subprocess.run([sys.executable, "model.py", "--prompt", "hi"], capture_output=True, text=True, cwd=HERE,
