@@ -24,6 +24,8 @@ import hashlib
 import inspect
 import json
 import math
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -626,8 +628,20 @@ if __name__ == "__main__":
         if args.layers < 1 or args.hidden < 16 or args.hidden % 16:
             sys.exit(f"error: a random model needs --layers >= 1 and --hidden a positive multiple of 16 (8 heads of "
                      f"an even head dim), got --layers {args.layers} --hidden {args.hidden}")
-        print(write_random_model(Path(args.out), seed=args.seed, layers=args.layers, hidden=args.hidden))
+        out = Path(args.out)
+        work = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # written whole, then renamed into place
+        try:
+            write_random_model(work, seed=args.seed, layers=args.layers, hidden=args.hidden)
+            os.replace(work, out)
+        except (OSError, KeyboardInterrupt) as e:
+            shutil.rmtree(work, ignore_errors=True)
+            sys.exit(f"error: cannot write a random model to {out} ({getattr(e, 'strerror', None) or 'interrupted'})")
+        print(out)
     else:
         torch.set_num_threads(1)  # one summation order for the float64 reductions
-        for f in write_vectors(Path(args.out or HERE / "vectors")):
-            print(f)
+        try:
+            for f in write_vectors(Path(args.out or HERE / "vectors")):
+                print(f)
+        except (OSError, KeyboardInterrupt) as e:
+            sys.exit(f"error: cannot write the vectors to {args.out or HERE / 'vectors'} "
+                     f"({getattr(e, 'strerror', None) or 'interrupted'})")

@@ -322,5 +322,5 @@ if __name__ == "__main__":
     p.add_argument("--rebuild", action="store_true", help="convert the default model again, replacing the cached one")
     try:
         main(p.parse_args())
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
-        sys.exit(f"error: {e}")
+    except (ValueError, FileNotFoundError, RuntimeError, OSError, KeyboardInterrupt) as e:  # Ctrl-C: one line
+        sys.exit(f"error: {str(e) or 'interrupted'}")

@@ -596,5 +596,5 @@ if __name__ == "__main__":
     args = p.parse_args()
     try:
         main(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+    except (ValueError, FileNotFoundError, RuntimeError, KeyboardInterrupt) as e:  # Ctrl-C: one line too
+        sys.exit(f"error: {str(e) or 'interrupted'}")

@@ -315,5 +315,5 @@ if __name__ == "__main__":
     p.add_argument("--device", default="cpu")
     try:
         main(p.parse_args())
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+    except (ValueError, FileNotFoundError, RuntimeError, KeyboardInterrupt) as e:  # Ctrl-C: one line too
+        sys.exit(f"error: {str(e) or 'interrupted'}")

@@ -692,8 +692,8 @@ def cli(main_fn=main, parser_fn=parser, argv=None):
     """Parse, run, and end every error a user can fix in one line (fast.py and conformance.py reuse it)."""
     try:
         main_fn(parser_fn().parse_args(argv))
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
-        sys.exit(f"error: {e}")
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError, KeyboardInterrupt) as e:  # Ctrl-C: one line
+        sys.exit(f"error: {str(e) or 'interrupted'}")
 
 
 if __name__ == "__main__":

@@ -215,7 +215,9 @@ def test_fidelity_fullkv_is_exact_and_compression_costs(tiny_dir, tmp_path):
             assert c["compressions"] > 0 and c["mean_cache_tokens"] < c["mean_full_tokens"]
     # Evicting down to 12 tokens per head must change the next-token distribution somewhere.
     assert sum(c["kl"] for c in cells.values() if c["budget"] == 12) > 0
-    assert "| ReasonAlloc |" in r.stdout and "top-1 agreement" in r.stdout
+    assert "| ReasonAlloc |" in r.stdout and "top-1 agreement" in r.stdout and "3 prompts, 72 reference tokens" in r.stdout
+    without_fullkv = {k: c for k, c in cells.items() if c["method"] != "FullKV"}  # the count does not need FullKV
+    assert "3 prompts, 72 reference tokens" in Bn.fidelity_table(without_fullkv, ["R-KV"], [12, 20])
     # A rerun with the same settings finds every cell done; other settings are refused.
     _, r2 = run_bench(tiny_dir, tmp_path / "one.json")
     assert r2.stderr.count("(done before)") == len(cells)
@@ -669,6 +671,10 @@ def test_outputs_never_overwrite_the_runs_own_inputs(tiny_dir, tmp_path):
     r = subprocess.run([sys.executable, "conformance.py", "random-model", "--out", str(tiny_dir)],
                        capture_output=True, text=True, cwd=HERE, timeout=120)
     assert r.returncode == 1 and "already exists" in r.stderr
+    for what in ("random-model", "vectors"):  # a place it cannot write: one line, nothing left behind
+        r = subprocess.run([sys.executable, "conformance.py", what, "--out", "/proc/no-such-model"],
+                           capture_output=True, text=True, cwd=HERE, timeout=120)
+        assert r.returncode == 1 and "error: cannot write" in r.stderr and "Traceback" not in r.stderr, r.stderr
     for bad in (["--layers", "0"], ["--hidden", "12"]):
         r = subprocess.run([sys.executable, "conformance.py", "random-model", "--out", str(tmp_path / "m"), *bad],
                            capture_output=True, text=True, cwd=HERE, timeout=120)
@@ -963,6 +969,21 @@ def test_convert_refuses_a_gguf_it_cannot_convert_before_dequantizing(tmp_path):
                            capture_output=True, text=True, cwd=HERE, timeout=120)
         assert r.returncode == 1 and words in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
         assert "dequantized" not in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_is_one_line_not_a_traceback():
+    """Issue 33, item 9: Ctrl-C during the main job ends in one line, not a KeyboardInterrupt traceback."""
+    import signal
+    import time
+
+    p = subprocess.Popen([sys.executable, "reasonalloc.py", "--prompt", "Count from one to one hundred.",
+                          "--max-new-tokens", "400"], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    p.stdout.read(1)  # the first streamed character: the model is loaded and decoding
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 1 and "Traceback" not in err and err.strip() == "error: interrupted", err[-1500:]
 
 
 def test_first_use_offline_is_one_line(tmp_path):

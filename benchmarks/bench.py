@@ -762,7 +762,7 @@ def fidelity_table(cells: dict, methods, budgets) -> str:
             vals = [pooled(m, 0 if m == "FullKV" else b, field)[0] for b in budgets]
             out.append(f"| {m} | " + " | ".join("—" if math.isnan(v) else fmt.format(v).replace("%", " %") for v in vals) + " |")
     n = len({c["prompt"] for c in cells.values() if "kl" in c})
-    steps = sum(c["steps"] for c in cells.values() if c.get("method") == "FullKV")
+    steps = sum({c["prompt"]: c["steps"] for c in cells.values() if "kl" in c}.values())  # with or without FullKV
     out.append(f"\n{n} prompts, {steps} reference tokens in all.")
     return "\n".join(out)
 
@@ -1056,5 +1056,5 @@ if __name__ == "__main__":
     args = parser().parse_args()
     try:
         main(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
+    except (ValueError, FileNotFoundError, RuntimeError, KeyboardInterrupt) as e:  # Ctrl-C: one line too
+        sys.exit(f"error: {e}" if str(e) else "interrupted: the finished cells are kept; rerun the command to resume")
