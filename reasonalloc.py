@@ -349,6 +349,10 @@ def validate(*, budget, window, interval, temperature, top_p, allocator, policy,
              head_utility, seed=0):
     """Every run setting checked before any work, with a message that says what to change."""
     siblings("validate")
+    for name, value in (("budget", budget), ("window", window), ("interval", interval),
+                        ("max_new_tokens", max_new_tokens), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be a whole number, got {value!r}")
     check_budget(budget, window)
     if interval < 1:
         raise ValueError(f"interval must be >= 1 decoded token, got {interval}")
@@ -622,29 +626,23 @@ def compare(model, tokenizer, args, profile, generate_fn):
     print("\n=FullKV: how many leading tokens are identical to the FullKV run; cache: token slots held at the end.")
 
 
-def load_run(args, load_fn: Callable | None = None):
-    """The CLI's (model folder, model, tokenizer, profile or None), every setting checked before the weights load."""
+def main(args, *, generate_fn: Callable | None = None, load_fn: Callable | None = None,
+         after: Callable | None = None):
+    """Generate and summarise (or --compare), every setting checked before the weights load. generate_fn and
+    load_fn: the generation function and the model loader (default `generate` and model.load_model; fast.py
+    passes its own); after(path, model, g): called with the run (conformance.py writes its events file)."""
     from convert import resolve_model_dir
+    from tokenizer import TextStream
 
     if not args.prompt.strip():
         raise ValueError("--prompt is empty; give the user message to answer")
     validate(allocator=args.allocator, policy=args.policy, **run_kwargs(args))
     M.check_device(args.device)
     path = resolve_model_dir(args.model)
+    M.check_context(M.ModelConfig.from_hf(path), 1, args.max_new_tokens)  # before the weights, not after
     model, tokenizer, profile = load(path, profile=args.profile, dtype=M.DTYPES[args.dtype], device=args.device,
-                                     load_fn=load_fn)
-    return path, model, tokenizer, profile  # None: allocators that need one say so (--compare skips them)
-
-
-def main(args, *, generate_fn: Callable | None = None, load_fn: Callable | None = None,
-         after: Callable | None = None):
-    """Generate and summarise (or --compare). generate_fn and load_fn: the generation function and the model
-    loader (default `generate` and model.load_model; fast.py passes its own); after(path, model, g): called
-    with the run (conformance.py writes its events file from it)."""
-    from tokenizer import TextStream
-
+                                     load_fn=load_fn)  # profile None: the allocators that need one say so
     generate_fn = generate if generate_fn is None else generate_fn
-    path, model, tokenizer, profile = load_run(args, load_fn)
     if args.compare:
         return compare(model, tokenizer, args, profile, generate_fn)
     g = generate_fn(model, tokenizer, args.prompt, allocator=args.allocator, policy=args.policy, profile=profile,

@@ -663,6 +663,9 @@ def test_generation_bad_inputs(tiny_model, tmp_path):
         gen(temperature=float("nan"))
     with pytest.raises(ValueError, match="exceeds the model's context of 512"):
         gen(max_new_tokens=500)
+    for name, value in (("budget", 16.5), ("interval", 8.0), ("max_new_tokens", True), ("seed", "3")):
+        with pytest.raises(ValueError, match=f"{name} must be a whole number"):  # issue 33, item 5: not truncated
+            gen(**{name: value})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -986,6 +986,18 @@ def test_ctrl_c_is_one_line_not_a_traceback():
     assert p.returncode == 1 and "Traceback" not in err and err.strip() == "error: interrupted", err[-1500:]
 
 
+def test_new_tokens_beyond_the_context_are_refused_before_the_weights_load(tiny_dir, tmp_path):
+    """Issue 33, item 8: --max-new-tokens past the context is refused from config.json, before the weights are
+    read (here they are damaged, so reading them would end in another error)."""
+    model_dir = tmp_path / "m"
+    shutil.copytree(tiny_dir, model_dir)
+    (model_dir / "model.safetensors").write_bytes(b"damaged")
+    r = subprocess.run([sys.executable, "reasonalloc.py", "--model", str(model_dir), "--prompt", "hi",
+                        "--max-new-tokens", "100000", "--allocator", "uniform"], capture_output=True, text=True,
+                       cwd=HERE, timeout=120)
+    assert r.returncode == 1 and "exceeds the model's context of 512 tokens" in r.stderr, r.stderr[-1500:]
+
+
 def test_first_use_offline_is_one_line(tmp_path):
     env = {**os.environ, "REASONALLOC_CACHE": str(tmp_path), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": ""}
     r = subprocess.run([sys.executable, "model.py", "--prompt", "hi"], capture_output=True, text=True, cwd=HERE,
