@@ -300,7 +300,7 @@ def layer_budgets(allocator: str, num_layers: int, budget: int, *, window: int =
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Decoding with compression (SPEC §4), on the per-head cache of model.py
+# 5. Decoding with compression, on the per-head cache of model.py
 
 
 def siblings(what: str):
