@@ -74,16 +74,21 @@ def default_model_dir(rebuild: bool = False) -> Path:
 
 
 @contextmanager
-def locked(file: Path):
-    """An exclusive advisory lock on `file` (waits while another process holds it); none where the
-    platform has no fcntl."""
+def locked(file: Path, waiting: str | None = None):
+    """An exclusive advisory lock on `file` (waits while another process holds it, printing `waiting` first if
+    given); none where the platform has no fcntl."""
     try:
         import fcntl
     except ImportError:
         yield
         return
     with open(file, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                print(waiting, file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
         finally:

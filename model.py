@@ -545,6 +545,7 @@ def decode(model: Transformer, ids: torch.Tensor, cache, *, max_new_tokens: int,
     next (teacher forcing; a stop token is then fed too); otherwise `choose(step, logits)` picks one
     (default: greedy) and a token in `stops` ends the loop. Returns the fed tokens. `cache` may already
     hold tokens (a conversation continues in it)."""
+    choose = choose or (lambda step, logits: int(logits.argmax()))  # greedy
     device = model.embed.weight.device
     logits = model(ids.to(device), cache)  # the prompt, in one pass
     token, out = None, []
@@ -552,10 +553,7 @@ def decode(model: Transformer, ids: torch.Tensor, cache, *, max_new_tokens: int,
         forced = on_step(step, token, logits[-1], cache) if on_step is not None else None
         if step == max_new_tokens:
             break
-        if forced is not None:
-            token = forced
-        else:
-            token = choose(step, logits[-1]) if choose is not None else int(logits[-1].argmax())
+        token = forced if forced is not None else choose(step, logits[-1])
         if forced is None and token in stops:
             break
         out.append(token)

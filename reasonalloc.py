@@ -473,14 +473,15 @@ def generate(model, tokenizer, prompt, *, budget: int, allocator: str = "reasona
     def on_step(step, token, logits, cache):
         nonlocal budgets
         choice = hook(step, token, logits, cache) if hook is not None else None
-        before = cache.lengths()
+        lengths = cache.lengths()
         # 3. every Δ steps (and after the prompt, step 0), once any head holds more than its budget
-        if policy != "full" and step % interval == 0 and (before > budgets).any():
+        if policy != "full" and step % interval == 0 and (lengths > budgets).any():
             budgets, kept = compress_fn(cache, layer_b, allocator, policy, policy_options=policy_options,
                                         head_options=head_options, positions=record_positions)
-            events.append(compression_event(step, layer_b, budgets, before, cache.lengths(), kept))
+            before, lengths = lengths, cache.lengths()
+            events.append(compression_event(step, layer_b, budgets, before, lengths, kept))
         if step > 0:
-            held.append(int(cache.lengths().sum()))
+            held.append(int(lengths.sum()))
             full.append(L * Hk * cache.next_pos)
         return choice
 

@@ -47,7 +47,7 @@ import fast  # noqa: E402
 import model as M  # noqa: E402
 import reasonalloc as R  # noqa: E402
 from conformance import model_fingerprint  # noqa: E402
-from convert import resolve_model_dir  # noqa: E402
+from convert import locked, resolve_model_dir  # noqa: E402
 from files import check_output, model_files, write_atomic  # noqa: E402
 from model import DTYPES, check_context, check_device, encode_prompt, stop_ids  # noqa: E402
 from profile import find_profile, load_profile, read_jsonl, read_prompts  # noqa: E402
@@ -263,18 +263,8 @@ def one_run_at_a_time(file: Path, rank: int, world: int):
     cell is lost, and none computed twice."""
     with contextlib.ExitStack() as stack:
         if rank == 0:
-            lock = stack.enter_context(open(file.with_name(f".{file.name}.lock"), "w"))
-            try:
-                import fcntl
-            except ImportError:  # no advisory locks on this platform
-                fcntl = None
-            if fcntl is not None:
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    print(f"[bench] another run is writing {file}; waiting for it to finish", file=sys.stderr,
-                          flush=True)
-                    fcntl.flock(lock, fcntl.LOCK_EX)
+            stack.enter_context(locked(file.with_name(f".{file.name}.lock"),
+                                       waiting=f"[bench] another run is writing {file}; waiting for it to finish"))
         if world > 1:
             import torch.distributed as dist
 
@@ -320,19 +310,19 @@ def method_options(method: str, budget: int, args, profile) -> dict:
                 interval=interval_for(budget, args.new_tokens, args.interval))
 
 
-def generate_fn(args):
-    """generate on the chosen path: the packed fast path (fast.generate) or the per-head reference."""
-    return fast.generate if args.packed else R.generate
+def path_of(packed: bool):
+    """The module whose generate and teacher_force run: the packed fast path (fast.py) or the per-head
+    reference (reasonalloc.py)."""
+    return fast if packed else R
 
 
 def run_method(model, tok, ids, method: str, budget: int, args, profile, **kw) -> R.Generation:
-    return generate_fn(args)(model, tok, ids, **method_options(method, budget, args, profile), **kw)
+    return path_of(args.packed).generate(model, tok, ids, **method_options(method, budget, args, profile), **kw)
 
 
 def forced_logits(model, ids, tokens, method: str, budget: int, args, profile):
     """(logits (N, vocab) predicting each reference token, compression events) of one method."""
-    force = fast.teacher_force if args.packed else R.teacher_force
-    return force(model, ids, tokens, **method_options(method, budget, args, profile))
+    return path_of(args.packed).teacher_force(model, ids, tokens, **method_options(method, budget, args, profile))
 
 
 def cache_tokens(config, prompt_tokens: int, steps: int, events: list[dict]) -> tuple[list[int], list[int]]:
@@ -377,8 +367,8 @@ def fidelity(model, tok, prompts, args, profile, store: Store, rank: int = 0, wo
         if not todo:
             continue
         ids = encode(model, tok, prompts[i], args.new_tokens)
-        tokens = generate_fn(args)(model, tok, ids, budget=args.window + 1, policy="full", window=args.window,
-                                   max_new_tokens=args.new_tokens).tokens
+        tokens = path_of(args.packed).generate(model, tok, ids, budget=args.window + 1, policy="full",
+                                               window=args.window, max_new_tokens=args.new_tokens).tokens
         # Every method, FullKV too, replays the reference through R.teacher_force (each interval in one
         # forward pass, equal to step-by-step decoding), so FullKV's replay is the very same computation.
         full_logits = forced_logits(model, ids, tokens, "FullKV", args.window + 1, args, profile)[0]
@@ -508,7 +498,7 @@ def sessions(model, tok, sessions_turns, args, profile, store: Store, rank: int 
         ids, tokens = torch.tensor(ref["prompt_ids"], device="cpu"), ref["tokens"]
         scored = torch.tensor(ref["scored"], device=model.embed.weight.device)
         targets = torch.tensor(tokens, device=scored.device)[scored]
-        force = fast.teacher_force if args.packed else R.teacher_force
+        force = path_of(args.packed).teacher_force
         full_logits = force(model, ids, tokens, budget=args.window + 1, policy="full", window=args.window,
                             interval=max(args.intervals))[0][scored]
         for m, b, d in todo:
@@ -687,10 +677,10 @@ def speed(model, tok, prompts, args, profile, store: Store, rank: int = 0, world
     if rank != 0 or key in store:
         return
     ids = encode(model, tok, prompts[0], args.new_tokens)
-    tokens = generate_fn(args)(model, tok, ids, budget=args.window + 1, policy="full", window=args.window,
-                               max_new_tokens=args.new_tokens).tokens
+    tokens = path_of(args.packed).generate(model, tok, ids, budget=args.window + 1, policy="full",
+                                           window=args.window, max_new_tokens=args.new_tokens).tokens
     variants = {}  # name -> fn(observe) -> Generation or None
-    full = lambda packed, m=model: lambda cb: (fast.generate if packed else R.generate)(  # noqa: E731
+    full = lambda packed, m=model: lambda cb: path_of(packed).generate(  # noqa: E731
         m, tok, ids, budget=args.window + 1, policy="full", window=args.window, max_new_tokens=len(tokens),
         hook=teacher_forced(tokens, cb))
     variants["FullKV, reference path"] = full(False)
