@@ -138,6 +138,24 @@ def resolve_model_dir(model: str | None) -> Path:
     return Path(model) if model else default_model_dir()
 
 
+def check_device(device):
+    """A device that torch knows and this machine has, or a one-line error that says what to use (every CLI's
+    --device, checked before the weights load)."""
+    import torch
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r} ({e}); use cpu, cuda or cuda:N") from None
+    if d.type not in ("cpu", "cuda"):  # e.g. meta: its tensors hold no data, so no weights could be loaded
+        raise ValueError(f"device {device!r}: the model runs on cpu or cuda, not {d.type}; use --device cpu or cuda")
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA GPU is available here; use --device cpu")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return d
+
+
 def safetensors_files(path: Path) -> dict[Path, set[str] | None]:
     """The checkpoint's files, each with the tensor names the index assigns to it (None: every tensor in
     it; a single model.safetensors). A tensor is read only from the shard the index names, so a stale copy

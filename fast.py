@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")  # before torch loads OpenMP: idle threads soon yield the core
 
 import torch
 import torch.nn as nn
@@ -1161,13 +1163,13 @@ def compress(cache: PackedCache, layer_b: torch.Tensor, allocator: str = "reason
 
 
 def generate(model: Transformer, tokenizer, prompt, *, interval: int = 128, max_new_tokens: int = 512,
-             window: int = 8, **options) -> R.Generation:
+             window: int = 8, compress_fn=compress, **options) -> R.Generation:
     """Equals reasonalloc.generate (the same tokens and events; logits within float tolerance), on a
     PackedCache. Its spare rows: the tokens one interval adds, never more than the run can add (memory
-    follows holdings)."""
+    follows holdings). compress_fn: `compress`, or a wrapper of it (conformance.py's spools kept positions)."""
     cache = new_cache(model, window, spare=min(interval, max_new_tokens + 1))
     return R.generate(model, tokenizer, prompt, interval=interval, max_new_tokens=max_new_tokens, window=window,
-                      cache=cache, compress_fn=compress, **options)
+                      cache=cache, compress_fn=compress_fn, **options)
 
 
 def teacher_force(model: Transformer, ids: torch.Tensor, tokens: list[int], *, interval: int = 128,

@@ -60,13 +60,21 @@ def check_output(path, what: str = "output", *, inputs=()) -> Path:
     return path
 
 
-def write_atomic(path, text: str):
-    """Write `text` to a temporary file beside `path`, then rename it over `path`: an interrupted write
-    leaves the old file (or none), never half a file."""
+def write_atomic(path, text):
+    """Write `text` (a str, or an iterable of str chunks written one by one, so a long document need not be held
+    whole) to a temporary file beside `path`, then rename it over `path`: an interrupted or failed write
+    leaves the old file (or none), never half a file. A failed write (a full disk, a quota) is one line that
+    says nothing was written."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text)
+        with open(tmp, "w") as f:
+            for chunk in [text] if isinstance(text, str) else text:
+                f.write(chunk)
         os.replace(tmp, path)
+    except OSError as e:
+        raise ValueError(f"cannot write {path} ({e.strerror or e}); nothing was written, "
+                         f"{'the old file is kept' if path.exists() else 'no file was left'}: free space or "
+                         f"choose another place") from None
     finally:
         tmp.unlink(missing_ok=True)

@@ -21,15 +21,17 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")  # before torch loads OpenMP: idle threads soon yield the core
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from convert import rebuild_hint, resolve_model_dir, safetensors_files
+from convert import check_device, rebuild_hint, resolve_model_dir, safetensors_files
 from tokenizer import TextStream, Tokenizer, load_tokenizer, read_json_object
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
@@ -162,19 +164,6 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"), eos_token_ids=eos,
             config_hash=hashlib.sha256(raw).hexdigest()[:16],
         )
-
-
-def check_device(device) -> torch.device:
-    """A device that torch knows and this machine has, or a one-line error that says what to use."""
-    try:
-        d = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"unknown device {device!r} ({e}); use cpu, cuda or cuda:N") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: no CUDA GPU is available here; use --device cpu")
-    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    return d
 
 
 def check_context(config: ModelConfig, tokens: int, new_tokens: int = 0):

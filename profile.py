@@ -22,6 +22,7 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import sys
 import sysconfig
 import time
@@ -35,6 +36,7 @@ _stdlib_profile = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_stdlib_profile)
 run, runctx, Profile, _Utils = (_stdlib_profile.run, _stdlib_profile.runctx, _stdlib_profile.Profile,
                                 _stdlib_profile._Utils)
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")  # before torch loads OpenMP: idle threads soon yield the core
 
 import torch  # noqa: E402
 

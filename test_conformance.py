@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -207,3 +208,37 @@ def test_cli_events_file_is_versioned_and_passes_check(tiny_dir, tmp_path):
     r = subprocess.run([sys.executable, "conformance.py", "check", str(ev), "--model", str(tiny_dir)],
                        capture_output=True, text=True, cwd=HERE, timeout=120)
     assert r.returncode == 0 and "compression events agree" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_recorded_positions_stream_to_a_spool_not_memory(recipe, tmp_path, packed):
+    """Issue 33, item 7: `record` hands generate a compress function that writes each event's kept positions to
+    a spool file as it is made, so the run holds none of them; the document joined from the spool equals the one
+    of a run that kept them in memory."""
+    prompt = torch.tensor([(5 * i + 1) % 96 for i in range(30)])
+    gen, compress = (Fa.generate, Fa.compress) if packed else (R.generate, R.compress)
+    kw = dict(budget=12, window=4, interval=6, max_new_tokens=30, profile=[0.3, 0.5, 0.2])
+    source = {"recipe": "lcg64", "seed": 0, "config": C.TINY_CONFIG}
+    with open(tmp_path / "spool", "w+") as spool:
+        g = gen(recipe, None, prompt, compress_fn=C.spooled(compress, spool), **kw)
+        assert g.events and not any("kept_positions" in e for e in g.events)
+        streamed = json.loads("".join(C.document_chunks(C.events_document(recipe, g, source=source), spool)))
+    held = C.events_document(recipe, gen(recipe, None, prompt, record_positions=True, **kw), source=source)
+    assert streamed == json.loads(json.dumps(held))
+
+
+def test_lcg_stream_equals_its_definition_across_blocks():
+    """Issue 33, item 7: the random-model weights are drawn by jump-ahead in blocks (no Python float per value);
+    the values equal lcg_uniform's bit for bit, across block boundaries, and so do the recipe's tensors."""
+    stream = C.LCGStream(5, block=7)
+    drawn = torch.cat([stream.take(n) for n in (3, 20, 1, 7)])
+    assert torch.equal(drawn, torch.tensor(C.lcg_uniform(31, 5), dtype=torch.float64))
+    weights, shapes = C.recipe_weights(C.TINY_CONFIG, 3), C.M.checkpoint_shapes(C.M.ModelConfig.from_hf(C.TINY_CONFIG))
+    drawn_names = [n for n in sorted(shapes) if not n.endswith("norm.weight")]
+    flat = torch.tensor(C.lcg_uniform(sum(math.prod(shapes[n]) for n in drawn_names), 3), dtype=torch.float64)
+    start = 0
+    for name in drawn_names:
+        size = math.prod(shapes[name])
+        expected = (flat[start:start + size] / math.sqrt(shapes[name][-1])).float().view(shapes[name])
+        assert torch.equal(weights[name], expected), name
+        start += size

@@ -38,6 +38,7 @@ import sys
 import time
 from fractions import Fraction
 from pathlib import Path
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")  # before torch loads OpenMP: idle threads soon yield the core
 
 import torch
 
