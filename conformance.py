@@ -484,62 +484,145 @@ def num(x) -> float:
     return float(f"{float(x):.12g}")
 
 
-def vector_cases() -> dict[str, list[dict]]:
-    """Every vector file's cases: {"inputs": ..., "output": ...}."""
-    cases: dict[str, list[dict]] = {}
+def run_case(function: str, inputs: dict, *, R=R, evict=evict):
+    """The output of one vector case, computed by the reference functions (or by the modules given: the mutation
+    test hands in deliberately wrong copies). docs/rules.md states every rule these cases pin."""
+    x = inputs
+    if function == "robustify":
+        return R.robustify(torch.tensor(x["demand"], dtype=torch.float64, device="cpu"), x["total"], power=x["power"],
+                           lo=x["lo"], hi=x["hi"], floor=x["floor"]).tolist()
+    if function == "layer_budgets":
+        return R.layer_budgets(x["allocator"], x["num_layers"], x["budget"], window=x["window"],
+                               profile=x["profile_demand"], **x["options"]).tolist()
+    if function == "head_budgets":
+        scores = [torch.tensor(s, dtype=torch.float64, device="cpu") for s in x["scores"]]
+        return getattr(R, x["rule"])(scores, x["layer_budget"], window=x["window"], **x["options"]).tolist()
+    if function == "keep_indices":
+        return evict.keep_indices(torch.tensor(x["scores"], dtype=torch.float64, device="cpu"), x["budget"],
+                                  x["window"]).tolist()
+    if function == "scores":
+        q, k, v = (torch.tensor(x[n], dtype=torch.float64, device="cpu") for n in ("q_win", "k", "v"))
+        out = evict.get_policy(x["policy"])(q, k, v, torch.tensor(x["pos"], device="cpu"), window=x["window"],
+                                            **x["options"])
+        return [num(s) for s in out.tolist()]
+    if function == "trigger":  # the steps that compress: each step adds a token to every head, a compression cuts
+        lengths = torch.full_like(torch.tensor(x["budgets"], device="cpu"), x["prompt_length"])  # (L, Hk)
+        budgets, steps = torch.tensor(x["budgets"], device="cpu"), []
+        for step in range(x["max_new_tokens"] + 1):
+            lengths += step > 0
+            if R.compression_due(step, x["interval"], lengths, budgets):
+                steps.append(step)
+                lengths = torch.minimum(lengths, budgets)
+        return steps
+    raise KeyError(function)
+
+
+def same_output(expected, got, rtol: float = 1e-9) -> bool:
+    """A vector's expected output against a computed one: integers exactly, floats within rtol (the files keep
+    12 significant digits)."""
+    if isinstance(expected, list):
+        return isinstance(got, list) and len(got) == len(expected) and all(map(same_output, expected, got))
+    if isinstance(expected, float) or isinstance(got, float):
+        return abs(expected - got) <= rtol * max(abs(expected), abs(got), 1e-300)
+    return expected == got
+
+
+def vector_inputs() -> dict[str, list[dict]]:
+    """Every vector file's inputs: each option of each function at a non-default value, each tie rule made
+    decisive by a case, and the edges (one unit or layer, B = w + 1, zero demand, a head with nothing evictable)."""
+    f64 = dict(dtype=torch.float64, device="cpu")
     rob = [dict(demand=[3.0, 1.0, 0.5, 0.0], total=40, power=0.5, lo=0.25, hi=2.0, floor=4),
-           dict(demand=[1.0, 1.0, 1.0], total=31, power=0.5, lo=0.25, hi=2.0, floor=0),  # all equal, remainder 1
+           dict(demand=[1.0, 1.0, 1.0], total=31, power=0.5, lo=0.25, hi=2.0, floor=0),  # remainder tie: earlier unit
+           dict(demand=[0.0, 3.0], total=28, power=0.5, lo=0.25, hi=2.0, floor=1),  # remainder tie: larger demand
            dict(demand=[0.0, 0.0], total=17, power=0.5, lo=0.25, hi=2.0, floor=2),  # all zero: uniform
-           dict(demand=[100.0, 0.0, 0.0, 0.0], total=64, power=1.0, lo=0.25, hi=2.0, floor=8),  # one at the cap
+           dict(demand=[100.0, 0.0, 0.0, 0.0], total=64, power=1.0, lo=0.25, hi=2.0, floor=8),  # zero share rises
            dict(demand=[5.0, 5.0, 1.0], total=30, power=0.0, lo=0.25, hi=2.0, floor=0),  # power 0: flat
-           dict(demand=[2.0, 1.0], total=20, power=0.5, lo=0.5, hi=1.2, floor=10)]  # floors pin everyone
-    cases["robustify"] = [{"inputs": c, "output": R.robustify(torch.tensor(c["demand"], device="cpu"), c["total"],
-                                                                power=c["power"], lo=c["lo"], hi=c["hi"],
-                                                                floor=c["floor"]).tolist()} for c in rob]
-    demand = [0.5, 0.2, 0.3, 0.9]
-    cases["layer_budgets"] = [
-        {"inputs": dict(allocator=a, num_layers=4, budget=b, window=w,
-                        profile_demand=demand if R.get_allocator(a).needs_profile else None),
-         "output": R.layer_budgets(a, 4, b, window=w,
-                                   profile=demand if R.get_allocator(a).needs_profile else None).tolist()}
-        for a in R.ALLOCATORS for b, w in ((16, 4), (9, 8))]
+           dict(demand=[9.0, 4.0, 1.0], total=42, power=2.0, lo=0.25, hi=2.0, floor=0),  # power 2: sharper
+           dict(demand=[2.0, 1.0], total=20, power=0.5, lo=0.5, hi=1.2, floor=10),  # floors pin everyone
+           dict(demand=[50.0, 1.0, 1.0, 1.0], total=40, power=1.0, lo=0.5, hi=1.5, floor=0),  # lo and hi both bind
+           dict(demand=[50.0, 1.0, 1.0, 1.0], total=40, power=1.0, lo=0.5, hi=3.0, floor=0),  # lo binds alone
+           dict(demand=[50.0, 1.0, 0.0, 1.0], total=40, power=1.0, lo=0.1, hi=3.0, floor=2),  # floor above lo·m
+           dict(demand=[7.0], total=9, power=0.5, lo=0.25, hi=2.0, floor=0),  # one unit
+           dict(demand=[float("inf"), 1.0, 1.0], total=30, power=0.5, lo=0.25, hi=2.0, floor=0)]  # infinite demand
+    cases = {"robustify": rob}
+    demand, lb = [0.5, 0.2, 0.3, 0.9], []
+    for a in R.ALLOCATORS:
+        for b, w in ((16, 4), (9, 8)):
+            lb.append(dict(allocator=a, num_layers=4, budget=b, window=w, options={}))
+    lb += [dict(allocator="wave", num_layers=4, budget=16, window=4, options={"gamma": 1.0}),
+           dict(allocator="wave", num_layers=4, budget=16, window=4, options={"gamma": 0.0}),
+           dict(allocator="wave", num_layers=4, budget=16, window=4, options={"gamma": 2.0, "lo": 0.1, "hi": 3.0}),
+           dict(allocator="wave", num_layers=1, budget=16, window=4, options={}),  # one layer
+           dict(allocator="pyramid", num_layers=4, budget=16, window=4, options={"beta": 5.0}),
+           dict(allocator="pyramid", num_layers=1, budget=16, window=4, options={}),  # a pyramid of one layer
+           dict(allocator="pyramid", num_layers=5, budget=10, window=4, options={"beta": 2.0})]
+    for c in lb:
+        rule = R.get_allocator(c["allocator"]).layers
+        c["profile_demand"] = demand[:c["num_layers"]] if R.get_allocator(c["allocator"]).needs_profile else None
+        c["options"] = resolved_options(rule, c["options"])  # every option the rule takes, defaults included
+    cases["layer_budgets"] = lb
     heads = {
         "plain": [lcg_tensor((12,), 1).double(), lcg_tensor((12,), 2).double()],
-        "ties": [torch.tensor([0.5] * 6 + [0.25] * 6, dtype=torch.float64),
-                 torch.tensor([0.5] * 12, dtype=torch.float64)],
+        "ties": [torch.tensor([0.5] * 6 + [0.25] * 6, **f64), torch.tensor([0.5] * 12, **f64)],
+        "pooled_tie_across_heads": [torch.ones(6, **f64), torch.ones(6, **f64), torch.ones(2, **f64) * 0.5],
         "ragged": [lcg_tensor((20,), 3).double().abs(), lcg_tensor((4,), 4).double().abs(),
                    lcg_tensor((9,), 5).double().abs()],
-        "shorter_than_window": [torch.zeros(0, dtype=torch.float64), lcg_tensor((10,), 6).double().abs()],
-        "one_head_starved": [torch.full((16,), 1e-9, dtype=torch.float64),
-                             torch.linspace(1, 2, 16, dtype=torch.float64)],
+        "offsets": [lcg_tensor((10,), 11).double() + 3.0, lcg_tensor((10,), 12).double() * 4.0],  # normalize_heads
+        "shorter_than_window": [torch.zeros(0, **f64), lcg_tensor((10,), 6).double().abs()],
+        "nothing_evictable": [torch.zeros(0, **f64), torch.zeros(0, **f64)],  # zero demand everywhere
+        "one_head_starved": [torch.full((16,), 1e-9, **f64), torch.linspace(1, 2, 16, **f64)],
     }
+    rules = [("head_budgets", {"utility": "length"}), ("head_budgets", {"utility": "rank"}),
+             ("head_budgets", {"utility": "raw"}), ("adakv_head_budgets", {}), ("uniform_heads", {}),
+             ("head_budgets", {"beta": 1.0}), ("head_budgets", {"beta": 0.0, "mu": 0.1}),
+             ("head_budgets", {"mu": 0.5}), ("head_budgets", {"mu": 0.5, "hi": 1.25}), ("head_budgets", {"normalize_heads": True}),
+             ("head_budgets", {"utility": "raw", "normalize_heads": True}), ("adakv_head_budgets", {"alpha": 0.5}),
+             ("adakv_head_budgets", {"alpha": 0.0})]
     hb = []
     for name, scores in heads.items():
-        for rule, opts in (("head_budgets", {"utility": "length"}), ("head_budgets", {"utility": "rank"}),
-                           ("head_budgets", {"utility": "raw"}), ("adakv_head_budgets", {}), ("uniform_heads", {})):
-            out = getattr(R, rule)(scores, 12, window=4, **opts)
-            hb.append({"inputs": {"case": name, "rule": rule, "scores": [[num(v) for v in s] for s in scores],
-                                  "layer_budget": 12, "window": 4, "options": resolved_options(getattr(R, rule), opts)},
-                       "output": out.tolist()})
+        for rule, opts in rules:
+            for layer_budget in (12, 5):  # B_l = 12, and B_l = w + 1
+                hb.append({"case": name, "rule": rule, "scores": [[num(v) for v in s] for s in scores],
+                           "layer_budget": layer_budget, "window": 4,
+                           "options": resolved_options(getattr(R, rule), opts)})
     cases["head_budgets"] = hb
-    ki = [(lcg_tensor((10,), 7).double(), 9, 4), (torch.tensor([1.0, 2.0, 2.0, 1.0, 2.0], dtype=torch.float64), 6, 3),
-          (torch.ones(6, dtype=torch.float64), 5, 2), (lcg_tensor((3,), 8).double(), 12, 4),
-          (lcg_tensor((6,), 9).double(), 4, 4)]
-    cases["keep_indices"] = [{"inputs": {"scores": [num(v) for v in s], "budget": b, "window": w},
-                              "output": evict.keep_indices(s, b, w).tolist()} for s, b, w in ki]
+    ki = [(lcg_tensor((10,), 7).double(), 9, 4), (torch.tensor([1.0, 2.0, 2.0, 1.0, 2.0], **f64), 6, 3),
+          (torch.ones(6, **f64), 5, 2), (lcg_tensor((3,), 8).double(), 12, 4), (lcg_tensor((6,), 9).double(), 4, 4),
+          (torch.tensor([3.0, 1.0, 3.0, 2.0, 3.0, 3.0], **f64), 7, 4)]  # ties at the cut: the older tokens
+    cases["keep_indices"] = [{"scores": [num(v) for v in s], "budget": b, "window": w} for s, b, w in ki]
     sc = []
-    for i, (G, w, T, D) in enumerate([(2, 4, 16, 8), (1, 3, 9, 4), (2, 4, 5, 8)]):
+    variants = [{}, {"lam": 0.3}, {"gqa_reduce": "mean"}, {"kernel": 3}, {"kernel": 1}, {"sim_threshold": 0.2},
+                {"zero_col0_quirk": False}, {"sim_threshold": 0.2, "zero_col0_quirk": False}]
+    for i, (G, w, T, D) in enumerate([(2, 4, 16, 8), (1, 3, 9, 4), (2, 4, 5, 8), (2, 3, 12, 6)]):
         q, k, v = lcg_tensor((G, w, D), 10 + i), lcg_tensor((T, D), 20 + i), lcg_tensor((T, D), 30 + i)
         if i == 1:
             k[3] = k[2]  # two equal keys: redundancy ties
+        if i == 3:
+            k[5] = k[5] * 1e-7  # a tiny key: R-KV's normalisation epsilon matters
         for policy in ("rkv", "snapkv"):
             fn = evict.get_policy(policy)
-            s = fn(q.double(), k.double(), v.double(), torch.arange(T, device="cpu"), window=w)
-            sc.append({"inputs": {"policy": policy, "q_win": q.tolist(), "k": k.tolist(), "v": v.tolist(),
-                                  "pos": list(range(T)), "window": w, "options": resolved_options(fn, {})},
-                       "output": [num(x) for x in s.tolist()]})
-    cases["scores"] = sc
+            for opts in variants if i in (0, 3) else [{}]:
+                sc.append({"policy": policy, "q_win": q.tolist(), "k": k.tolist(), "v": v.tolist(),
+                           "pos": list(range(T)), "window": w, "options": resolved_options(fn, opts)})
+    unique = []
+    for c in sc:  # snapkv takes fewer options than rkv: drop the repeats its variants make
+        if c not in unique:
+            unique.append(c)
+    cases["scores"] = unique
+    cases["trigger"] = [
+        dict(prompt_length=30, budgets=[[12, 12], [12, 12]], interval=8, max_new_tokens=40),  # compresses at 0
+        dict(prompt_length=5, budgets=[[12, 12], [12, 12]], interval=8, max_new_tokens=40),  # first over at 8
+        dict(prompt_length=5, budgets=[[13, 20], [30, 25]], interval=8, max_new_tokens=40),  # at budget: not over
+        dict(prompt_length=9, budgets=[[10, 40], [40, 40]], interval=1, max_new_tokens=12),  # every step
+        dict(prompt_length=9, budgets=[[10, 12], [40, 11]], interval=5, max_new_tokens=33),  # ragged budgets
+    ]
     return cases
+
+
+def vector_cases() -> dict[str, list[dict]]:
+    """Every vector file's cases: {"inputs": ..., "output": run_case(...)}."""
+    return {name: [{"inputs": x, "output": run_case(name, x)} for x in inputs]
+            for name, inputs in vector_inputs().items()}
 
 
 EVENT_RUNS = [("reasonalloc", "rkv"), ("uniform", "rkv"), ("uniform", "snapkv"), ("pyramid", "rkv"), ("head", "rkv"),

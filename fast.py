@@ -1271,7 +1271,7 @@ def generate_batch(model, tokenizer, prompts: list, *, seeds: list[int] | None =
     for step in range(max_new_tokens + 1):
         lengths = cache.lengths()  # (L, slots·Hk)
         # 3. every Δ steps (and after the prompt, step 0), for each sequence with a head over its budget
-        due = [policy != "full" and step % interval == 0 and bool((lengths[:, cache.seq_heads(j)] > budgets[i]).any())
+        due = [policy != "full" and R.compression_due(step, interval, lengths[:, cache.seq_heads(j)], budgets[i])
                for j, i in enumerate(active)]
         if any(due):
             new_b, kept = compress_sequences(cache, layer_b, allocator, policy, due, policy_options=policy_options,
@@ -1298,7 +1298,7 @@ def generate_batch(model, tokenizer, prompts: list, *, seeds: list[int] | None =
         for j, i in enumerate(active):
             if on_logits is not None:
                 on_logits(i, step, logits[j])
-            token = greedy[j] if greedy is not None else R.sample(logits[j], temperature, top_p, generators[i])
+            token = greedy[j] if greedy is not None else M.sample(logits[j], temperature, top_p, generators[i])
             if token in stops:
                 final[i] = (int(lengths[:, cache.seq_heads(j)].sum()), int(pos[j]))
                 continue

@@ -523,6 +523,19 @@ def encode_prompt(tokenizer: Tokenizer, config: ModelConfig, prompt: str, *, cha
     return torch.tensor(ids, dtype=torch.long, device="cpu")
 
 
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
+    """Greedy when temperature == 0; otherwise temperature then nucleus (top-p) sampling."""
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits.double()
+    # Shifted so the largest is 0: a tiny temperature then sends the rest to -inf (greedy), not inf - inf.
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
+    p, idx = torch.sort(probs, descending=True)
+    keep = p.cumsum(0) - p < top_p  # the smallest prefix whose mass reaches top_p
+    p = p * keep
+    return int(idx[torch.multinomial(p / p.sum(), 1, generator=generator)])
+
+
 @torch.inference_mode()
 def decode(model: Transformer, ids: torch.Tensor, cache, *, max_new_tokens: int, choose=None, stops=(),
            on_step=None) -> list[int]:
@@ -532,8 +545,8 @@ def decode(model: Transformer, ids: torch.Tensor, cache, *, max_new_tokens: int,
     `on_step(step, token, logits, cache)`, logits (vocab,) predicting the next token; that is where a caller
     compresses the cache, measures it, or streams the text. If on_step returns a token id, that id is fed
     next (teacher forcing; a stop token is then fed too); otherwise `choose(step, logits)` picks one
-    (default: greedy) and a token in `stops` ends the loop. Returns the fed tokens. `cache` may already
-    hold tokens (a conversation continues in it)."""
+    (default: greedy; `sample` draws with a temperature) and a token in `stops` ends the loop. Returns the
+    fed tokens. `cache` may already hold tokens (a conversation continues in it)."""
     choose = choose or (lambda step, logits: int(logits.argmax()))  # greedy
     device = model.embed.weight.device
     logits = model(ids.to(device), cache)  # the prompt, in one pass

@@ -334,19 +334,6 @@ class Generation:
         return asdict(self)
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
-    """Greedy when temperature == 0; otherwise temperature then nucleus (top-p) sampling."""
-    if temperature == 0:
-        return int(logits.argmax())
-    logits = logits.double()
-    # Shifted so the largest is 0: a tiny temperature then sends the rest to -inf (greedy), not inf - inf.
-    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
-    p, idx = torch.sort(probs, descending=True)
-    keep = p.cumsum(0) - p < top_p  # the smallest prefix whose mass reaches top_p
-    p = p * keep
-    return int(idx[torch.multinomial(p / p.sum(), 1, generator=generator)])
-
-
 def validate(*, budget, window, interval, temperature, top_p, allocator, policy, max_new_tokens, gamma, beta, mu,
              head_utility, seed=0):
     """Every run setting checked before any work, with a message that says what to change."""
@@ -394,6 +381,12 @@ def compress(cache, layer_b: torch.Tensor, allocator: str = "reasonalloc", polic
     heads_b = torch.stack(heads_b)  # (L, Hk)
     assert (cache.lengths() <= torch.maximum(heads_b, before)).all(), "a head holds more than its budget"
     return heads_b, kept if positions else None
+
+
+def compression_due(step: int, interval: int, lengths: torch.Tensor, budgets: torch.Tensor) -> bool:
+    """The trigger rule: compress after the prompt (step 0) and every Δ decoded tokens (step % Δ == 0), once
+    some head holds more than its budget (lengths, budgets: (L, Hk)); every layer is then rescored and cut."""
+    return step % interval == 0 and bool((lengths > budgets).any())
 
 
 def compression_event(step: int, layer_b: torch.Tensor, head_b: torch.Tensor, before: torch.Tensor,
@@ -477,7 +470,7 @@ def generate(model, tokenizer, prompt, *, budget: int, allocator: str = "reasona
         choice = hook(step, token, logits, cache) if hook is not None else None
         lengths = cache.lengths()
         # 3. every Δ steps (and after the prompt, step 0), once any head holds more than its budget
-        if policy != "full" and step % interval == 0 and (lengths > budgets).any():
+        if policy != "full" and compression_due(step, interval, lengths, budgets):
             budgets, kept = compress_fn(cache, layer_b, allocator, policy, policy_options=policy_options,
                                         head_options=head_options, positions=record_positions)
             before, lengths = lengths, cache.lengths()
@@ -488,7 +481,7 @@ def generate(model, tokenizer, prompt, *, budget: int, allocator: str = "reasona
         return choice
 
     t0 = time.perf_counter()
-    choose = lambda step, logits: sample(logits, temperature, top_p, generator)  # noqa: E731
+    choose = lambda step, logits: M.sample(logits, temperature, top_p, generator)  # noqa: E731
     out = M.decode(model, ids, cache, max_new_tokens=max_new_tokens, choose=choose,  # 1.-2. prefill, decode
                    stops=M.stop_ids(cfg, tokenizer), on_step=on_step)
     seconds = time.perf_counter() - t0
@@ -536,7 +529,7 @@ def teacher_force(model, ids: torch.Tensor, tokens: list[int], *, budget: int, a
     step = 0
     while True:
         before = cache.lengths()
-        if policy != "full" and step % interval == 0 and (before > budgets).any():
+        if policy != "full" and compression_due(step, interval, before, budgets):
             budgets, kept = compress_fn(cache, layer_b, allocator, policy, policy_options=policy_options,
                                         head_options=head_options, positions=record_positions)
             events.append(compression_event(step, layer_b, budgets, before, cache.lengths(), kept))

@@ -242,3 +242,155 @@ def test_lcg_stream_equals_its_definition_across_blocks():
         expected = (flat[start:start + size] / math.sqrt(shapes[name][-1])).float().view(shapes[name])
         assert torch.equal(weights[name], expected), name
         start += size
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 34: the vectors pin every choice. Each mutant is a deliberately wrong one-line variant of a reference
+# function (file, the exact text it replaces, the wrong text, what it breaks); the committed vectors must catch
+# every one: a vector set that lets a mutant pass is a failing test. Not listed, being equivalent: robustify's
+# high clip without its raise to max(lo·m, floor, m) (where the raise matters, only m for every unit reaches
+# the total, which the final rescale gives anyway).
+
+MUTANTS = [
+    ("reasonalloc.py", "    if prefer is not None:\n", "    if False:\n", "rounding ties by index, not demand"),
+    ("reasonalloc.py", "order[torch.sort(rem, descending=True, stable=True).indices]",
+     "order[torch.sort(rem.flip(0), descending=True, stable=True).indices.flip(0)]", "rounding ties to the later"),
+    ("reasonalloc.py", "low, high = max(lo * m, floor), max(hi * m, lo * m, floor, m)",
+     "low, high = lo * m, max(hi * m, lo * m, floor, m)", "low clip ignores the floor"),
+    ("reasonalloc.py", "low, high = max(lo * m, floor), max(hi * m, lo * m, floor, m)",
+     "low, high = max(0.25 * m, floor), max(hi * m, lo * m, floor, m)", "robustify's lo ignored"),
+    ("reasonalloc.py", "low, high = max(lo * m, floor), max(hi * m, lo * m, floor, m)",
+     "low, high = max(lo * m, floor), max(2.0 * m, lo * m, floor, m)", "robustify's hi ignored"),
+    ("reasonalloc.py", "    x = d.pow(power)\n", "    x = d.pow(0.5)\n", "robustify's power ignored"),
+    ("reasonalloc.py", "    x = x / x.max() + 1e-12\n", "    x = x / x.max()\n", "no share for zero demand"),
+    ("reasonalloc.py", "torch.ones(n, dtype=torch.float64, device=d.device) if x.sum() <= 0",
+     "torch.zeros(n, dtype=torch.float64, device=d.device) if x.sum() <= 0", "all-zero demand not uniform"),
+    ("reasonalloc.py", "    lo = bp / beta\n", "    lo = bp / 20.0\n", "pyramid's beta ignored"),
+    ("reasonalloc.py", "    if num_layers == 1:\n        return torch.tensor([budget], device=\"cpu\")\n",
+     "    if num_layers == 1:\n        return torch.tensor([budget + 1], device=\"cpu\")\n", "a pyramid of one layer"),
+    ("reasonalloc.py", "    hi = 2 * bp - lo\n", "    hi = 2 * bp\n", "pyramid's top layer"),
+    ("reasonalloc.py", "power=gamma, lo=lo, hi=hi, floor=window)", "power=0.5, lo=lo, hi=hi, floor=window)",
+     "wave's gamma ignored"),
+    ("reasonalloc.py", "power=gamma, lo=lo, hi=hi, floor=window)", "power=gamma, lo=0.25, hi=2.0, floor=window)",
+     "wave's clips ignored"),
+    ("reasonalloc.py", "power=gamma, lo=lo, hi=hi, floor=window)", "power=gamma, lo=lo, hi=hi, floor=0)",
+     "wave's floor w dropped"),
+    ("reasonalloc.py", "[s.double() * (len(s) + window) for s in scores]", "[s.double() * len(s) for s in scores]",
+     "length utility without the window"),
+    ("reasonalloc.py", "out.append(1 - rank / max(len(s), 1))", "out.append(-rank)", "rank utility not a quantile"),
+    ("reasonalloc.py", "    if normalize_heads:\n", "    if False:\n", "normalize_heads ignored"),
+    ("reasonalloc.py", "    k = len(scores) * (int(layer_budget) - window)\n", "    k = len(scores) * int(layer_budget)\n",
+     "pooled top-k counts the window"),
+    ("reasonalloc.py", "top = torch.sort(pooled, descending=True, stable=True).indices[:k]",
+     "top = (len(pooled) - 1 - torch.sort(pooled.flip(0), descending=True, stable=True).indices)[:k]",
+     "pooled ties to the later head"),
+    ("reasonalloc.py", "power=beta, lo=mu, hi=hi, floor=window)", "power=0.5, lo=mu, hi=hi, floor=window)",
+     "head level's beta ignored"),
+    ("reasonalloc.py", "power=beta, lo=mu, hi=hi, floor=window)", "power=beta, lo=0.25, hi=hi, floor=window)",
+     "head level's mu ignored"),
+    ("reasonalloc.py", "power=beta, lo=mu, hi=hi, floor=window)", "power=beta, lo=mu, hi=2.0, floor=window)",
+     "head level's hi ignored"),
+    ("reasonalloc.py", "power=beta, lo=mu, hi=hi, floor=window)", "power=beta, lo=mu, hi=hi, floor=0)",
+     "head level's floor w dropped"),
+    ("reasonalloc.py", "r = head_demand(scores, layer_budget, window=window, utility=utility,",
+     "r = head_demand(scores, layer_budget, window=window, utility=\"length\",", "head utility ignored"),
+    ("reasonalloc.py", "c = head_demand(scores, layer_budget, window=window, utility=\"raw\").double()",
+     "c = head_demand(scores, layer_budget, window=window, utility=\"length\").double()", "Ada-KV pools lengths"),
+    ("reasonalloc.py", "round_to_total(c * (1 - alpha) + alpha * bp, Hk * bp)",
+     "round_to_total(c * 0.8 + 0.2 * bp, Hk * bp)", "Ada-KV's alpha ignored"),
+    ("reasonalloc.py", "        c = c + (Hk * bp - c.sum()) / Hk\n", "        c = c + (Hk * bp - c.sum()) / Hk * 0\n",
+     "Ada-KV without its spreading step"),
+    ("reasonalloc.py", "return step % interval == 0 and bool((lengths > budgets).any())",
+     "return step % interval == 0 and bool((lengths >= budgets).any())", "trigger on a head at its budget"),
+    ("reasonalloc.py", "return step % interval == 0 and bool((lengths > budgets).any())",
+     "return step > 0 and step % interval == 0 and bool((lengths > budgets).any())", "no compression after the prompt"),
+    ("reasonalloc.py", "return step % interval == 0 and bool((lengths > budgets).any())",
+     "return step % interval == 0 and bool((lengths > budgets).all())", "trigger only when every head is over"),
+    ("evict.py", "logits = reduce_group(logits, gqa_reduce, dim=0)  # (w, T-w)",
+     "logits = reduce_group(logits, \"max\", dim=0)  # (w, T-w)", "gqa_reduce ignored"),
+    ("evict.py", "logits = reduce_group(logits, gqa_reduce, dim=0)  # (w, T-w)",
+     "logits = reduce_group(logits.softmax(-1), gqa_reduce, dim=0).log()  # (w, T-w)", "GQA reduced after softmax"),
+    ("evict.py", "att = window_attention(q_win, k, window=window, gqa_reduce=gqa_reduce).mean(dim=0)",
+     "att = window_attention(q_win, k, window=window, gqa_reduce=gqa_reduce).max(dim=0).values",
+     "max over the window queries, not mean"),
+    ("evict.py", "kernel_size=kernel, stride=1, padding=kernel // 2)", "kernel_size=7, stride=1, padding=3)",
+     "pooling kernel ignored"),
+    ("evict.py", "kernel_size=kernel, stride=1, padding=kernel // 2)", "kernel_size=1, stride=1, padding=0)",
+     "no max-pooling"),
+    ("evict.py", "return lam * importance - (1 - lam) * R[: k.shape[0] - window]",
+     "return 0.1 * importance - 0.9 * R[: k.shape[0] - window]", "lam ignored"),
+    ("evict.py", "return lam * importance - (1 - lam) * R[: k.shape[0] - window]",
+     "return lam * importance - (1 - lam) * R[window:]", "redundancy of the wrong rows"),
+    ("evict.py", "    similar = cos > sim_threshold\n", "    similar = cos > 0.5\n", "sim_threshold ignored"),
+    ("evict.py", "    rows = idx if zero_col0_quirk else idx[similar.any(dim=-1)]\n", "    rows = idx\n",
+     "zero_col0_quirk ignored"),
+    ("evict.py", "    rows = idx if zero_col0_quirk else idx[similar.any(dim=-1)]\n",
+     "    rows = idx[similar.any(dim=-1)]\n", "no column-0 quirk by default"),
+    ("evict.py", "    cos.fill_diagonal_(0.0)\n", "    pass\n", "diagonal kept"),
+    ("evict.py", "    return cos.mean(dim=0).softmax(dim=-1)\n", "    return cos.mean(dim=1).softmax(dim=-1)\n",
+     "row mean, not column mean"),
+    ("evict.py", "kn = k / (k.norm(dim=-1, keepdim=True) + 1e-8)", "kn = k / k.norm(dim=-1, keepdim=True)",
+     "R-KV's normalisation epsilon"),
+    ("evict.py", "order = torch.sort(scores, descending=True, stable=True).indices[: budget - window]",
+     "order = (n - 1 - torch.sort(scores.flip(0), descending=True, stable=True).indices)[: budget - window]",
+     "selection ties to the newer token"),
+    ("evict.py", "    return torch.cat([order.sort().values, torch.arange(n, T, device=scores.device)])\n",
+     "    return torch.cat([order.sort().values, torch.arange(n + 1, T, device=scores.device)])\n",
+     "the window shortened"),
+]
+
+
+def mutated(file: str, old: str, new: str):
+    """A copy of reasonalloc.py or evict.py as a fresh module with `old` replaced by `new` (once, exactly)."""
+    import types
+
+    source = (HERE / file).read_text()
+    assert source.count(old) == 1, f"the mutant's text is not found once in {file}: {old!r}"
+    module = types.ModuleType(f"mutant_{Path(file).stem}")
+    module.__file__ = str(HERE / file)
+    sys.modules[module.__name__] = module  # dataclasses look their module up while the file runs
+    try:
+        exec(compile(source.replace(old, new), module.__file__, "exec"), module.__dict__)
+    finally:
+        del sys.modules[module.__name__]
+    return module
+
+
+def caught(modules: dict) -> list[str]:
+    """The vector cases the given modules fail (a wrong output or an error), as 'file #index'."""
+    failed = []
+    for name in ("robustify", "layer_budgets", "head_budgets", "keep_indices", "scores", "trigger"):
+        for i, case in enumerate(json.loads((HERE / "vectors" / f"{name}.json").read_text())["cases"]):
+            try:
+                ok = C.same_output(case["output"], C.run_case(name, case["inputs"], **modules))
+            except Exception:  # noqa: BLE001 (a mutant that crashes is caught too)
+                ok = False
+            if not ok:
+                failed.append(f"{name} #{i}")
+    return failed
+
+
+def test_the_reference_passes_every_vector():
+    assert caught({}) == []
+
+
+@pytest.mark.parametrize("file, old, new, what", MUTANTS, ids=[m[3] for m in MUTANTS])
+def test_every_mutant_fails_a_committed_vector(file, old, new, what):
+    module = mutated(file, old, new)
+    assert caught({"evict": module} if file == "evict.py" else {"R": module}), \
+        f"no committed vector catches the mutant '{what}'"
+
+
+def test_mutants_cover_every_option_of_every_vector_function():
+    """At least one mutant per option of each function the vectors cover (and the tie rules, listed above)."""
+    options = set()
+    for fn in (R.robustify, R.wave_layers, R.pyramid_schedule, R.head_budgets, R.adakv_head_budgets,
+               C.evict.rkv_score, C.evict.snapkv_score):
+        options |= set(C.resolved_options(fn, {}))
+    named = {"power", "lo", "hi", "floor", "gamma", "beta", "mu", "utility", "normalize_heads", "alpha", "lam",
+             "gqa_reduce", "kernel", "sim_threshold", "zero_col0_quirk"}
+    assert options == named  # a new option needs a mutant here
+    text = " ".join(m[3] for m in MUTANTS)
+    for option in named - {"floor", "utility", "power"}:
+        assert option in text, option
+    assert all(w in text for w in ("floor", "utility", "power", "ties"))

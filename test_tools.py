@@ -771,7 +771,7 @@ def test_run_settings_refused_up_front():
 def test_tiny_temperature_is_greedy_not_nan():
     logits = torch.tensor([1.0, 3.0, 2.0])
     g = torch.Generator().manual_seed(0)
-    assert R.sample(logits, 1e-40, 1.0, g) == 1 and R.sample(logits, 1e-40, 0.5, g) == 1
+    assert M.sample(logits, 1e-40, 1.0, g) == 1 and M.sample(logits, 1e-40, 0.5, g) == 1
 
 
 def test_fast_cache_memory_follows_holdings_not_interval(tiny_model):

@@ -161,7 +161,7 @@ def run_ours(model, ids, steps, *, budget=None, allocator="reasonalloc", interva
         for step in range(2, steps + 2):
             logits = step_fn(token)
             token = logits[-1].argmax()
-            if budget and step % interval == 0 and (cache.lengths() > budgets).any():
+            if budget and R.compression_due(step, interval, cache.lengths(), budgets):
                 budgets = fast.compress(cache, layer_b, allocator, "rkv", positions=False)[0]
             held.append(int(cache.n.sum()))
         sync(ids.device)
@@ -490,7 +490,7 @@ def run_batch(model, n, ctx, layer_b, allocator, *, steps, interval, window):
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
         tokens = step_fn(tokens).argmax(dim=-1)
-        if budgets is not None and step % interval == 0 and (cache.lengths() > budgets).any():
+        if budgets is not None and R.compression_due(step, interval, cache.lengths(), budgets):
             fast.compress_sequences(cache, layer_b, allocator, "rkv", [True] * n, policy_options={}, head_options={},
                                  positions=False)
     sync(dev)
