@@ -146,7 +146,10 @@ def model_fingerprint(path: Path, *, samples: int = 16, sample_bytes: int = 1 <<
 
 SCHEMA_NAME, SCHEMA_VERSION = "reasonalloc-events", 1
 SCHEMA_FILE = HERE / "events.schema.json"
-RTOL, ATOL = 1e-3, 1e-6  # scores this close are a tie when a difference is explained (bfloat16 keeps ~3 digits)
+# Two scores this close are a tie (or a near-tie: rounding at the file's dtype can order them either way) when a
+# difference is explained: a few units of the dtype's rounding, relative (bfloat16 keeps ~3 digits).
+DTYPE_RTOL = {"float64": 1e-9, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
+RTOL, ATOL = 1e-3, 1e-6  # when the dtype is not one of those
 
 
 def resolved_options(fn, given: dict | None, skip=("window", "profile")) -> dict:
@@ -247,7 +250,10 @@ def check_settings(doc: dict, path) -> None:
     """What the schema cannot say: every rule option is one the rule takes, of its default's type; the settings
     pass generate()'s own checks; token ids lie in the vocabulary; kept positions ascend. Each refusal names the
     field, so a bad file ends `check` with exit status 2, never a traceback or a reported difference."""
-    s = doc["settings"]
+    s, src = doc["settings"], doc["model"]["source"]
+    if "fingerprint" not in src and not {"recipe", "seed", "config"} <= set(src):
+        raise ValueError(f"{path}: model.source must name the weights: {{\"fingerprint\": ...}} of a model folder "
+                         f"(null if it cannot be computed) or {{\"recipe\", \"seed\", \"config\"}}, got {json.dumps(src)}")
     alloc, policy = R.get_allocator(s["allocator"]), evict.get_policy(s["policy"])  # unknown names: one line each
     rules = {"layer_options": alloc.layers, "head_options": alloc.heads, "policy_options": policy}
     for field, fn in rules.items():
@@ -292,7 +298,8 @@ def read_events(path) -> dict:
     try:
         doc = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({getattr(e, 'msg', e)}); is it truncated? Write it "
+        at = f" at line {e.lineno}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise ValueError(f"{path} is not valid JSON ({getattr(e, 'msg', e)}{at}); is it truncated? Write it "
                          f"again") from None
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA_NAME:
         old = isinstance(doc, dict) and "events" in doc and "version" not in doc
@@ -385,9 +392,30 @@ def tie(a: float, b: float, rtol: float = RTOL, atol: float = ATOL) -> bool:
     return abs(a - b) <= atol + rtol * max(abs(a), abs(b))
 
 
-def explain(d: dict, scores, policy: str, policy_options: dict, rtol: float = RTOL, atol: float = ATOL) -> list[str]:
-    """Lines that say what differs at the first difference `d`, with the reference's scores."""
-    where = f"event {d['event']} (step {d['step']})"
+def kept_pattern(theirs: list, ours: list, window: list, event_pairs) -> str | None:
+    """The pattern of a kept-positions difference, if it is one of the two common backend bugs: the protected
+    window (the head's w newest, `window`) not all kept, or every kept position moved by one constant (all heads
+    of the event, given as (theirs, ours) pairs). None otherwise."""
+    dropped = [p for p in window if p not in theirs]
+    if dropped:
+        return (f"  pattern: protected-window tokens evicted: the backend dropped {dropped}, among the head's "
+                f"w = {len(window)} newest positions {window}, which every head always keeps (the observation "
+                f"window); check the backend's window size and which rows it protects")
+    shifts = {b - a for t, o in event_pairs if len(t) == len(o) for a, b in zip(o, t)}
+    if len(shifts) == 1 and 0 not in shifts and all(len(t) == len(o) for t, o in event_pairs):
+        c = shifts.pop()
+        return (f"  pattern: every kept position of this event, in every head, is the reference's {c:+d}: the "
+                f"backend counts positions from another origin (0- or 1-based, a BOS or the prompt counted "
+                f"differently), not a scoring difference")
+    return None
+
+
+def explain(d: dict, scores, doc: dict, rtol: float, atol: float, ours_event: dict | None = None,
+            demand=None) -> list[str]:
+    """Lines that say what differs at the first difference `d`: the pattern first when it is a known one (window
+    evicted, positions shifted, a head-budget split with its layer's budgets and demand), then the reference's
+    scores and whether they tie at the file's dtype."""
+    where, s = f"event {d['event']} (step {d['step']})", doc["settings"]
     if d["field"] == "count":
         return [f"{where}: the backend has {d['theirs']} compression events, the reference {d['ours']}"]
     if d["field"] == "kept_positions":
@@ -403,14 +431,39 @@ def explain(d: dict, scores, policy: str, policy_options: dict, rtol: float = RT
         lines = [f"{head}: kept positions differ",
                  f"  kept only by the backend:   {only_theirs} (reference scores {[label(p) for p in only_theirs]})",
                  f"  kept only by the reference: {only_ours} (reference scores {[label(p) for p in only_ours]})"]
+        theirs_event = doc["events"][d["event"]]["kept_positions"]
+        pairs = [(t, o) for tl, ol in zip(theirs_event, ours_event["kept_positions"]) for t, o in zip(tl, ol)]
+        pattern = kept_pattern(d["theirs"], d["ours"], [p for p in pos if p not in score_of], pairs)
+        if pattern:
+            return lines + [pattern]
         pairs = [(score_of.get(a), score_of.get(b)) for a in only_theirs for b in only_ours]
         if pairs and all(a is not None and b is not None and tie(a, b, rtol, atol) for a, b in pairs):
-            lines.append(f"  a tie: these scores are equal within rtol {rtol:g}, atol {atol:g}. The reference "
-                         f"keeps the older token among equal scores (stable sort); check the backend's tie rule "
-                         f"or its score precision")
+            lines.append(f"  a tie at {s['dtype']}: these scores are equal within rtol {rtol:g}, atol {atol:g} (the "
+                         f"dtype's rounding). The reference keeps the older token among equal scores (stable sort); "
+                         f"check the backend's tie rule, or its score precision")
         else:
             lines.append(f"  not a tie: the backend kept tokens the reference scores lower or does not hold; check "
-                         f"the score function ({policy} with {policy_options}) or the selection")
+                         f"the score function ({s['policy']} with {s['policy_options']}) or the selection")
+        return lines
+    if d["field"] == "head_budgets":
+        l, theirs, ours = d["layer"], doc["events"][d["event"]], ours_event
+        lines = [f"{where}, layer {l}, KV head {d['head']}: head budget {d['theirs']} in the backend, {d['ours']} in "
+                 f"the reference",
+                 f"  layer {l}'s budgets b_lh: {theirs['head_budgets'][l]} in the backend, {ours['head_budgets'][l]} "
+                 f"in the reference (B_l {theirs['layer_budgets'][l]} and {ours['layer_budgets'][l]})",
+                 f"  tokens each head held before (T_h): {theirs['lengths_before'][l]} in the backend, "
+                 f"{ours['lengths_before'][l]} in the reference"]
+        if demand is not None:
+            r, gap = demand
+            lines.append(f"  the reference's head demand r_h (pooled top Hk·(B_l − w) of {s['allocator']}'s head rule "
+                         f"with {s['head_options']}): {r}; the file records no demand of the backend's")
+            if gap is not None and tie(*gap, rtol, atol):
+                lines.append(f"  a near-tie at {s['dtype']}: the pooled utilities at the threshold, {gap[0]:.8g} and "
+                             f"{gap[1]:.8g}, are equal within the dtype's rounding (rtol {rtol:g}), so a backend may "
+                             f"count one token to another head; check its score precision")
+            else:
+                lines.append("  not a near-tie at the threshold: check the head rule (utility, pooling, robustify) "
+                             "or the scores it pools")
         return lines
     if d["head"] is not None:
         return [f"{where}, layer {d['layer']}, KV head {d['head']}: {d['field']} {d['theirs']} in the backend, "
@@ -421,8 +474,29 @@ def explain(d: dict, scores, policy: str, policy_options: dict, rtol: float = RT
     return [f"{where}: {d['field']} {d['theirs']} in the backend, {d['ours']} in the reference"]
 
 
-def check(doc: dict, model, *, rtol: float = RTOL, atol: float = ATOL, out=print) -> bool:
-    """Replay `doc` and compare it event by event; print agreement or the first difference. True if all agree."""
+def reference_demand(doc: dict, scores, layer: int, layer_budget: int):
+    """The reference's head demand r_h at a compression, from the scores it pooled, and the two pooled utilities
+    at the threshold (the k-th and the (k+1)-th largest; None when there is no cut)."""
+    rule = R.get_allocator(doc["settings"]["allocator"]).heads
+    if rule not in (R.head_budgets, R.adakv_head_budgets):
+        return None
+    w, opts = doc["settings"]["window"], doc["settings"]["head_options"]
+    utility = opts.get("utility", "length") if rule is R.head_budgets else "raw"
+    tensors = [torch.tensor(sc, dtype=torch.float64, device="cpu") for _, sc in scores]
+    r = R.head_demand(tensors, layer_budget, window=w, utility=utility,
+                      normalize_heads=opts.get("normalize_heads", False) if rule is R.head_budgets else False)
+    pooled = torch.cat(R.comparable(tensors, utility, w)).sort(descending=True).values
+    k = len(tensors) * (layer_budget - w)
+    return r.tolist(), (float(pooled[k - 1]), float(pooled[k])) if 0 < k < len(pooled) else None
+
+
+def check(doc: dict, model, *, rtol: float | None = None, atol: float = ATOL, out=print) -> bool:
+    """Replay `doc` and compare it event by event; print agreement or the first difference. True if all agree.
+    rtol None: the file's dtype's (DTYPE_RTOL)."""
+    rtol = DTYPE_RTOL.get(doc["settings"]["dtype"], RTOL) if rtol is None else rtol
+    if "recipe" not in doc["model"]["source"] and doc["model"]["source"].get("fingerprint") is None:
+        out("note: the file names no weight fingerprint, so check cannot tell whether the model it loads holds the "
+            "weights the run used; a difference may come from other weights")
     g, _ = replay(model, doc)
     theirs, ours = doc["events"], g.events
     d = first_difference(theirs, ours)
@@ -432,10 +506,13 @@ def check(doc: dict, model, *, rtol: float = RTOL, atol: float = ATOL, out=print
     if d is None:
         out(f"all {len(ours)} compression events agree: budgets and kept positions are equal")
         return True
-    scores = None
-    if d["field"] == "kept_positions":
+    scores = demand = None
+    if d["field"] in ("kept_positions", "head_budgets"):
         _, scores = replay(model, doc, at_step=d["step"], layer=d["layer"])
-    for line in explain(d, scores, doc["settings"]["policy"], doc["settings"]["policy_options"], rtol, atol):
+    if d["field"] == "head_budgets":
+        demand = reference_demand(doc, scores, d["layer"], ours[d["event"]]["layer_budgets"][d["layer"]])
+    ours_event = ours[d["event"]] if d["event"] < len(ours) else None
+    for line in explain(d, scores, doc, rtol, atol, ours_event, demand):
         out(line)
     return False
 
@@ -450,7 +527,9 @@ def check_main(argv=None) -> int:
     p.add_argument("events", help=f"an events file ({SCHEMA_NAME} version {SCHEMA_VERSION}, events.schema.json)")
     p.add_argument("--model", help="the model folder the events were made with (default: the weight recipe named in "
                                    "the file, or else the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--rtol", type=float, default=RTOL, help="relative tolerance under which two scores are a tie")
+    p.add_argument("--rtol", type=float, help="relative tolerance under which two scores are a tie (default: the "
+                                             "file's dtype's rounding: " + ", ".join(f"{k} {v:g}" for k, v in
+                                                                                    DTYPE_RTOL.items()) + ")")
     p.add_argument("--atol", type=float, default=ATOL, help="absolute tolerance under which two scores are a tie")
     args = p.parse_args(argv)
     try:

@@ -102,7 +102,7 @@ def test_check_names_a_moved_position_a_budget_and_a_tie(recipe):
     theirs, ours = hb[0] + 1, hb[0]
     hb[0], hb[1] = hb[0] + 1, hb[1] - 1
     ok, text = check_lines(bad, recipe)
-    assert not ok and f"event 1 (step 6), layer 2, KV head 0: head_budgets {theirs} in the backend, {ours} in the reference" in text
+    assert not ok and f"event 1 (step 6), layer 2, KV head 0: head budget {theirs} in the backend, {ours} in the reference" in text
     # 3. a tie broken the other way: SnapKV's max-pooling makes equal scores
     snap = document(recipe, allocator="uniform", policy="snapkv")
     for i, e in enumerate(snap["events"]):
@@ -120,7 +120,7 @@ def test_check_names_a_moved_position_a_budget_and_a_tie(recipe):
     kept.sort()
     ok, text = check_lines(bad, recipe)
     assert not ok and f"event {i} (step {e['step']}), layer 0, KV head 0: kept positions differ" in text
-    assert "a tie: these scores are equal within rtol" in text
+    assert "a tie at float64: these scores are equal within rtol" in text
 
 
 def test_check_refuses_bad_files_with_one_line(recipe, tmp_path):
@@ -394,3 +394,63 @@ def test_mutants_cover_every_option_of_every_vector_function():
     for option in named - {"floor", "utility", "power"}:
         assert option in text, option
     assert all(w in text for w in ("floor", "utility", "power", "ties"))
+
+
+def test_check_reports_the_three_planted_bugs_by_their_pattern(recipe):
+    """Issue 34: a constant shift of every kept position, a protected window one token short, and a head-budget
+    split that differs are each named by their pattern, before the generic hint."""
+    doc = document(recipe)
+    # 1. every kept position of an event shifted by one (a backend counting positions from 1)
+    bad = copy.deepcopy(doc)
+    e = bad["events"][2]
+    e["kept_positions"] = [[[p + 1 for p in head] for head in layer] for layer in e["kept_positions"]]
+    ok, text = check_lines(bad, recipe)
+    assert not ok and "pattern: every kept position of this event, in every head, is the reference's +1" in text
+    assert "not a tie" not in text
+    # 2. the window one token short: the newest token of a head evicted for an older one
+    bad = copy.deepcopy(doc)
+    e = bad["events"][2]
+    kept, before = e["kept_positions"][0][1], bad["events"][1]["kept_positions"][0][1]
+    held = set(before) | set(range(max(before) + 1, 30 + e["step"]))
+    kept[-1] = min(held - set(kept))
+    kept.sort()
+    ok, text = check_lines(bad, recipe)
+    assert not ok and "pattern: protected-window tokens evicted: the backend dropped [" in text
+    assert f"among the head's w = {doc['settings']['window']} newest positions" in text
+    # 3. a head budget moved within its layer: the layer's whole split and the reference's demand are shown
+    bad = copy.deepcopy(doc)
+    hb = bad["events"][1]["head_budgets"][2]
+    hb[0], hb[1] = hb[0] + 1, hb[1] - 1
+    ok, text = check_lines(bad, recipe)
+    ours = doc["events"][1]
+    assert not ok and f"layer 2's budgets b_lh: {hb} in the backend, {ours['head_budgets'][2]} in the reference" in text
+    assert f"tokens each head held before (T_h): {ours['lengths_before'][2]}" in text
+    assert "the reference's head demand r_h" in text and "near-tie" in text
+
+
+def test_check_keeps_json_positions_and_names_the_weights_source(recipe, tmp_path):
+    doc = document(recipe)
+    bad = tmp_path / "cut.json"
+    bad.write_text(json.dumps(doc, indent=1)[:500])
+    with pytest.raises(ValueError, match=r"not valid JSON \(.* at line \d+, column \d+\)"):
+        C.read_events(bad)
+    empty = tmp_path / "empty_source.json"
+    empty.write_text(json.dumps({**doc, "model": {**doc["model"], "source": {}}}))
+    with pytest.raises(ValueError, match="model.source must name the weights"):
+        C.read_events(empty)
+    unverified = {**doc, "model": {**doc["model"], "source": {"fingerprint": None}}}
+    lines = []
+    assert C.check(unverified, recipe, out=lines.append)  # the recipe model given: the run agrees, with a note
+    assert lines[0].startswith("note: the file names no weight fingerprint")
+
+
+def test_near_ties_are_judged_at_the_files_dtype(recipe):
+    """Issue 33, item 6: the tolerance under which two scores tie is the file's dtype's rounding."""
+    assert C.DTYPE_RTOL["bfloat16"] > C.DTYPE_RTOL["float32"] > C.DTYPE_RTOL["float64"]
+    a, b = 1.0, 1.0 + 5e-3  # apart in float32, one rounding step apart in bfloat16 (2^-8 = 3.9e-3)
+    assert C.tie(a, b, C.DTYPE_RTOL["bfloat16"]) and not C.tie(a, b, C.DTYPE_RTOL["float32"])
+    d = {"event": 0, "step": 0, "field": "kept_positions", "layer": 0, "head": 0, "theirs": [0, 5], "ours": [1, 5]}
+    doc = {"settings": {"dtype": "bfloat16", "policy": "rkv", "policy_options": {}},
+           "events": [{"kept_positions": [[[0, 5]]]}]}
+    lines = C.explain(d, [([0, 1, 5], [a, b])], doc, C.DTYPE_RTOL["bfloat16"], C.ATOL, {"kept_positions": [[[1, 5]]]})
+    assert "a tie at bfloat16" in lines[-1]
