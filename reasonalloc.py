@@ -51,8 +51,9 @@ except ModuleNotFoundError as e:
 
 
 def round_to_total(x: torch.Tensor, total: int, prefer: torch.Tensor | None = None) -> torch.Tensor:
-    """Largest-remainder rounding: integers within one of x that sum exactly to `total`.
-    Ties in the remainder go to the larger `prefer` (e.g. the demand), then to the earlier entry."""
+    """Largest-remainder rounding: base = floor(x + 1e-9), then one more for the `total − Σ base` largest
+    remainders x − base. Ties in the remainder go to the larger `prefer` (e.g. the demand), then to the earlier
+    entry. docs/rules.md, section 1."""
     base = torch.floor(x + 1e-9).long()
     short = int(total) - int(base.sum())
     if not 0 <= short <= len(x):
@@ -69,10 +70,11 @@ def round_to_total(x: torch.Tensor, total: int, prefer: torch.Tensor | None = No
 def robustify(demand, total: int, *, power: float = 0.5, lo: float = 0.25, hi: float = 2.0, floor: int = 0):
     """Integer budgets (n,) for n units from their demand, summing exactly to `total`.
 
-    x = demand ** power (power < 1 flattens the demand, so one noisy estimate cannot take everything);
-    find the scale s with Σ clip(s·x, max(lo·m, floor), hi·m) = total, m = total / n (water-filling:
-    clipped units are pinned and the rest rescaled, done here by bisection on s); round by largest
-    remainder. All-zero demand gives a uniform split."""
+    x = demand ** power (power < 1 flattens the demand, so one noisy estimate cannot take everything),
+    then x / max(x) + 1e-12 (a zero demand's share); find the scale s with Σ clip(s·x, low, high) = total,
+    m = total / n, low = max(lo·m, floor), high = max(hi·m, lo·m, floor, m) (water-filling: clipped units are
+    pinned and the rest rescaled, done here by bisection on s); round by largest remainder. All-zero demand
+    gives a uniform split. docs/rules.md, section 2, states every step for a port."""
     where = demand.device if isinstance(demand, torch.Tensor) else "cpu"  # every tensor names its device
     d = torch.as_tensor(demand, dtype=torch.float64, device=where).flatten()
     n, total = d.numel(), int(total)
@@ -206,7 +208,7 @@ def comparable(scores: list[torch.Tensor], utility: str, window: int) -> list[to
 
 def head_demand(scores: list[torch.Tensor], layer_budget: int, *, window: int = 8, utility: str = "length",
                 normalize_heads: bool = False) -> torch.Tensor:
-    """(Hk,) r_h: how many of head h's tokens are in the layer's pooled top Hk·(B_l − w) utilities.
+    """(Hk,) r_h: how many of head h's evictable tokens are in the layer's pooled top Hk·(B_l − w) utilities.
     utility: how scores of heads of different lengths are made comparable (see `comparable`; "length" by
     default, chosen on the calibration prompts: docs/evaluation.md).
     normalize_heads: Ada-KV-style, first shift each head's scores to >= 0 and scale them to sum to 1."""

@@ -454,3 +454,177 @@ def test_near_ties_are_judged_at_the_files_dtype(recipe):
            "events": [{"kept_positions": [[[0, 5]]]}]}
     lines = C.explain(d, [([0, 1, 5], [a, b])], doc, C.DTYPE_RTOL["bfloat16"], C.ATOL, {"kept_positions": [[[1, 5]]]})
     assert "a tie at bfloat16" in lines[-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# A port written from docs/rules.md alone, in plain Python (no torch, no line of reasonalloc.py or evict.py):
+# it must pass every vector, which checks that the document is complete.
+
+def port_round(x, total, prefer=None):
+    base = [math.floor(v + 1e-9) for v in x]
+    short = total - sum(base)
+    assert 0 <= short <= len(x)
+    order = list(range(len(x)))
+    if prefer is not None:
+        order.sort(key=lambda i: -prefer[i])  # Python's sort is stable
+    order.sort(key=lambda i: -(x[i] - base[i]))
+    for i in order[:short]:
+        base[i] += 1
+    return base
+
+
+def port_robustify(demand, total, power=0.5, lo=0.25, hi=2.0, floor=0):
+    n = len(demand)
+    m = total / n
+    low, high = max(lo * m, floor), max(hi * m, lo * m, floor, m)
+    x = [d ** power for d in demand]
+    if sum(x) <= 0:
+        x = [1.0] * n
+    elif any(math.isinf(v) for v in x):
+        x = [1.0 if math.isinf(v) else 0.0 for v in x]
+    top = max(x)
+    x = [v / top + 1e-12 for v in x]
+
+    def filled(s):
+        total_ = 0.0
+        for v in x:
+            total_ += min(max(v * s, low), high)
+        return total_
+
+    a, b = 0.0, 1.0
+    while filled(b) < total and b < 1e300:
+        b *= 2
+    for _ in range(200):
+        mid = (a + b) / 2
+        if mid in (a, b):
+            break
+        a, b = (mid, b) if filled(mid) < total else (a, mid)
+    r = [min(max(v * b, low), high) for v in x]
+    s = 0.0
+    for v in r:
+        s += v
+    return port_round([v * (total / s) for v in r], total, prefer=demand)
+
+
+def port_layers(allocator, L, B, w, demand, options):
+    if allocator in ("uniform", "head", "adakv"):
+        return [B] * L
+    if allocator == "pyramid":
+        if L == 1:
+            return [B]
+        bp = B - w
+        lo = bp / options["beta"]
+        hi = 2 * bp - lo
+        return port_round([hi - l * (hi - lo) / (L - 1) + w for l in range(L)], L * B)
+    return port_robustify(demand, L * B, options["gamma"], options["lo"], options["hi"], w)
+
+
+def port_demand(scores, B_l, w, utility, normalize):
+    u = []
+    for s in scores:
+        if utility == "length":
+            u.append([v * (len(s) + w) for v in s])
+        elif utility == "rank":
+            order = sorted(range(len(s)), key=lambda i: -s[i])
+            rank = {i: r for r, i in enumerate(order)}
+            u.append([1 - rank[i] / len(s) for i in range(len(s))])
+        else:
+            u.append(list(s))
+    if normalize:
+        u = [[(v - min(h)) / max(sum(x - min(h) for x in h), 1e-30) for v in h] if h else h for h in u]
+    k = len(scores) * (B_l - w)
+    pool = [(v, h) for h, head in enumerate(u) for v in head]
+    if k <= 0 or not pool:
+        return [0] * len(scores)
+    if k >= len(pool):
+        return [len(s) for s in scores]
+    winners = sorted(range(len(pool)), key=lambda i: -pool[i][0])[:k]
+    return [sum(1 for i in winners if pool[i][1] == h) for h in range(len(scores))]
+
+
+def port_heads(rule, scores, B_l, w, o):
+    Hk = len(scores)
+    if rule == "uniform_heads":
+        return [B_l] * Hk
+    if rule == "head_budgets":
+        r = port_demand(scores, B_l, w, o["utility"], o["normalize_heads"])
+        return port_robustify(r, Hk * B_l, o["beta"], o["mu"], o["hi"], w)
+    c = port_demand(scores, B_l, w, "raw", False)
+    bp = B_l - w
+    if sum(c) < Hk * bp:
+        c = [v + (Hk * bp - sum(c)) / Hk for v in c]
+    return [b + w for b in port_round([v * (1 - o["alpha"]) + o["alpha"] * bp for v in c], Hk * bp)]
+
+
+def port_keep(scores, budget, w):
+    n = len(scores)
+    if n + w <= budget:
+        return list(range(n + w))
+    return sorted(sorted(range(n), key=lambda i: -scores[i])[:budget - w]) + list(range(n, n + w))
+
+
+def softmax(xs):
+    top = max(xs)
+    e = [math.exp(v - top) for v in xs]
+    return [v / sum(e) for v in e]
+
+
+def port_scores(policy, q, k, w, o):
+    T, D = len(k), len(k[0])
+    n = T - w
+    if n <= 0:
+        return []
+    dot = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731
+    att = []
+    for i in range(w):
+        logits = [[dot(q[g][i], k[j]) / math.sqrt(D) for j in range(n)] for g in range(len(q))]
+        red = [max(col) if o["gqa_reduce"] == "max" else sum(col) / len(col) for col in zip(*logits)]
+        att.append(softmax(red))
+    mean = [sum(a[j] for a in att) / w for j in range(n)]
+    half = o["kernel"] // 2
+    importance = [max(mean[max(0, j - half):j + half + 1]) for j in range(n)]
+    if policy == "snapkv":
+        return importance
+    kn = [[x / (math.sqrt(dot(r, r)) + 1e-8) for x in r] for r in k]
+    C = [[0.0 if i == j else dot(kn[i], kn[j]) for j in range(T)] for i in range(T)]
+    for i in range(T):
+        similar = [j for j in range(T) if C[i][j] > o["sim_threshold"]]
+        if similar or o["zero_col0_quirk"]:
+            C[i][max(similar, default=0)] = 0.0
+    R = softmax([sum(C[i][j] for i in range(T)) / T for j in range(T)])
+    return [o["lam"] * importance[j] - (1 - o["lam"]) * R[j] for j in range(n)]
+
+
+def port_trigger(P, budgets, interval, N):
+    lengths, steps = [[P] * len(row) for row in budgets], []
+    for step in range(N + 1):
+        if step > 0:
+            lengths = [[t + 1 for t in row] for row in lengths]
+        if step % interval == 0 and any(t > b for row, brow in zip(lengths, budgets) for t, b in zip(row, brow)):
+            steps.append(step)
+            lengths = [[min(t, b) for t, b in zip(row, brow)] for row, brow in zip(lengths, budgets)]
+    return steps
+
+
+def port_case(name, x):
+    if name == "robustify":
+        return port_robustify(x["demand"], x["total"], x["power"], x["lo"], x["hi"], x["floor"])
+    if name == "layer_budgets":
+        return port_layers(x["allocator"], x["num_layers"], x["budget"], x["window"], x["profile_demand"],
+                           x["options"])
+    if name == "head_budgets":
+        return port_heads(x["rule"], x["scores"], x["layer_budget"], x["window"], x["options"])
+    if name == "keep_indices":
+        return port_keep(x["scores"], x["budget"], x["window"])
+    if name == "scores":
+        return port_scores(x["policy"], x["q_win"], x["k"], x["window"], x["options"])
+    return port_trigger(x["prompt_length"], x["budgets"], x["interval"], x["max_new_tokens"])
+
+
+def test_a_port_written_from_the_rules_document_passes_every_vector():
+    failed = []
+    for name in ("robustify", "layer_budgets", "head_budgets", "keep_indices", "scores", "trigger"):
+        for i, case in enumerate(json.loads((HERE / "vectors" / f"{name}.json").read_text())["cases"]):
+            if not C.same_output(case["output"], port_case(name, case["inputs"])):
+                failed.append(f"{name} #{i}")
+    assert failed == []
