@@ -252,8 +252,9 @@ def check_settings(doc: dict, path) -> None:
     field, so a bad file ends `check` with exit status 2, never a traceback or a reported difference."""
     s, src = doc["settings"], doc["model"]["source"]
     if "fingerprint" not in src and not {"recipe", "seed", "config"} <= set(src):
-        raise ValueError(f"{path}: model.source must name the weights: {{\"fingerprint\": ...}} of a model folder "
-                         f"(null if it cannot be computed) or {{\"recipe\", \"seed\", \"config\"}}, got {json.dumps(src)}")
+        raise ValueError(f"{path}: model.source must name the weights: {{\"fingerprint\": ...}} of a model "
+                         f"folder (null if it cannot be computed) or {{\"recipe\", \"seed\", \"config\"}}, got "
+                         f"{json.dumps(src)}")
     alloc, policy = R.get_allocator(s["allocator"]), evict.get_policy(s["policy"])  # unknown names: one line each
     rules = {"layer_options": alloc.layers, "head_options": alloc.heads, "policy_options": policy}
     for field, fn in rules.items():
@@ -654,7 +655,8 @@ def vector_inputs() -> dict[str, list[dict]]:
     rules = [("head_budgets", {"utility": "length"}), ("head_budgets", {"utility": "rank"}),
              ("head_budgets", {"utility": "raw"}), ("adakv_head_budgets", {}), ("uniform_heads", {}),
              ("head_budgets", {"beta": 1.0}), ("head_budgets", {"beta": 0.0, "mu": 0.1}),
-             ("head_budgets", {"mu": 0.5}), ("head_budgets", {"mu": 0.5, "hi": 1.25}), ("head_budgets", {"normalize_heads": True}),
+             ("head_budgets", {"mu": 0.5}), ("head_budgets", {"mu": 0.5, "hi": 1.25}),
+             ("head_budgets", {"normalize_heads": True}),
              ("head_budgets", {"utility": "raw", "normalize_heads": True}), ("adakv_head_budgets", {"alpha": 0.5}),
              ("adakv_head_budgets", {"alpha": 0.0})]
     hb = []
