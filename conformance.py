@@ -433,8 +433,8 @@ def explain(d: dict, scores, doc: dict, rtol: float, atol: float, ours_event: di
                  f"  kept only by the backend:   {only_theirs} (reference scores {[label(p) for p in only_theirs]})",
                  f"  kept only by the reference: {only_ours} (reference scores {[label(p) for p in only_ours]})"]
         theirs_event = doc["events"][d["event"]]["kept_positions"]
-        pairs = [(t, o) for tl, ol in zip(theirs_event, ours_event["kept_positions"]) for t, o in zip(tl, ol)]
-        pattern = kept_pattern(d["theirs"], d["ours"], [p for p in pos if p not in score_of], pairs)
+        heads = [(t, o) for tl, ol in zip(theirs_event, ours_event["kept_positions"]) for t, o in zip(tl, ol)]
+        pattern = kept_pattern(d["theirs"], d["ours"], [p for p in pos if p not in score_of], heads)
         if pattern:
             return lines + [pattern]
         pairs = [(score_of.get(a), score_of.get(b)) for a in only_theirs for b in only_ours]
@@ -462,7 +462,7 @@ def explain(d: dict, scores, doc: dict, rtol: float, atol: float, ours_event: di
                 lines.append(f"  a near-tie at {s['dtype']}: the pooled utilities at the threshold, {gap[0]:.8g} and "
                              f"{gap[1]:.8g}, are equal within the dtype's rounding (rtol {rtol:g}), so a backend may "
                              f"count one token to another head; check its score precision")
-            else:
+            elif gap is not None:
                 lines.append("  not a near-tie at the threshold: check the head rule (utility, pooling, robustify) "
                              "or the scores it pools")
         return lines
@@ -488,6 +488,8 @@ def reference_demand(doc: dict, scores, layer: int, layer_budget: int):
                       normalize_heads=opts.get("normalize_heads", False) if rule is R.head_budgets else False)
     pooled = torch.cat(R.comparable(tensors, utility, w)).sort(descending=True).values
     k = len(tensors) * (layer_budget - w)
+    if rule is R.head_budgets and opts.get("normalize_heads", False):  # the pooled values are rescaled per head:
+        return r.tolist(), None  # no threshold pair is reported rather than one of other values
     return r.tolist(), (float(pooled[k - 1]), float(pooled[k])) if 0 < k < len(pooled) else None
 
 
@@ -589,7 +591,8 @@ def run_case(function: str, inputs: dict, *, R=R, evict=evict):
         lengths = torch.full_like(torch.tensor(x["budgets"], device="cpu"), x["prompt_length"])  # (L, Hk)
         budgets, steps = torch.tensor(x["budgets"], device="cpu"), []
         for step in range(x["max_new_tokens"] + 1):
-            lengths += step > 0
+            if step > 0:
+                lengths += 1
             if R.compression_due(step, x["interval"], lengths, budgets):
                 steps.append(step)
                 lengths = torch.minimum(lengths, budgets)
