@@ -24,11 +24,13 @@ import torch
 
 import bench as Bn  # benchmarks/bench.py (conftest.py puts benchmarks/ on the path)
 import conformance as C
+import evict
 import fast as Fa
 import files
 import model as M
 import profile as P  # this project's profile.py
 import reasonalloc as R
+from conftest import TINY_PROMPT
 from tokenizer import load_tokenizer
 
 HERE = Path(__file__).resolve().parent
@@ -355,6 +357,139 @@ def test_bench_sessions_cli_tables_trajectory_and_resume(tiny_dir, tmp_path):
     sessions.write_text('{"turns": []}\n')
     r3 = subprocess.run(cmd[:-2] + ["--out", str(tmp_path / "t.json")], capture_output=True, text=True, cwd=HERE, env=env)
     assert r3.returncode == 1 and "line 1" in r3.stderr and "turns" in r3.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmarks/oracle.py: allocations from hindsight
+
+FORCED = [(7 * i + 3) % 97 for i in range(60)]
+
+
+@torch.inference_mode()
+def test_future_attention_against_a_direct_computation(tiny_model):
+    """The oracle's future attention equals a step-by-step computation: decode the transcript one token at a
+    time with the full cache, take each step's query from the cache, softmax max-over-group logits over every
+    key so far, and sum over the Δ queries after the compression point; Hindsight maps it to the held rows."""
+    import oracle as O
+
+    model, ids, cfg = tiny_model, TINY_PROMPT, tiny_model.config
+    queries, keys = O.full_replay(model, ids, FORCED, chunk=7)
+    G, D, seq = cfg.group_size, cfg.head_dim, torch.cat([ids, torch.tensor(FORCED)])
+    cache, att = model.new_cache(window=1), []  # att[t][l][h]: (t + 1,) attention of the query at t
+    for t in range(len(seq)):
+        model(seq[t:t + 1], cache)
+        att.append([[torch.softmax(torch.stack([q @ cache[l][h].k.T / math.sqrt(D)
+                                                for q in cache.window_queries(l, h)[:, -1]]).max(0).values, -1)
+                     for h in range(cfg.num_kv_heads)] for l in range(cfg.num_layers)])
+    for start, interval in [(40, 16), (61, 32), (90, 64)]:  # the last runs past the end (100 tokens)
+        for l in range(cfg.num_layers):
+            direct = torch.stack([sum(att[t][l][h][:start] for t in range(start, min(start + interval, len(seq))))
+                                  for h in range(cfg.num_kv_heads)])
+            torch.testing.assert_close(O.future_attention(queries[l], keys[l], start, interval), direct)
+    # On a compressed cache: each head's candidates (rows outside the window), in row order.
+    held = model.new_cache(window=4)
+    model(seq[:61], held)
+    evict.compress_layer(held, 1, [20, 12], "rkv")
+    h = O.Hindsight(queries, keys, 16)
+    for head, scores in zip(held[1], h.scores(held, 1)):
+        assert len(scores) == len(head.pos) - 4
+    full = O.future_attention(queries[1], keys[1], 61, 16)
+    assert [s.tolist() for s in h.scores(held, 1)] == [full[k, held[1][k].pos[:-4]].tolist() for k in range(2)]
+
+
+def same_heads(model):
+    """A copy of the tiny model whose KV heads are all KV head 0 and whose query groups are all group 0: every
+    head of a layer sees the same attention."""
+    twin, c = copy.deepcopy(model), model.config
+    D, G, Hq, Hk = c.head_dim, c.group_size, c.num_heads, c.num_kv_heads
+    with torch.no_grad():
+        for block in twin.blocks:
+            w = block.attn.wqkv.weight
+            for h in range(1, Hk):
+                w[h * G * D:(h + 1) * G * D] = w[:G * D]  # the query heads of group h
+                w[(Hq + h) * D:(Hq + h + 1) * D] = w[Hq * D:(Hq + 1) * D]  # the keys of KV head h
+    return twin
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_oracle_splits(tiny_model, packed):
+    """Each oracle's budgets add up as the module says; with every head's future attention identical the head
+    split is the uniform one; Oracle-tokens keeps exactly the pooled top future attention."""
+    import oracle as O
+
+    cfg, B, w, d = tiny_model.config, 24, 4, 16
+    L, Hk = cfg.num_layers, cfg.num_kv_heads
+    opts = dict(budget=B, allocator="uniform", policy="rkv", window=w, interval=d)
+    model = Fa.store_weights(copy.deepcopy(tiny_model)) if packed else tiny_model
+    seen = O.full_replay(model, TINY_PROMPT, FORCED)
+    splits = {}
+    for name, how in O.ORACLES.items():
+        logits, events = Bn.replay(model, TINY_PROMPT, FORCED, packed, O.oracle_compress(O.Hindsight(*seen, d), *how),
+                                   **opts, record_positions=True)
+        assert len(events) == 4 and torch.isfinite(logits).all()
+        for e in events:
+            b, after = torch.tensor(e["head_budgets"]), torch.tensor(e["lengths_after"])
+            assert (b >= w).all() and (after == torch.minimum(b, torch.tensor(e["lengths_before"]))).all()
+            assert b.sum() == L * Hk * B or (after == torch.tensor(e["lengths_before"])).all()
+            if how[0] == "heads":
+                assert (b.sum(1) == Hk * B).all()
+            if how[0] == "layers":
+                assert (b == b[:, :1]).all()
+        splits[name] = [e["head_budgets"] for e in events]
+    assert any(len(set(map(tuple, e))) > 1 for e in splits["Oracle-split"])  # some split is uneven
+    assert any(len(set(row)) > 1 for e in splits["Oracle-heads"] for row in e)
+    # Oracle-tokens: the rows it keeps are the pooled top L·Hk·(B − w) future attention (plus each window).
+    cache = model.new_cache(w) if not packed else Fa.new_cache(model, w)
+    model(TINY_PROMPT, cache)
+    future = [O.Hindsight(*seen, d).scores(cache, l) for l in range(L)]
+    kept = O.oracle_compress(O.Hindsight(*seen, d), "both", "oracle")(cache, torch.full((L,), B), "uniform", "rkv")[1]
+    top = torch.cat([s for layer in future for s in layer]).sort(descending=True).values[L * Hk * (B - w) - 1]
+    for l in range(L):
+        for h in range(Hk):
+            pos = kept[l][h][:-w]
+            assert (future[l][h][pos] >= top).all() and int((future[l][h] >= top).sum()) == len(pos)
+    # Every head alike: the oracle's head split is the uniform one at every compression.
+    twin = same_heads(model)
+    seen = O.full_replay(twin, TINY_PROMPT, FORCED)
+    for level in ("heads", "both"):
+        _, events = Bn.replay(twin, TINY_PROMPT, FORCED, packed, O.oracle_compress(O.Hindsight(*seen, d), level), **opts)
+        assert len(events) == 4 and all(row == [row[0]] * Hk for e in events for row in e["head_budgets"])
+        if level == "heads":
+            assert all(row == [B] * Hk for e in events for row in e["head_budgets"])
+
+
+def test_spearman_by_hand():
+    import oracle as O
+
+    assert O.spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert O.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert O.spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(math.sqrt(3) / 2)  # ranks (0.5, 0.5, 2) vs (0, 1, 2)
+    assert O.spearman([4, 4, 4], [1, 2, 3]) is None
+
+
+def test_bench_sessions_oracles_and_signals(tiny_dir, tmp_path):
+    """bench.py sessions with oracles: their cells, ReasonAlloc's signals cells and table; the oracles are
+    refused outside sessions."""
+    sessions = tmp_path / "sessions.jsonl"
+    sessions.write_text(json.dumps({"turns": ["What is 2+3?", "And 4+4?", "Why?", "Count."]}) + "\n")
+    out = tmp_path / "s.json"
+    cmd = [sys.executable, "benchmarks/bench.py", "sessions", "--model", str(tiny_dir), "--profile", str(tiny_dir / "wave.json"),
+           "--sessions", str(sessions), "--session-tokens", "120", "--turn-tokens", "25", "--budgets", "16",
+           "--intervals", "8", "--methods", "R-KV,Oracle-heads,Oracle-tokens", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cells = json.loads(out.read_text())["cells"]
+    assert {k for k in cells if not k.startswith("reference|")} == {
+        "session|0|R-KV|16|8", "session|0|Oracle-heads|16|8", "session|0|Oracle-tokens|16|8", "signals|0|16|8"}
+    watched = cells["signals|0|16|8"]["signals"]
+    assert len(watched) >= 3 and all(-1 <= e["heads"] <= 1 for e in watched if e["heads"] is not None)
+    assert all(e["layers"] is None or -1 <= e["layers"] <= 1 for e in watched)
+    assert "| Oracle-tokens |" in r.stdout and "Rank correlation with the oracle" in r.stdout
+    assert re.search(r"\| 16 \| 8 \| 1 \| \d+ \| [+-]\d\.\d\d", r.stdout)
+    bad = subprocess.run([sys.executable, "benchmarks/bench.py", "fidelity", "--methods", "Oracle-heads"],
+                         capture_output=True, text=True, cwd=HERE, env=env)
+    assert bad.returncode == 1 and "sessions only" in bad.stderr
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("cl") is None,

@@ -52,6 +52,7 @@ from convert import locked, resolve_model_dir  # noqa: E402
 from files import check_output, model_files, write_atomic  # noqa: E402
 from model import DTYPES, check_context, check_device, encode_prompt, stop_ids  # noqa: E402
 from profile import find_profile, load_profile, read_jsonl, read_prompts  # noqa: E402
+from oracle import ORACLES, Hindsight, full_replay, oracle_compress, signals  # noqa: E402
 from reasonalloc import METHODS  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
@@ -477,10 +478,33 @@ def split_movement(events: list[dict]) -> float:
     return statistics.fmean(moves) if moves else 0.0
 
 
+def replay(model, ids, tokens, packed: bool, compress_fn, **options):
+    """reasonalloc.teacher_force with another compress_fn, on the packed cache (packed) or the reference's."""
+    cache = fast.new_cache(model, options["window"], spare=min(options["interval"], len(tokens) + 1)) if packed else None
+    return R.teacher_force(model, ids, tokens, cache=cache, compress_fn=compress_fn, **options)
+
+
+def session_cell(i: int, method: str, budget: int, interval: int, full_logits, logits, targets, events) -> dict:
+    means = token_metrics(full_logits, logits, targets).mean(0).tolist()
+    cell = {"session": i, "method": method, "budget": budget, "interval": interval, "scored_tokens": len(targets),
+            "nll_increase": means[0], "top1_agreement": means[1], "kl": means[2],
+            "compressions": len(events), "split_movement": split_movement(events)}
+    if i == 0:  # one session's budget trajectories, for the picture
+        cell["trajectory"] = {"steps": [e["step"] for e in events],
+                              "layer_budgets": events[0]["layer_budgets"] if events else [],
+                              "head_budgets": [e["head_budgets"] for e in events]}
+    return cell
+
+
 def sessions(model, tok, sessions_turns, args, profile, store: Store, rank: int = 0, world: int = 1):
+    """Every method (and oracle) teacher-forced along each session's full-cache transcript at every budget and
+    interval; with any oracle asked for, also how well ReasonAlloc's signals predict the oracle ('signals')."""
     mine = [i for i in range(len(sessions_turns)) if i % world == rank]
     methods = [m for m in args.methods if m != "FullKV"]  # FullKV is the reference every method is compared to
     configs = [(m, b, d) for d in args.intervals for b in args.budgets for m in methods]
+    if any(m in ORACLES for m in methods):  # ReasonAlloc's replay, watched by the oracle
+        configs += [("signals", b, d) for d in args.intervals for b in args.budgets]
+    key = lambda i, m, b, d: f"{'signals' if m == 'signals' else 'session'}|{i}|{'' if m == 'signals' else m + '|'}{b}|{d}"  # noqa: E731
     prog = Progress("sessions", len(mine) * (1 + len(configs)), rank)
     for i in mine:
         if f"reference|{i}" in store:
@@ -490,7 +514,7 @@ def sessions(model, tok, sessions_turns, args, profile, store: Store, rank: int 
                                                           turn_tokens=args.turn_tokens, packed=args.packed))
             prog.step(f"session {i} reference ({len(store.cells[f'reference|{i}']['tokens'])} tokens)")
         ref = store.cells[f"reference|{i}"]
-        todo = [c for c in configs if f"session|{i}|{c[0]}|{c[1]}|{c[2]}" not in store]
+        todo = [c for c in configs if key(i, *c) not in store]
         for m, b, d in configs:
             if (m, b, d) not in todo:
                 prog.step(f"session {i} {m} B={b} Δ={d}", skipped=True)
@@ -502,18 +526,23 @@ def sessions(model, tok, sessions_turns, args, profile, store: Store, rank: int 
         force = path_of(args.packed).teacher_force
         full_logits = force(model, ids, tokens, budget=args.window + 1, policy="full", window=args.window,
                             interval=max(args.intervals))[0][scored]
+        seen = full_replay(model, ids, tokens, window=args.window) if any(m in ORACLES or m == "signals"
+                                                                          for m, _, _ in todo) else None
         for m, b, d in todo:
-            logits, events = force(model, ids, tokens,
-                                             **{**method_options(m, b, args, profile), "interval": d})
-            means = token_metrics(full_logits, logits[scored], targets).mean(0).tolist()
-            cell = {"session": i, "method": m, "budget": b, "interval": d, "scored_tokens": len(targets),
-                    "nll_increase": means[0], "top1_agreement": means[1], "kl": means[2],
-                    "compressions": len(events), "split_movement": split_movement(events)}
-            if i == 0:  # one session's budget trajectories, for the picture
-                cell["trajectory"] = {"steps": [e["step"] for e in events],
-                                      "layer_budgets": events[0]["layer_budgets"] if events else [],
-                                      "head_budgets": [e["head_budgets"] for e in events]}
-            store.add(f"session|{i}|{m}|{b}|{d}", cell)
+            options = {**method_options("ReasonAlloc" if m == "signals" else m if m in METHODS else "R-KV", b, args,
+                                        profile), "interval": d}
+            if m == "signals":
+                watched = []
+                base = fast.compress if args.packed else R.compress
+                replay(model, ids, tokens, args.packed, signals(Hindsight(*seen, d), base, into=watched), **options)
+                store.add(key(i, m, b, d), {"session": i, "budget": b, "interval": d, "signals": watched})
+            else:
+                if m in ORACLES:
+                    logits, events = replay(model, ids, tokens, args.packed,
+                                            oracle_compress(Hindsight(*seen, d), *ORACLES[m]), **options)
+                else:
+                    logits, events = force(model, ids, tokens, **options)
+                store.add(key(i, m, b, d), session_cell(i, m, b, d, full_logits, logits[scored], targets, events))
             prog.step(f"session {i} {m} B={b} Δ={d}")
 
 
@@ -556,6 +585,28 @@ def sessions_table(cells: dict, methods, budgets, intervals, baseline: str = "R-
                         row.append((fmt + " [" + fmt + ", " + fmt + "]").format(scale * mean, scale * lo, scale * hi))
                 move = statistics.fmean(c["split_movement"] for c in by[m].values())
                 out.append(f"| {m} | " + " | ".join(row) + f" | {move:.1%} |".replace("%", " %"))
+    return "\n".join(out)
+
+
+def signals_table(cells: dict, budgets, intervals) -> str:
+    """How well ReasonAlloc's online signals predict the oracle (benchmarks/oracle.py, `signals`): per budget
+    and interval, the rank correlation at a compression, averaged over a session's compressions, then over
+    sessions, with a 95 % bootstrap interval over sessions."""
+    out = ["\nRank correlation with the oracle along ReasonAlloc's replay (mean over sessions of each session's mean "
+           "over compressions, [95 % bootstrap interval over sessions]): head demand r_h vs the oracle's head counts "
+           "(per layer, over its KV heads), the wave's layer budgets vs the oracle's layer counts (over the layers).\n",
+           "| B | Δ | sessions | compressions | heads | layers |", "|---|---|---|---|---|---|"]
+    for d in intervals:
+        for b in budgets:
+            found = [c for c in cells.values() if "signals" in c and c.get("budget") == b and c.get("interval") == d]
+            if not found:
+                continue
+            row = []
+            for what in ("heads", "layers"):
+                per = [statistics.fmean(v) for c in found if (v := [e[what] for e in c["signals"] if e[what] is not None])]
+                row.append("—" if not per else "{:+.2f} [{:+.2f}, {:+.2f}]".format(*paired_bootstrap(per)))
+            n = sum(len(c["signals"]) for c in found)
+            out.append(f"| {b} | {d} | {len(found)} | {n} | {row[0]} | {row[1]} |")
     return "\n".join(out)
 
 
@@ -869,9 +920,11 @@ def main(args):
     if args.methods is not None and not args.methods.strip(","):
         raise ValueError(f"--methods is empty; give a comma-separated subset of: {', '.join(METHODS)}")
     args.methods = [m for m in args.methods.split(",") if m] if args.methods else list(METHODS)
-    bad = [m for m in args.methods if m not in METHODS]
+    known = {**METHODS, **(ORACLES if args.measure == "sessions" else {})}
+    bad = [m for m in args.methods if m not in known]
     if bad:
-        raise ValueError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
+        raise ValueError(f"unknown method(s) {', '.join(bad)}; choose from {', '.join(known)}"
+                         + ("" if args.measure == "sessions" else f" (the oracles {', '.join(ORACLES)}: sessions only)"))
     if args.measure == "sessions":
         args.budgets = args.budgets or "64,128,256"
         args.intervals = sorted(set(int_list(args.intervals, "--intervals")))
@@ -914,7 +967,8 @@ def main(args):
     profile = None
     if args.profile:
         profile = load_profile(args.profile, model.config)
-    elif any(R.get_allocator(METHODS[m][1]).needs_profile for m in args.methods):
+    elif any(R.get_allocator(METHODS.get(m, METHODS["ReasonAlloc"])[1]).needs_profile for m in args.methods):
+        # (an oracle run also replays ReasonAlloc, for its signals)
         profile = find_profile(model.config)
     prompts = read_prompts(args.prompts)[: args.num_prompts or None]
     what = ["fidelity", "accuracy", "speed"] if args.measure == "all" else [args.measure]
@@ -962,6 +1016,8 @@ def main(args):
             print(accuracy_table(cells, args.methods, budgets))
         elif m == "sessions":
             print(sessions_table(cells, args.methods, budgets, args.intervals))
+            if any(m in ORACLES for m in args.methods):
+                print(signals_table(cells, budgets, args.intervals))
             show_trajectory(cells, args, file)
         else:
             for cell in cells.values():
@@ -972,7 +1028,8 @@ def main(args):
 def show_trajectory(cells: dict, args, file: Path):
     """The head-budget trajectory of session 0 for the first method with a head level, at the budget
     nearest 128 and the shortest interval: printed as text and written as an SVG heatmap beside `file`."""
-    heads = [m for m in args.methods if m != "FullKV" and R.get_allocator(METHODS[m][1]).heads is not R.uniform_heads]
+    heads = [m for m in args.methods if m in METHODS and m != "FullKV"
+             and R.get_allocator(METHODS[m][1]).heads is not R.uniform_heads]
     if not heads:
         return
     b = min(args.budgets, key=lambda b: abs(b - 128))
