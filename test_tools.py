@@ -486,6 +486,7 @@ def test_bench_sessions_oracles_and_signals(tiny_dir, tmp_path):
     assert len(watched) >= 3 and all(-1 <= e["heads"] <= 1 for e in watched if e["heads"] is not None)
     assert all(e["layers"] is None or -1 <= e["layers"] <= 1 for e in watched)
     assert "| Oracle-tokens |" in r.stdout and "Rank correlation with the oracle" in r.stdout
+    assert "ΔNLL at a glance" in r.stdout and re.search(r"\| 16, 8 \| \d\.\d{3} \| [+-]\d\.\d{3} \[", r.stdout)
     assert re.search(r"\| 16 \| 8 \| 1 \| \d+ \| [+-]\d\.\d\d", r.stdout)
     bad = subprocess.run([sys.executable, "benchmarks/bench.py", "fidelity", "--methods", "Oracle-heads"],
                          capture_output=True, text=True, cwd=HERE, env=env)

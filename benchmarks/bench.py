@@ -11,6 +11,10 @@ Three measurements, each printing a Markdown table and writing JSON (`--out`, de
             (or the last number) and compared after normalisation.
   speed     decode tokens/s of every method on one teacher-forced continuation, methods interleaved and
             repeated in one run; per-token cost relative to uniform R-KV; cache tokens and bytes held.
+  sessions  long multi-turn transcripts of the model's own replies, every method teacher-forced along them
+            and scored against the full cache, with paired bootstrap intervals against R-KV; the oracles
+            of benchmarks/oracle.py (Oracle-heads, -layers, -split, -tokens: splits from hindsight) can be
+            asked for beside the methods, and then ReasonAlloc's signals are scored against the oracle.
 
 Budgets scale with the continuation length the way the paper's do (its budgets are roughly 1/30 to 1/4 of
 a reasoning trace): by default B = N/16, N/8, N/4, and the interval is min(B, N/32) (the paper's Δ = 128
@@ -588,6 +592,28 @@ def sessions_table(cells: dict, methods, budgets, intervals, baseline: str = "R-
     return "\n".join(out)
 
 
+def glance_table(cells: dict, methods, budgets, intervals, baseline: str = "R-KV") -> str:
+    """The README's form of sessions_table: one row per (B, Δ), the baseline's ΔNLL, then each method's mean
+    difference to it and its 95 % paired bootstrap interval."""
+    methods = [m for m in methods if m not in ("FullKV", baseline)]
+    out = ["\nΔNLL at a glance: " + baseline + "'s, and each method's difference to it [95 % paired bootstrap interval]\n",
+           f"| B, Δ | {baseline} | " + " | ".join(methods) + " |", "|---" * (len(methods) + 2) + "|"]
+    for d in intervals:
+        for b in budgets:
+            by = {m: {c["session"]: c["nll_increase"] for c in cells.values() if c.get("method") == m
+                      and c.get("budget") == b and c.get("interval") == d} for m in [baseline, *methods]}
+            base = by[baseline]
+            if not base:
+                continue
+            row = [f"{statistics.fmean(base.values()):.3f}"]
+            for m in methods:
+                common = sorted(set(by[m]) & set(base))
+                row.append("—" if not common else "{:+.3f} [{:.3f}, {:.3f}]".format(
+                    *paired_bootstrap([by[m][s] - base[s] for s in common])))
+            out.append(f"| {b}, {d} | " + " | ".join(row) + " |")
+    return "\n".join(out)
+
+
 def signals_table(cells: dict, budgets, intervals) -> str:
     """How well ReasonAlloc's online signals predict the oracle (benchmarks/oracle.py, `signals`): per budget
     and interval, the rank correlation at a compression, averaged over a session's compressions, then over
@@ -1016,6 +1042,7 @@ def main(args):
             print(accuracy_table(cells, args.methods, budgets))
         elif m == "sessions":
             print(sessions_table(cells, args.methods, budgets, args.intervals))
+            print(glance_table(cells, args.methods, budgets, args.intervals))
             if any(m in ORACLES for m in args.methods):
                 print(signals_table(cells, budgets, args.intervals))
             show_trajectory(cells, args, file)
@@ -1064,7 +1091,8 @@ def parser():
                    help="sessions: answer turns until the transcript passes this many tokens")
     p.add_argument("--turn-tokens", type=int, default=400, help="sessions: longest greedy reply of one turn")
     p.add_argument("--intervals", default="32,128", help="sessions: comma-separated compression intervals Δ")
-    p.add_argument("--methods", help=f"comma-separated subset of: {', '.join(METHODS)} (default: all)")
+    p.add_argument("--methods", help=f"comma-separated subset of: {', '.join(METHODS)} (default: all); sessions also "
+                                     f"takes the oracles {', '.join(ORACLES)} (benchmarks/oracle.py)")
     p.add_argument("--new-tokens", type=int, default=256,
                    help="reference continuation length N (fidelity, speed) and generation limit (accuracy)")
     p.add_argument("--budgets", help="comma-separated budgets B (default: N/16, N/8, N/4, at least window + 1; "
