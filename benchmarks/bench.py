@@ -484,7 +484,7 @@ def split_movement(events: list[dict]) -> float:
 
 def replay(model, ids, tokens, packed: bool, compress_fn, **options):
     """reasonalloc.teacher_force with another compress_fn, on the packed cache (packed) or the reference's."""
-    cache = fast.new_cache(model, options["window"], spare=min(options["interval"], len(tokens) + 1)) if packed else None
+    cache = None if not packed else fast.new_cache(model, options["window"], spare=min(options["interval"], len(tokens) + 1))
     return R.teacher_force(model, ids, tokens, cache=cache, compress_fn=compress_fn, **options)
 
 
@@ -508,7 +508,8 @@ def sessions(model, tok, sessions_turns, args, profile, store: Store, rank: int 
     configs = [(m, b, d) for d in args.intervals for b in args.budgets for m in methods]
     if any(m in ORACLES for m in methods):  # ReasonAlloc's replay, watched by the oracle
         configs += [("signals", b, d) for d in args.intervals for b in args.budgets]
-    key = lambda i, m, b, d: f"{'signals' if m == 'signals' else 'session'}|{i}|{'' if m == 'signals' else m + '|'}{b}|{d}"  # noqa: E731
+    def key(i, m, b, d):  # a method's cell, or ReasonAlloc's signals
+        return f"signals|{i}|{b}|{d}" if m == "signals" else f"session|{i}|{m}|{b}|{d}"
     prog = Progress("sessions", len(mine) * (1 + len(configs)), rank)
     for i in mine:
         if f"reference|{i}" in store:
@@ -530,20 +531,21 @@ def sessions(model, tok, sessions_turns, args, profile, store: Store, rank: int 
         force = path_of(args.packed).teacher_force
         full_logits = force(model, ids, tokens, budget=args.window + 1, policy="full", window=args.window,
                             interval=max(args.intervals))[0][scored]
-        seen = full_replay(model, ids, tokens, window=args.window) if any(m in ORACLES or m == "signals"
-                                                                          for m, _, _ in todo) else None
+        hindsight = any(m in ORACLES or m == "signals" for m, _, _ in todo)
+        seen = full_replay(model, ids, tokens, window=args.window) if hindsight else None  # the full cache's q, k
         for m, b, d in todo:
-            options = {**method_options("ReasonAlloc" if m == "signals" else m if m in METHODS else "R-KV", b, args,
-                                        profile), "interval": d}
+            # an oracle replays R-KV's uniform budgets with its own compression; signals watch ReasonAlloc's
+            runs = "ReasonAlloc" if m == "signals" else "R-KV" if m in ORACLES else m
+            options = {**method_options(runs, b, args, profile), "interval": d}
             if m == "signals":
                 watched = []
-                base = fast.compress if args.packed else R.compress
-                replay(model, ids, tokens, args.packed, signals(Hindsight(*seen, d), base, into=watched), **options)
+                ours = fast.compress if args.packed else R.compress
+                replay(model, ids, tokens, args.packed, signals(Hindsight(*seen, d), ours, into=watched), **options)
                 store.add(key(i, m, b, d), {"session": i, "budget": b, "interval": d, "signals": watched})
             else:
                 if m in ORACLES:
-                    logits, events = replay(model, ids, tokens, args.packed,
-                                            oracle_compress(Hindsight(*seen, d), *ORACLES[m]), **options)
+                    compress_fn = oracle_compress(Hindsight(*seen, d), *ORACLES[m])
+                    logits, events = replay(model, ids, tokens, args.packed, compress_fn, **options)
                 else:
                     logits, events = force(model, ids, tokens, **options)
                 store.add(key(i, m, b, d), session_cell(i, m, b, d, full_logits, logits[scored], targets, events))
