@@ -345,7 +345,7 @@ def test_bench_sessions_cli_tables_trajectory_and_resume(tiny_dir, tmp_path):
         assert (c["split_movement"] == 0) == (c["method"] == "R-KV")  # uniform heads never move
     assert "B = 16, Δ = 4" in r.stdout and "| ReasonAlloc |" in r.stdout and "paired bootstrap" in r.stdout
     assert "head budgets of ReasonAlloc" in r.stdout and "layer  2" in r.stdout
-    svg = out.with_suffix(".trajectory.svg").read_text()
+    svg = out.with_suffix(".trajectory.B24.D4.svg").read_text()
     assert svg.startswith("<svg") and svg.count("<rect") > 3 * 2
     # The legend says what each colour is, and fits inside the picture (about 7 px a character at 11 px).
     width = int(re.search(r'width="(\d+)"', svg).group(1))

@@ -1056,7 +1056,8 @@ def main(args):
 
 def show_trajectory(cells: dict, args, file: Path):
     """The head-budget trajectory of session 0 for the first method with a head level, at the budget
-    nearest 128 and the shortest interval: printed as text and written as an SVG heatmap beside `file`."""
+    nearest 128 and the shortest interval: printed as text and written as an SVG heatmap beside `file`, named
+    by its budget and interval (FILE.trajectory.B128.D32.svg), so runs of other intervals keep their own."""
     heads = [m for m in args.methods if m in METHODS and m != "FullKV"
              and R.get_allocator(METHODS[m][1]).heads is not R.uniform_heads]
     if not heads:
@@ -1066,7 +1067,7 @@ def show_trajectory(cells: dict, args, file: Path):
     if cell is None or not cell["trajectory"]["steps"]:
         return
     print("\n" + trajectory_text(cell))
-    svg = file.with_suffix(".trajectory.svg")
+    svg = file.with_suffix(f".trajectory.B{b}.D{min(args.intervals)}.svg")
     write_atomic(svg, trajectory_svg(cell))
     print(f"(budget trajectory picture in {svg})")
 
