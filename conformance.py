@@ -669,6 +669,14 @@ def vector_inputs() -> dict[str, list[dict]]:
                 hb.append({"case": name, "rule": rule, "scores": [[num(v) for v in s] for s in scores],
                            "layer_budget": layer_budget, "window": 4,
                            "options": resolved_options(getattr(R, rule), opts)})
+    # The offline head split: a table row per layer (an even row, a leaning one, an all-zero one), scores unread.
+    split = [[3.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]
+    for layer in range(len(split)):
+        for layer_budget, opts in ((12, {}), (5, {}), (12, {"beta": 1.0, "mu": 0.5})):
+            hb.append({"case": "offline_split", "rule": "hindsight_heads",
+                       "scores": [[num(v) for v in s] for s in heads["ragged"]], "layer_budget": layer_budget,
+                       "window": 4, "options": resolved_options(R.hindsight_heads,
+                                                                {"layer": layer, "head_split": split, **opts})})
     cases["head_budgets"] = hb
     ki = [(lcg_tensor((10,), 7).double(), 9, 4), (torch.tensor([1.0, 2.0, 2.0, 1.0, 2.0], **f64), 6, 3),
           (torch.ones(6, **f64), 5, 2), (lcg_tensor((3,), 8).double(), 12, 4), (lcg_tensor((6,), 9).double(), 4, 4),

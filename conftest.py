@@ -17,6 +17,9 @@ TINY_PROMPT = torch.arange(3, 43) % 97  # 40 tokens
 
 
 WAVE = [0.5, 0.2, 0.3]
+# A profile for every allocator of the tiny model (3 layers × 2 KV heads): the wave, and a head split for
+# `hindsight` (one layer leaning each way, one even).
+PROFILE = {"demand": WAVE, "head_split": [[0.8, 0.2], [0.5, 0.5], [0.1, 0.9]]}
 
 
 class ByteTok:

@@ -1058,12 +1058,12 @@ def adakv_head_budgets_rows(scores, held, layer_budget, *, window=8, alpha=0.2, 
     return round_rows(c * (1 - alpha) + alpha * bp.double(), Hk * bp[:, 0]) + window
 
 
-def head_rule_rows(rule, scores: torch.Tensor, held: torch.Tensor, layer_budget, *, window: int,
+def head_rule_rows(rule, scores: torch.Tensor, held: torch.Tensor, layer_budget, *, window: int, layers=None,
                    **options) -> torch.Tensor:
     """Head budgets (n, Hk) of every row (a sequence's heads in one layer) by the head rule `rule`, layer_budget
     an int or (n,) one per row: its row-wise twin where there is one, else the rule on each row's per-head
-    lists (e.g. utility "rank"). On the host, but on the scores' device from head_budgets_rows (ReasonAlloc's
-    rule), which reads nothing back."""
+    lists (e.g. utility "rank"; `layers`, the layer of each row, reaches it as reasonalloc.compress passes it).
+    On the host, but on the scores' device from head_budgets_rows (ReasonAlloc's rule), which reads nothing back."""
     n, Hk, _ = scores.shape
     budget = torch.as_tensor(layer_budget, dtype=torch.long, device="cpu").expand(n)
     if rule is R.uniform_heads:
@@ -1074,8 +1074,9 @@ def head_rule_rows(rule, scores: torch.Tensor, held: torch.Tensor, layer_budget,
     if rule is R.adakv_head_budgets:
         return adakv_head_budgets_rows(scores, held, budget, window=window, **options)
     counts = (held - window).clamp(min=0).tolist()
+    layers = [None] * n if layers is None else layers
     return torch.stack([rule([scores[i, h, :counts[i][h]] for h in range(Hk)], int(budget[i]), window=window,
-                             **options) for i in range(n)])
+                             layer=layers[i], **options) for i in range(n)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1112,7 +1113,7 @@ def compress_sequences(cache, layer_b: torch.Tensor, allocator: str, policy: str
             b = head_rule_rows(head_rule, s.view(-1, n, Hk, S)[:, dev_rows].reshape(-1, Hk, S),
                                held_dev[:, dev_rows].reshape(-1, Hk),
                                layer_b[g, None].long().expand(-1, r).reshape(-1), window=cache.window,
-                               **(head_options or {}))
+                               layers=[l for l in layers for _ in range(r)], **(head_options or {}))
             if b.device == dev:  # split on the device (on a CPU always: the GPU's path, tested): read back later
                 pending = to_device(budgets[g].clone(), dev)  # (layers, n, Hk), the due sequences' rows replaced
                 pending[:, dev_rows] = b.view(-1, r, Hk)

@@ -250,6 +250,17 @@ def adakv_head_budgets(scores: list[torch.Tensor], layer_budget: int, *, window:
     return round_to_total(c * (1 - alpha) + alpha * bp, Hk * bp) + window
 
 
+def hindsight_heads(scores: list[torch.Tensor], layer_budget: int, *, window: int = 8, layer: int, head_split,
+                    beta: float = 0.5, mu: float = 0.25, hi: float = 2.0, **_) -> torch.Tensor:
+    """Not the paper's rule: a head split measured offline with hindsight (docs/evaluation.md, the oracles).
+    head_split (L, Hk): each head's mean count among its layer's top Hk·(B − w) tokens by future attention,
+    along R-KV replays of calibration chats (a profile's "head_split", from `benchmarks/oracle.py heads`).
+    b_lh = robustify(head_split[l], Hk·B_l, power β, lo μ, floor w): the same split at every compression,
+    so the scores are not read."""
+    row = torch.as_tensor(head_split[layer], dtype=torch.float64, device="cpu")  # (Hk,)
+    return robustify(row, len(scores) * int(layer_budget), floor=window, power=beta, lo=mu, hi=hi)
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. The allocators compared (same policy, same total budget L·Hk·B): a layer rule and a head rule each
 
@@ -271,6 +282,7 @@ ALLOCATORS = {
     "head": Allocator(uniform_layers, head_budgets),  # ablation: head level only
     "reasonalloc": Allocator(wave_layers, head_budgets),
     "adakv": Allocator(uniform_layers, adakv_head_budgets),  # Ada-KV (arXiv 2407.11550)
+    "hindsight": Allocator(uniform_layers, hindsight_heads),  # not the paper's: an offline head split
 }
 
 # The rows of every comparison (`--compare`, bench.py): method -> (eviction policy, allocator).
@@ -283,6 +295,7 @@ METHODS = {
     "Head-only": ("rkv", "head"),
     "ReasonAlloc": ("rkv", "reasonalloc"),
     "Ada-KV": ("rkv", "adakv"),
+    "Hindsight-heads": ("rkv", "hindsight"),
 }
 
 
@@ -377,7 +390,7 @@ def compress(cache, layer_b: torch.Tensor, allocator: str = "reasonalloc", polic
     heads_b, kept = [], []
     for l in range(len(cache)):
         scores = evict.score_layer(cache, l, policy, **policy_options)  # per head (T_h - w,)
-        b = head_rule(scores, int(layer_b[l]), window=cache.window, **head_options)  # (Hk,)
+        b = head_rule(scores, int(layer_b[l]), window=cache.window, layer=l, **head_options)  # (Hk,)
         kept.append(evict.compress_layer(cache, l, b, policy, scores=scores))
         heads_b.append(b)
     heads_b = torch.stack(heads_b)  # (L, Hk)
@@ -409,6 +422,11 @@ def plan(config, *, budget, allocator, policy, profile, window, gamma, beta, mu,
         allocator = "uniform"
     layer_options = {"gamma": gamma, **(layer_options or {})}
     head_options = {"beta": beta, "mu": mu, "utility": head_utility, **(head_options or {})}
+    if get_allocator(allocator).heads is hindsight_heads and "head_split" not in head_options:
+        if not isinstance(profile, dict) or "head_split" not in profile:
+            raise ValueError(f"allocator {allocator!r} needs a profile with a head split; make one with: python "
+                             f"benchmarks/oracle.py heads --out FILE, and pass --profile FILE")
+        head_options["head_split"] = profile["head_split"]
     layer_b = layer_budgets(allocator, config.num_layers, budget, window=window, profile=profile, **layer_options)
     return allocator, layer_b, layer_options, head_options
 

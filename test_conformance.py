@@ -292,6 +292,11 @@ MUTANTS = [
      "head level's hi ignored"),
     ("reasonalloc.py", "power=beta, lo=mu, hi=hi, floor=window)", "power=beta, lo=mu, hi=hi, floor=0)",
      "head level's floor w dropped"),
+    ("reasonalloc.py", "floor=window, power=beta, lo=mu, hi=hi)", "floor=window, power=1.0, lo=mu, hi=hi)",
+     "hindsight's beta ignored"),
+    ("reasonalloc.py", "floor=window, power=beta, lo=mu, hi=hi)", "floor=0, power=beta, lo=mu, hi=hi)",
+     "hindsight's floor w dropped"),
+    ("reasonalloc.py", "torch.as_tensor(head_split[layer],", "torch.as_tensor(head_split[0],", "hindsight reads layer 0"),
     ("reasonalloc.py", "r = head_demand(scores, layer_budget, window=window, utility=utility,",
      "r = head_demand(scores, layer_budget, window=window, utility=\"length\",", "head utility ignored"),
     ("reasonalloc.py", "c = head_demand(scores, layer_budget, window=window, utility=\"raw\").double()",
@@ -507,7 +512,7 @@ def port_robustify(demand, total, power=0.5, lo=0.25, hi=2.0, floor=0):
 
 
 def port_layers(allocator, L, B, w, demand, options):
-    if allocator in ("uniform", "head", "adakv"):
+    if allocator in ("uniform", "head", "adakv", "hindsight"):
         return [B] * L
     if allocator == "pyramid":
         if L == 1:
@@ -549,6 +554,8 @@ def port_heads(rule, scores, B_l, w, o):
     if rule == "head_budgets":
         r = port_demand(scores, B_l, w, o["utility"], o["normalize_heads"])
         return port_robustify(r, Hk * B_l, o["beta"], o["mu"], o["hi"], w)
+    if rule == "hindsight_heads":
+        return port_robustify(o["head_split"][o["layer"]], Hk * B_l, o["beta"], o["mu"], o["hi"], w)
     c = port_demand(scores, B_l, w, "raw", False)
     bp = B_l - w
     if sum(c) < Hk * bp:

@@ -14,7 +14,7 @@ import torch
 import evict as E
 import fast as Fa
 import reasonalloc as R
-from conftest import TINY_PROMPT, WAVE, ByteTok, forcing
+from conftest import PROFILE, TINY_PROMPT, WAVE, ByteTok, forcing
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -111,14 +111,14 @@ def test_batched_generation_equals_separate_runs(tiny_model, allocator, policy):
     """Three prompts of different lengths in one batch; each is compressed on its own schedule (the short one
     reaches its budget later) with its own head budgets."""
     batch = batch_vs_separate(tiny_model, ByteTok(), BATCH_PROMPTS, [0, 1, 2], budget=16, allocator=allocator,
-                              policy=policy, profile=WAVE, interval=8, window=4, max_new_tokens=30,
+                              policy=policy, profile=PROFILE, interval=8, window=4, max_new_tokens=30,
                               record_positions=True)
     assert all(len(g.tokens) == 30 for g in batch)
     steps = [[e["step"] for e in g.events] for g in batch]
     assert steps[0][0] == 0
     if min(batch[2].layer_budgets) >= 12:  # the 12-token prompt is not over budget after its prefill
         assert steps[2][0] > 0
-    if allocator in ("head", "reasonalloc", "adakv"):  # the head level splits each sequence's heads apart
+    if allocator in ("head", "reasonalloc", "adakv", "hindsight"):  # the head level splits each sequence's heads apart
         assert any(len(set(h)) > 1 for g in batch for e in g.events for h in e["head_budgets"])
 
 
@@ -260,7 +260,7 @@ def test_packed_path_equals_reference(tiny_model, allocator, policy):
     for gen in (R.generate, Fa.generate):
         logits = []
         g = gen(tiny_model, ByteTok(), TINY_PROMPT, budget=20, allocator=allocator, policy=policy,
-                       profile=WAVE, interval=6, max_new_tokens=len(force), hook=forcing(force, logits),
+                       profile=PROFILE, interval=6, max_new_tokens=len(force), hook=forcing(force, logits),
                        record_positions=True)
         runs.append((g, torch.stack(logits)))
     (ref, ref_logits), (fast, fast_logits) = runs
@@ -269,7 +269,7 @@ def test_packed_path_equals_reference(tiny_model, allocator, policy):
     for a, b in zip(ref.events, fast.events):
         assert a["head_budgets"] == b["head_budgets"] and a["kept_positions"] == b["kept_positions"]
     assert ref.cache_tokens == fast.cache_tokens and ref.cache_bytes == fast.cache_bytes
-    if allocator in ("head", "reasonalloc", "adakv"):  # the case the packing must get right
+    if allocator in ("head", "reasonalloc", "adakv", "hindsight"):  # the case the packing must get right
         assert any(len(set(row)) > 1 for e in ref.events for row in e["head_budgets"]), "no ragged heads"
 
 
@@ -488,12 +488,12 @@ def test_compiled_static_step_equals_eager(tiny_model):
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("allocator", ["uniform", "head", "reasonalloc"])
+@pytest.mark.parametrize("allocator", ["uniform", "head", "reasonalloc", "hindsight"])
 def test_teacher_force_equals_reference(tiny_model, allocator):
     """fast.teacher_force against reasonalloc.teacher_force (itself tested equal to step-by-step decoding): the
     same events, logits within float tolerance."""
     force = ((torch.arange(45) * 13 + 5) % 97).tolist()
-    kw = dict(budget=14, allocator=allocator, profile=WAVE, interval=8, record_positions=True)
+    kw = dict(budget=14, allocator=allocator, profile=PROFILE, interval=8, record_positions=True)
     ref_logits, ref_events = R.teacher_force(tiny_model, TINY_PROMPT, force, **kw)
     logits, events = Fa.teacher_force(tiny_model, TINY_PROMPT, force, **kw)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)

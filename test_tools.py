@@ -458,6 +458,45 @@ def test_oracle_splits(tiny_model, packed):
             assert all(row == [B] * Hk for e in events for row in e["head_budgets"])
 
 
+def test_oracle_heads_measures_a_hindsight_profile(tiny_dir, tmp_path):
+    """oracle.py heads: the oracle's head split along R-KV's replays of calibration chats, written as a profile
+    that loads for the model and drives the `hindsight` allocator; each layer's split is a mean of shares (sums
+    to 1), and it equals split_counts' counts pooled by hand. A results file of other sessions is refused."""
+    import oracle as O
+
+    sessions = tmp_path / "sessions.jsonl"
+    turns = ["What is 2+3?", "And 4+4?", "Why?", "Count."]
+    sessions.write_text(json.dumps({"turns": turns}) + "\n")
+    out = tmp_path / "split.json"
+    cmd = [sys.executable, "benchmarks/oracle.py", "heads", "--model", str(tiny_dir), "--sessions", str(sessions),
+           "--session-tokens", "120", "--turn-tokens", "25", "--budgets", "12,16", "--interval", "8", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    model = M.load_model(tiny_dir)
+    profile = P.load_profile(out, model.config)
+    split = torch.tensor(profile["head_split"], dtype=torch.float64)
+    assert split.shape == (3, 2) and torch.allclose(split.sum(1), torch.ones(3, dtype=torch.float64))
+    assert abs(sum(profile["demand"]) - 1) < 1e-9 and profile["settings"]["budgets"] == [12, 16]
+    # By hand: the same transcript, its counts at both budgets, each row as a share, averaged.
+    tok = load_tokenizer(tiny_dir)
+    ref = Bn.session_reference(model, tok, turns, min_tokens=120, turn_tokens=25, packed=False)
+    counts = [c for b in (12, 16) for c in O.split_counts(model, torch.tensor(ref["prompt_ids"]), ref["tokens"], b,
+                                                              interval=8)]
+    assert profile["settings"]["compressions"] == len(counts) >= 4
+    by_hand = torch.stack([c["heads"].double() / c["heads"].sum(1, keepdim=True) for c in counts]).mean(0)
+    torch.testing.assert_close(split, by_hand)
+    g = R.generate(model, tok, "What is 2+3?", budget=12, allocator="hindsight", profile=profile, interval=8,
+                   window=8, max_new_tokens=30)
+    assert g.events and g.events[0]["head_budgets"] == [
+        R.robustify(row, 24, power=0.5, lo=0.25, floor=8).tolist() for row in profile["head_split"]]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"settings": {"inputs_sha256": "0" * 64}, "cells": {}}))
+    bad = subprocess.run(cmd[:-2] + ["--references", str(other), "--out", str(tmp_path / "x.json")],
+                         capture_output=True, text=True, cwd=HERE, env=env, timeout=300)
+    assert bad.returncode == 1 and "other sessions" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
 def test_spearman_by_hand():
     import oracle as O
 

@@ -23,14 +23,23 @@ layer, over its Hk heads), and between the wave's layer budgets and the oracle's
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
 import math
+import os
+import sys
+from pathlib import Path
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")  # before torch loads OpenMP: idle threads soon yield the core
 
 import torch
 
-import evict
-import fast
-import model as M
-import reasonalloc as R
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules live one folder up
+
+import evict  # noqa: E402
+import fast  # noqa: E402
+import model as M  # noqa: E402
+import reasonalloc as R  # noqa: E402
 
 # name -> (which split the oracle sets: "heads" | "layers" | "both", whose tokens: "rkv" | "oracle")
 ORACLES = {"Oracle-heads": ("heads", "rkv"), "Oracle-layers": ("layers", "rkv"),
@@ -178,3 +187,115 @@ def signals(hindsight: Hindsight, compress_fn, *, into: list):
         return compress_fn(cache, layer_b, allocator, policy, policy_options=policy_options,
                            head_options=head_options, positions=positions)
     return compress
+
+
+# ----------------------------------------------------------------------------------------------
+# The oracle's head split, measured offline: a profile for reasonalloc's `hindsight` allocator
+
+
+def split_counts(model, ids: torch.Tensor, tokens: list[int], budget: int, *, interval: int = 128,
+                 window: int = 8) -> list[dict]:
+    """Along R-KV's replay of one transcript at `budget`, at each compression: the oracle's head counts (L, Hk),
+    each layer's Oracle-heads split (the top Hk·(B − w) of its candidates by future attention), and its layer
+    counts (L,), each layer's share of the top L·Hk·(B − w) of every layer's candidates (Oracle-layers)."""
+    hindsight, seen = Hindsight(*full_replay(model, ids, tokens, window=window), interval), []
+
+    def watch(cache, layer_b, allocator, policy, **kw):
+        future = [hindsight.scores(cache, l) for l in range(len(cache))]
+        heads = torch.stack([R.head_demand(f, budget, window=window, utility="raw") for f in future])
+        seen.append({"heads": heads, "layers": pooled_counts(future, budget, window).sum(1)})
+        return R.compress(cache, layer_b, allocator, policy, **kw)
+
+    R.teacher_force(model, ids, tokens, budget=budget, allocator="uniform", policy="rkv", interval=interval,
+                    window=window, compress_fn=watch)
+    return seen
+
+
+def hindsight_profile(config, counts: list[dict], settings: dict) -> dict:
+    """A profile (profile.py's format) whose demand and head split come from the oracle's counts, pooled over
+    transcripts, budgets and compressions: each count taken as a share of its layer's (heads) or of all layers'
+    (layers) candidates kept, so budgets weigh alike. `head_split` (L, Hk) is what reasonalloc.hindsight_heads
+    splits each layer's budget by; `demand` (L,) is a layer wave measured the same way (for `wave`)."""
+    from profile import make_profile
+
+    def share(x, dim):
+        return x.double() / x.double().sum(dim, keepdim=True).clamp_min(1)
+
+    heads = torch.stack([share(c["heads"], 1) for c in counts]).mean(0)  # (L, Hk)
+    layers = torch.stack([share(c["layers"], 0) for c in counts]).mean(0)  # (L,)
+    profile = make_profile(config, layers, heads, {**settings, "compressions": len(counts)})
+    profile["head_split"] = profile["head_demand"]
+    return profile
+
+
+def main(argv=None):
+    from bench import read_sessions, session_reference
+    from convert import resolve_model_dir
+    from files import check_output, model_files
+    from profile import save_profile
+    from tokenizer import load_tokenizer
+
+    here = Path(__file__).resolve().parent.parent
+    p = argparse.ArgumentParser(
+        description="heads: measure the oracle's head split with hindsight on calibration chats, as a profile for "
+                    "the `hindsight` allocator (reasonalloc.hindsight_heads): along R-KV's replay of each session's "
+                    "full-cache transcript, the share of each layer's top future-attention tokens that each KV head "
+                    "holds, averaged over compressions, budgets and sessions.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("what", choices=["heads"])
+    p.add_argument("--model", help="Hugging Face model folder; default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--sessions", default=str(here / "data" / "sessions_calibration.jsonl"),
+                   help="calibration sessions (never the held-out ones a table reports)")
+    p.add_argument("--budgets", default="64,128", help="comma-separated budgets B the split is measured at")
+    p.add_argument("--interval", type=int, default=128, help="compression interval Δ (the future's length)")
+    p.add_argument("--window", type=int, default=8)
+    p.add_argument("--session-tokens", type=int, default=1500, help="as bench.py sessions")
+    p.add_argument("--turn-tokens", type=int, default=400, help="as bench.py sessions")
+    p.add_argument("--references", help="a `bench.py sessions` results file of the same sessions and model whose "
+                                        "full-cache transcripts are reused instead of decoded again")
+    p.add_argument("--out", required=True, help="the profile to write, e.g. profiles/hindsight/MODEL.json")
+    args = p.parse_args(argv)
+    try:
+        budgets = sorted({int(b) for b in args.budgets.split(",") if b.strip()})
+        for b in budgets:
+            R.check_budget(b, args.window)
+        if args.interval < 1:
+            raise ValueError(f"--interval must be >= 1, got {args.interval}")
+        path = resolve_model_dir(args.model)
+        check_output(args.out, "--out", inputs=[args.sessions, *model_files(path)])
+        model, tok = M.load_model(path), load_tokenizer(path)
+        sessions = read_sessions(args.sessions)
+        refs = {}
+        if args.references:
+            from bench import read_results
+            from conformance import model_fingerprint
+            data = read_results(Path(args.references)) or {}
+            settings, digest = data.get("settings", {}), fingerprint_sessions(sessions)
+            if settings.get("inputs_sha256") != digest or settings.get("model_sha256") != model_fingerprint(path):
+                raise ValueError(f"{args.references} holds transcripts of other sessions or another model; drop "
+                                 f"--references to decode them again")
+            refs = data["cells"]
+        counts = []
+        for i, turns in enumerate(sessions):
+            ref = refs.get(f"reference|{i}") or session_reference(
+                model, tok, turns, min_tokens=args.session_tokens, turn_tokens=args.turn_tokens, packed=False)
+            for b in budgets:
+                counts += split_counts(model, torch.tensor(ref["prompt_ids"], device="cpu"), ref["tokens"], b,
+                                       interval=args.interval, window=args.window)
+            print(f"[heads] session {i + 1}/{len(sessions)}: {len(ref['tokens'])} tokens", file=sys.stderr, flush=True)
+        settings = {"measure": "oracle head split (benchmarks/oracle.py heads)", "sessions": Path(args.sessions).name,
+                    "budgets": budgets, "interval": args.interval, "window": args.window,
+                    "session_tokens": args.session_tokens, "turn_tokens": args.turn_tokens}
+        save_profile(hindsight_profile(model.config, counts, settings), args.out)
+        print(f"wrote {args.out} ({len(sessions)} sessions, {len(counts)} compressions)")
+    except (ValueError, FileNotFoundError, RuntimeError, KeyboardInterrupt) as e:
+        sys.exit(f"error: {str(e) or 'interrupted'}")
+
+
+def fingerprint_sessions(sessions) -> str:
+    """The digest bench.py keys a sessions results file by (its settings' inputs_sha256)."""
+    return hashlib.sha256(json.dumps(sessions, sort_keys=True).encode()).hexdigest()
+
+
+if __name__ == "__main__":
+    main()

@@ -4,9 +4,10 @@ list of grade-school word problems that the model answers one after another.
 The problems come from the templates below with names and numbers drawn from a seeded generator, so the
 files are reproducible: `python data/make_sessions.py` rewrites them byte for byte. Held-out sessions
 (seeds 1000 + i) are what docs/evaluation.md's table reports; calibration sessions (seeds 0 + i) are the only
-ones any setting may be chosen on. Both draw from the same templates with different names and numbers.
+ones any setting may be chosen on (the first 4 were the calibration set of the oracle runs; 16 since). Both draw from the same templates with different names and numbers.
 """
 
+import argparse
 import json
 import random
 from pathlib import Path
@@ -56,8 +57,9 @@ def session(seed: int, turns: int = 14) -> dict:
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     here = Path(__file__).resolve().parent
-    for name, first, n in [("sessions_heldout.jsonl", 1000, 16), ("sessions_calibration.jsonl", 0, 4)]:
+    for name, first, n in [("sessions_heldout.jsonl", 1000, 16), ("sessions_calibration.jsonl", 0, 16)]:
         lines = [json.dumps(session(first + i)) for i in range(n)]
         (here / name).write_text("\n".join(lines) + "\n")
         print(f"wrote {n} sessions to {here / name}")
