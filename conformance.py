@@ -110,25 +110,35 @@ def recipe_model(config: dict, seed: int, dtype=torch.float64) -> M.Transformer:
     return model.to(dtype).eval()
 
 
-def model_fingerprint(path: Path, *, samples: int = 16, sample_bytes: int = 1 << 16) -> str:
-    """A short identity of a model folder's contents, for keying saved results: sha256 over config.json,
-    the tokenizer files, and each weight file's size, header (every tensor's name, dtype, shape and offset)
-    and `samples` slices of its data spread evenly over the file. Any re-conversion, fine-tune or swapped
-    shard changes it; hashing every byte instead would take minutes on a multi-GB checkpoint."""
+def model_fingerprint(path: Path, *, samples: int = 4, sample_bytes: int = 1 << 12) -> str:
+    """A short identity of a model folder's contents, for keying saved results: sha256 over config.json, the
+    tokenizer files, and every tensor of the weights by name (over all shards, in name order): its dtype, shape
+    and `samples` slices of its bytes spread over it. The weight files' layout and header metadata, which
+    converters and library versions write differently for the same weights, do not count. Any re-quantization,
+    fine-tune or swapped shard changes it; hashing every byte instead would take minutes on a multi-GB checkpoint."""
     path = Path(path)
     h = hashlib.sha256()
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
         h.update(name.encode() + b"\0" + ((path / name).read_bytes() if (path / name).is_file() else b"-") + b"\0")
+    tensors = {}  # name -> (file, start of its bytes, end, dtype, shape)
     for file in safetensors_files(path):
-        size = file.stat().st_size
-        h.update(f"{file.name}:{size}\0".encode())
         with open(file, "rb") as f:
-            head = f.read(8)
-            header_len = int.from_bytes(head, "little") if len(head) == 8 else 0
-            h.update(head + f.read(min(header_len, size)))
-            for i in range(samples):
-                f.seek(size * i // samples)
-                h.update(f.read(sample_bytes))
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+        for name, t in header.items():
+            if name != "__metadata__":
+                a, b = t["data_offsets"]
+                tensors[name] = (file, 8 + header_len + a, 8 + header_len + b, t["dtype"], t["shape"])
+    handles = {}
+    for name in sorted(tensors):
+        file, a, b, dtype, shape = tensors[name]
+        f = handles.setdefault(file, open(file, "rb"))
+        h.update(f"{name}:{dtype}:{shape}\0".encode())
+        for i in range(samples):
+            f.seek(a + (b - a) * i // samples)
+            h.update(f.read(min(sample_bytes, b - (a + (b - a) * i // samples))))
+    for f in handles.values():
+        f.close()
     return h.hexdigest()[:16]
 
 

@@ -13,7 +13,7 @@ Level 1 (offline): B_l = robustify(Reasoning-Wave demand d_l, L·B, power γ)   
 Level 2 (online, every Δ tokens): b_lh = robustify(pooled demand r_h, Hk·B_l, power β, low clip μ)
                                                                                       -- `head_budgets`
 The baselines it is compared with (uniform R-KV / SnapKV, PyramidKV, Ada-KV) are rules of the same
-two kinds, and `ALLOCATORS` names each pair.
+two kinds, and `ALLOCATORS` names each pair; so is `hindsight_heads`, not the paper's, an offline head split.
 
 Sections: 1. robustify, 2. the layer rules, 3. the head rules, 4. ALLOCATORS and METHODS, 5. generation
 with compression on the per-head cache, 6. the CLI. Sections 1-4 need nothing but torch, so this file can be
@@ -695,8 +695,8 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--head-utility", choices=HEAD_UTILITIES, default="length",
                    help="head level: how scores of heads of different lengths are made comparable before pooling")
     p.add_argument("--compare", action="store_true",
-                   help="run FullKV, SnapKV, R-KV, Pyramid-RKV, wave, head, ReasonAlloc and Ada-KV on the prompt "
-                        "and print a side-by-side table")
+                   help="run FullKV, SnapKV, R-KV, Pyramid-RKV, wave, head, ReasonAlloc, Ada-KV (and Hindsight-heads, "
+                        "given a profile with a head split) on the prompt and print a side-by-side table")
     p.add_argument("--dtype", choices=list(M.DTYPES), default="float32")
     p.add_argument("--device", default="cpu")
     return p

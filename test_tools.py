@@ -1048,6 +1048,12 @@ def test_resume_is_keyed_by_model_contents_not_folder(tiny_dir, tmp_path):
     shutil.copytree(a, tmp_path / "moved")
     assert C.model_fingerprint(tmp_path / "moved") == fp
     state = load_file(a / "model.safetensors")
+    # The same tensors written again with other header metadata (as another converter or library version does):
+    # the same weights, the same fingerprint.
+    save_file(dict(reversed(list(state.items()))), tmp_path / "moved" / "model.safetensors",
+              metadata={"source": "elsewhere", "format": "pt"})
+    assert (tmp_path / "moved" / "model.safetensors").read_bytes() != (a / "model.safetensors").read_bytes()
+    assert C.model_fingerprint(tmp_path / "moved") == fp
     name = sorted(state)[0]
     state[name] = state[name] + 1e-3  # a fine-tune of one tensor
     save_file(state, a / "model.safetensors", metadata={"format": "pt"})
