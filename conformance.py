@@ -162,7 +162,7 @@ DTYPE_RTOL = {"float64": 1e-9, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6
 RTOL, ATOL = 1e-3, 1e-6  # when the dtype is not one of those
 
 
-def resolved_options(fn, given: dict | None, skip=("window", "profile")) -> dict:
+def resolved_options(fn, given: dict | None, skip=("window", "profile", "layer")) -> dict:
     """Every keyword option `fn` takes, with its default unless `given` sets it: the complete record."""
     params = inspect.signature(fn).parameters.values()
     out = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name not in skip}
@@ -685,8 +685,8 @@ def vector_inputs() -> dict[str, list[dict]]:
         for layer_budget, opts in ((12, {}), (5, {}), (12, {"beta": 1.0, "mu": 0.5})):
             hb.append({"case": "offline_split", "rule": "hindsight_heads",
                        "scores": [[num(v) for v in s] for s in heads["ragged"]], "layer_budget": layer_budget,
-                       "window": 4, "options": resolved_options(R.hindsight_heads,
-                                                                {"layer": layer, "head_split": split, **opts})})
+                       "window": 4, "options": resolved_options(R.hindsight_heads, {"layer": layer, "head_split": split,
+                                                                                    **opts}, skip=("window",))})
     cases["head_budgets"] = hb
     ki = [(lcg_tensor((10,), 7).double(), 9, 4), (torch.tensor([1.0, 2.0, 2.0, 1.0, 2.0], **f64), 6, 3),
           (torch.ones(6, **f64), 5, 2), (lcg_tensor((3,), 8).double(), 12, 4), (lcg_tensor((6,), 9).double(), 4, 4),

@@ -24,9 +24,11 @@ def recipe():
 
 def document(model, *, packed=False, allocator="reasonalloc", policy="rkv"):
     prompt = torch.tensor([(5 * i + 1) % 96 for i in range(30)])
+    Hk = model.config.num_kv_heads  # hindsight's head split: one layer leaning each way, one even
+    split = [[1.0] + [0.2] * (Hk - 1), [1.0] * Hk, [0.2] * (Hk - 1) + [1.0]]
     g = (Fa.generate if packed else R.generate)(
         model, None, prompt, budget=12, window=4, interval=6, max_new_tokens=30, allocator=allocator, policy=policy,
-        profile=[0.3, 0.5, 0.2], record_positions=True)
+        profile={"demand": [0.3, 0.5, 0.2], "head_split": split}, record_positions=True)
     return C.events_document(model, g, source={"recipe": "lcg64", "seed": 0, "config": C.TINY_CONFIG})
 
 
@@ -64,7 +66,8 @@ def test_vectors_cover_the_adversarial_cases():
 
 
 @pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("allocator, policy", [("reasonalloc", "rkv"), ("uniform", "snapkv"), ("adakv", "rkv")])
+@pytest.mark.parametrize("allocator, policy", [("reasonalloc", "rkv"), ("uniform", "snapkv"), ("adakv", "rkv"),
+                                               ("hindsight", "rkv")])
 def test_check_passes_on_reference_and_fast_path_events(recipe, tmp_path, packed, allocator, policy):
     doc = document(recipe, packed=packed, allocator=allocator, policy=policy)
     assert doc["settings"]["path"] == ("fast" if packed else "reference") and len(doc["events"]) >= 4
