@@ -161,8 +161,10 @@ def load_profile(path, config=None) -> dict:
     if not isinstance(profile, dict) or profile.get("format") != FORMAT or "demand" not in profile:
         raise ValueError(f"{path} is not a {FORMAT} file")
     demand = profile["demand"]
-    if not isinstance(demand, list) or not demand or not all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0 for x in demand):
+    def valid(x):  # a finite number >= 0
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+
+    if not isinstance(demand, list) or not demand or not all(valid(x) for x in demand):
         raise ValueError(f"profile {path}: 'demand' must be a list of finite numbers >= 0, one per layer; "
                          f"remake it with python profile.py --out {path}")
     if not isinstance(profile.get("model"), dict):
@@ -177,6 +179,13 @@ def load_profile(path, config=None) -> dict:
                     f"{value!r} for this one. Make the right one with: python profile.py --model DIR --out FILE")
         if len(profile["demand"]) != config.num_layers:
             raise ValueError(f"profile {path} has {len(profile['demand'])} layers, the model {config.num_layers}")
+    if "head_split" in profile:  # the `hindsight` allocator's offline split: per layer, a number >= 0 per KV head
+        rows, shape = profile["head_split"], (config.num_layers, config.num_kv_heads) if config is not None else None
+        if not (isinstance(rows, list) and rows and all(isinstance(r, list) and r and all(map(valid, r)) for r in rows)
+                and len({len(r) for r in rows}) == 1 and shape in (None, (len(rows), len(rows[0])))):
+            raise ValueError(f"profile {path}: 'head_split' must be one row per layer of one number >= 0 per KV head"
+                             f"{f' ({shape[0]} × {shape[1]})' if shape else ''}; remake it with python "
+                             f"benchmarks/oracle.py heads --out {path}")
     return profile
 
 

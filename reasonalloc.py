@@ -253,7 +253,7 @@ def adakv_head_budgets(scores: list[torch.Tensor], layer_budget: int, *, window:
 def hindsight_heads(scores: list[torch.Tensor], layer_budget: int, *, window: int = 8, layer: int, head_split,
                     beta: float = 0.5, mu: float = 0.25, hi: float = 2.0, **_) -> torch.Tensor:
     """Not the paper's rule: a head split measured offline with hindsight (docs/evaluation.md, the oracles).
-    head_split (L, Hk): each head's mean count among its layer's top Hk·(B − w) tokens by future attention,
+    head_split (L, Hk): each head's mean share of its layer's top Hk·(B − w) tokens by future attention,
     along R-KV replays of calibration chats (a profile's "head_split", from `benchmarks/oracle.py heads`).
     b_lh = robustify(head_split[l], Hk·B_l, power β, lo μ, floor w): the same split at every compression,
     so the scores are not read."""
@@ -424,8 +424,9 @@ def plan(config, *, budget, allocator, policy, profile, window, gamma, beta, mu,
     head_options = {"beta": beta, "mu": mu, "utility": head_utility, **(head_options or {})}
     if get_allocator(allocator).heads is hindsight_heads and "head_split" not in head_options:
         if not isinstance(profile, dict) or "head_split" not in profile:
-            raise ValueError(f"allocator {allocator!r} needs a profile with a head split; make one with: python "
-                             f"benchmarks/oracle.py heads --out FILE, and pass --profile FILE")
+            raise ValueError(f"allocator {allocator!r} needs a profile with a head split (the default model's: "
+                             f"profiles/hindsight/; for another: python benchmarks/oracle.py heads --out FILE); "
+                             f"pass it as --profile FILE")
         head_options["head_split"] = profile["head_split"]
     layer_b = layer_budgets(allocator, config.num_layers, budget, window=window, profile=profile, **layer_options)
     return allocator, layer_b, layer_options, head_options

@@ -778,6 +778,15 @@ def test_profile_bad_inputs(tiny_model, tmp_path):
     bad.write_text('{"prompt": "ok"}\n{"prompt": broken\n')
     with pytest.raises(ValueError, match="line 2: not valid JSON"):
         P.read_prompts(bad)
+    # A head split (the `hindsight` allocator's) of the wrong shape or with negative shares: one line, naming it.
+    good = P.make_profile(tiny_model.config, [1.0, 1.0, 1.0], [[1.0, 1.0]] * 3, {})
+    for split in ([[0.5, 0.5]] * 2, [[0.5, 0.5, 0.0]] * 3, [[0.5, -0.1]] * 3, "even", [[0.5, True]] * 3):
+        f = tmp_path / "split.json"
+        P.save_profile({**good, "head_split": split}, f)
+        with pytest.raises(ValueError, match="'head_split' must be one row per layer .* \\(3 × 2\\)"):
+            P.load_profile(f, tiny_model.config)
+    P.save_profile({**good, "head_split": [[0.7, 0.3]] * 3}, f)
+    assert P.load_profile(f, tiny_model.config)["head_split"] == [[0.7, 0.3]] * 3
     # A failed write leaves nothing behind.
     out = tmp_path / "p.json"
     with pytest.raises(TypeError):

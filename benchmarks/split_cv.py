@@ -8,7 +8,7 @@ power β of the rule is replayed on the fold's own sessions. So each session is 
 saw it. Each candidate's ΔNLL is compared with R-KV's cell of the same results file (paired bootstrap over
 sessions), as `bench.py sessions` reports.
 
-    python benchmarks/split_cv.py --references results/sessions_calibration16.json --betas 0.5,1 --out results/split_cv.json
+    python benchmarks/split_cv.py --references results/sessions_calibration16.json --out results/split_cv.json
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ def main(argv=None):
                     out["cells"][f"{i}|{b}|{beta}"] = nll
             print(f"[split_cv] replayed session {i + 1}/{n}", file=sys.stderr, flush=True)
         write_atomic(args.out, json.dumps(out, indent=1))
-        print(f"Hindsight-heads ({args.folds}-fold over {n} calibration sessions, Δ = {args.interval}): ΔNLL difference "
-              f"to R-KV [95 % paired bootstrap interval]\n\n| B | " + " | ".join(f"β = {b:g}" for b in betas)
+        print(f"Hindsight-heads ({args.folds}-fold over {n} calibration sessions, Δ = {args.interval}): ΔNLL "
+              f"difference to R-KV [95 % paired bootstrap interval]\n\n| B | " + " | ".join(f"β = {b:g}" for b in betas)
               + " |\n|---|" + "---|" * len(betas))
         for b in budgets:
             rkv = [cells[f"session|{i}|R-KV|{b}|{args.interval}"]["nll_increase"] for i in range(n)]
