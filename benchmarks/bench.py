@@ -998,6 +998,12 @@ def main(args):
     elif any(R.get_allocator(METHODS.get(m, METHODS["ReasonAlloc"])[1]).needs_profile for m in args.methods):
         # (an oracle run also replays ReasonAlloc, for its signals)
         profile = find_profile(model.config)
+    hindsight = [m for m in args.methods if m in METHODS and METHODS[m][1] == "hindsight"]
+    if hindsight and not (isinstance(profile, dict) and "head_split" in profile):  # its split comes with a profile
+        if args.methods_given:
+            raise ValueError(f"{hindsight[0]} needs --profile with a head split (the default model's: "
+                             f"profiles/hindsight/smollm2-135m-instruct.json; python benchmarks/oracle.py heads makes one)")
+        args.methods = [m for m in args.methods if m not in hindsight]  # by default, every method that can run
     prompts = read_prompts(args.prompts)[: args.num_prompts or None]
     what = ["fidelity", "accuracy", "speed"] if args.measure == "all" else [args.measure]
     problems = read_problems(args.problems)[: args.num_problems or None] if "accuracy" in what else []
