@@ -195,9 +195,10 @@ def signals(hindsight: Hindsight, compress_fn, *, into: list):
 
 def split_counts(model, ids: torch.Tensor, tokens: list[int], budget: int, *, interval: int = 128,
                  window: int = 8) -> list[dict]:
-    """Along R-KV's replay of one transcript at `budget`, at each compression: the oracle's head counts (L, Hk),
-    each layer's Oracle-heads split (the top Hk·(B − w) of its candidates by future attention), and its layer
-    counts (L,), each layer's share of the top L·Hk·(B − w) of every layer's candidates (Oracle-layers)."""
+    """What the oracle would do at each compression of R-KV's replay of one transcript at `budget`, one dict per
+    compression: "heads" (L, Hk), how many of each layer's top Hk·(B − w) candidates by future attention each head
+    holds (Oracle-heads), and "layers" (L,), how many of the top L·Hk·(B − w) of all layers' candidates each layer
+    holds (Oracle-layers)."""
     hindsight, seen = Hindsight(*full_replay(model, ids, tokens, window=window), interval), []
 
     def watch(cache, layer_b, allocator, policy, **kw):
@@ -270,10 +271,12 @@ def main(argv=None):
             from bench import read_results
             from conformance import model_fingerprint
             data = read_results(Path(args.references)) or {}
-            settings, digest = data.get("settings", {}), fingerprint_sessions(sessions)
-            if settings.get("inputs_sha256") != digest or settings.get("model_sha256") != model_fingerprint(path):
-                raise ValueError(f"{args.references} holds transcripts of other sessions or another model; drop "
-                                 f"--references to decode them again")
+            settings = data.get("settings", {})
+            same = {"inputs_sha256": fingerprint_sessions(sessions), "model_sha256": model_fingerprint(path),
+                    "session_tokens": args.session_tokens, "turn_tokens": args.turn_tokens}
+            if any(settings.get(k) != v for k, v in same.items()):
+                raise ValueError(f"{args.references} holds transcripts of other sessions, lengths or another model; "
+                                 f"drop --references to decode them again")
             refs = data["cells"]
         counts = []
         for i, turns in enumerate(sessions):
