@@ -252,11 +252,9 @@ def adakv_head_budgets(scores: list[torch.Tensor], layer_budget: int, *, window:
 
 def hindsight_heads(scores: list[torch.Tensor], layer_budget: int, *, window: int = 8, layer: int, head_split,
                     beta: float = 0.5, mu: float = 0.25, hi: float = 2.0, **_) -> torch.Tensor:
-    """Not the paper's rule: a head split measured offline with hindsight (docs/evaluation.md, the oracles).
-    head_split (L, Hk): each head's mean share of its layer's top Hk·(B − w) tokens by future attention,
-    along R-KV replays of calibration chats (a profile's "head_split", from `benchmarks/oracle.py heads`).
-    b_lh = robustify(head_split[l], Hk·B_l, power β, lo μ, floor w): the same split at every compression,
-    so the scores are not read."""
+    """Not the paper's rule: b_lh = robustify(head_split[l], Hk·B_l, power β, lo μ, floor w), the same at every
+    compression (the scores are not read). head_split (L, Hk), a profile's, measured offline with hindsight by
+    `benchmarks/oracle.py heads`: each head's mean share of its layer's top tokens by future attention."""
     row = torch.as_tensor(head_split[layer], dtype=torch.float64, device="cpu")  # (Hk,)
     return robustify(row, len(scores) * int(layer_budget), floor=window, power=beta, lo=mu, hi=hi)
 
@@ -422,11 +420,10 @@ def plan(config, *, budget, allocator, policy, profile, window, gamma, beta, mu,
         allocator = "uniform"
     layer_options = {"gamma": gamma, **(layer_options or {})}
     head_options = {"beta": beta, "mu": mu, "utility": head_utility, **(head_options or {})}
-    if get_allocator(allocator).heads is hindsight_heads and "head_split" not in head_options:
-        if not isinstance(profile, dict) or "head_split" not in profile:
-            raise ValueError(f"allocator {allocator!r} needs a profile with a head split (the default model's: "
-                             f"profiles/hindsight/; for another: python benchmarks/oracle.py heads --out FILE); "
-                             f"pass it as --profile FILE")
+    if get_allocator(allocator).heads is hindsight_heads and "head_split" not in head_options:  # from the profile
+        if "head_split" not in (profile if isinstance(profile, dict) else {}):
+            raise ValueError(f"allocator {allocator!r} needs --profile FILE with a head split (the default model's: "
+                             f"profiles/hindsight/; another's: python benchmarks/oracle.py heads --out FILE)")
         head_options["head_split"] = profile["head_split"]
     layer_b = layer_budgets(allocator, config.num_layers, budget, window=window, profile=profile, **layer_options)
     return allocator, layer_b, layer_options, head_options

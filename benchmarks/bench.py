@@ -886,6 +886,11 @@ def speed_table(cell: dict) -> str:
 # CLI
 
 
+def digest(obj) -> str:
+    """What a results file keys its inputs by (prompts, problems, sessions, the profile): sha256 of their JSON."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
 def settings_of(args, what: str) -> dict:
     keep = ["model_sha256", "new_tokens", "budgets", "interval", "window", "prompts", "problems", "temperature", "top_p",
             "speed_budget", "dtype", "path", "gamma", "head_beta", "head_mu", "head_utility"]
@@ -1008,7 +1013,6 @@ def main(args):
     what = ["fidelity", "accuracy", "speed"] if args.measure == "all" else [args.measure]
     problems = read_problems(args.problems)[: args.num_problems or None] if "accuracy" in what else []
     session_turns = read_sessions(args.sessions)[: args.num_sessions or None] if "sessions" in what else []
-    digest = lambda obj: hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()  # noqa: E731
     args.profile_sha256 = None if profile is None else digest(profile)
     args.inputs_sha256 = {"fidelity": digest(prompts), "speed": digest(prompts), "accuracy": digest(problems),
                           "sessions": digest(session_turns)}

@@ -24,8 +24,6 @@ layer, over its Hk heads), and between the wave's layer budgets and the oracle's
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import math
 import os
 import sys
@@ -230,7 +228,7 @@ def hindsight_profile(config, counts: list[dict], settings: dict) -> dict:
 
 
 def main(argv=None):
-    from bench import read_sessions, session_reference
+    from bench import digest, read_results, read_sessions, session_reference
     from convert import resolve_model_dir
     from files import check_output, model_files
     from profile import save_profile
@@ -268,11 +266,10 @@ def main(argv=None):
         sessions = read_sessions(args.sessions)
         refs = {}
         if args.references:
-            from bench import read_results
             from conformance import model_fingerprint
             data = read_results(Path(args.references)) or {}
             settings = data.get("settings", {})
-            same = {"inputs_sha256": fingerprint_sessions(sessions), "model_sha256": model_fingerprint(path),
+            same = {"inputs_sha256": digest(sessions), "model_sha256": model_fingerprint(path),
                     "session_tokens": args.session_tokens, "turn_tokens": args.turn_tokens}
             if any(settings.get(k) != v for k, v in same.items()):
                 raise ValueError(f"{args.references} holds transcripts of other sessions, lengths or another model; "
@@ -293,11 +290,6 @@ def main(argv=None):
         print(f"wrote {args.out} ({len(sessions)} sessions, {len(counts)} compressions)")
     except (ValueError, FileNotFoundError, RuntimeError, KeyboardInterrupt) as e:
         sys.exit(f"error: {str(e) or 'interrupted'}")
-
-
-def fingerprint_sessions(sessions) -> str:
-    """The digest bench.py keys a sessions results file by (its settings' inputs_sha256)."""
-    return hashlib.sha256(json.dumps(sessions, sort_keys=True).encode()).hexdigest()
 
 
 if __name__ == "__main__":
